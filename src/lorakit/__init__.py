@@ -1,0 +1,24 @@
+"""lorakit: parameter-efficient fine-tuning of transformers models, centred on LoRA.
+
+The API follows HuggingFace PEFT, so a PEFT user changes one import:
+
+    from lorakit import LoraConfig, get_peft_model, PeftModel, TaskType
+"""
+
+from lorakit import methods  # noqa: F401  (registers every method)
+from lorakit.config import PeftConfig, TaskType
+from lorakit.methods.lora import LoraConfig
+from lorakit.model import PeftModel, get_peft_model
+from lorakit.registry import get_method, register_method, registered_methods
+
+# PEFT's task-specific class names, for code written against PEFT; lorakit needs one class for all tasks.
+PeftModelForCausalLM = PeftModelForSeq2SeqLM = PeftModelForSequenceClassification = PeftModel
+PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
+    "registered_methods", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
+]

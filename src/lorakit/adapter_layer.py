@@ -1,0 +1,168 @@
+"""What every adapter-bearing module shares: adapters keyed by name, activation, mixed-batch routing.
+
+A method's layer wraps its base layer (`self.base_layer`, never subclassed) and keeps each adapter's
+tensors in `nn.ModuleDict`/`nn.ParameterDict` attributes keyed by adapter name; the attribute names are
+PEFT's (`lora_A`, `lora_B`, ...) so that parameter names, and thus adapter files, match PEFT's.
+
+Additive methods (h = base(x) + delta(x)) implement three things: `add_adapter`, `delta_weight` (the
+change to the base weight, for merging) and `adapter_output` (delta(x)). Routing rows of one batch to
+different adapters, merging, unmerging and state handling are done here once for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+BASE_ADAPTER = "__base__"  # the row name that means "no adapter" in a mixed batch
+
+
+class BatchRouting:
+    """Which adapter each row of a batch uses: `names[i]` for row i (or `"__base__"`).
+
+    generate() may repeat each row (beams, num_return_sequences), so a batch of k * len(names) rows is
+    routed by repeating every name k times in place.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self._cache: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """[(adapter name, LongTensor of row indices)] covering every row once."""
+        key = (batch_size, device)
+        if key not in self._cache:
+            if batch_size % len(self.names):
+                raise ValueError(f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
+                                 "give one adapter name per input row")
+            repeat = batch_size // len(self.names)
+            rows: dict[str, list[int]] = {}
+            for i, name in enumerate(self.names):
+                rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+            self._cache[key] = [(n, torch.tensor(r, device=device)) for n, r in rows.items()]
+        return self._cache[key]
+
+
+class AdapterHolder(nn.Module):
+    """Bookkeeping shared by adapter layers and by trainable module copies (modules_to_save)."""
+
+    # attributes holding one entry per adapter name, with trainable tensors (saved in adapter files)
+    adapter_param_names: ClassVar[tuple[str, ...]] = ()
+    # attributes holding one entry per adapter name without saved tensors (dropout modules, ranks, ...)
+    adapter_meta_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.routing: BatchRouting | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_param_names[0]).keys())
+
+    def has_adapter(self, name: str) -> bool:
+        return name in getattr(self, self.adapter_param_names[0])
+
+    def delete_adapter(self, name: str) -> None:
+        for attr in self.adapter_param_names + self.adapter_meta_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_requires_grad(self, name: str, flag: bool) -> None:
+        for tensor in self.adapter_tensors(name).values():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(flag)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's saved tensors (the live parameters), keyed as in PEFT files relative to this module:
+        `lora_A.weight`, `lora_embedding_A`, ..."""
+        out = {}
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            item = container[name]
+            if isinstance(item, nn.Parameter):
+                out[attr] = item
+            else:
+                for key, tensor in item.state_dict(keep_vars=True).items():
+                    out[f"{attr}.{key}"] = tensor
+        return out
+
+    def _rows_by_adapter(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return self.routing.groups(x.shape[0], x.device)
+
+
+class AdapterLayer(AdapterHolder):
+    """Base of additive adapter layers: h = base_layer(x) + sum over active adapters of delta_a(x)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged_adapters: list[str] = []
+
+    # ---- what a method implements --------------------------------------------------------------
+    def add_adapter(self, name: str, config, module_name: str) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The change this adapter makes to `base_layer.weight` (same shape, dtype and device)."""
+        raise NotImplementedError
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """delta(x) for the rows in x; `base_out` is base_layer(x) for the same rows."""
+        raise NotImplementedError
+
+    # ---- shared behaviour ----------------------------------------------------------------------
+    @property
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return base_out
+        if self.routing is not None:
+            return self._mixed_batch_forward(x, base_out)
+        result = base_out
+        for name in self.active_adapters:
+            if name not in self.merged_adapters and self.has_adapter(name):
+                result = result + self.adapter_output(name, x, base_out)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.merged_adapters:
+            raise RuntimeError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        result = base_out
+        for name, rows in self._rows_by_adapter(x):
+            if name == BASE_ADAPTER or not self.has_adapter(name):
+                continue
+            delta = self.adapter_output(name, x[rows], base_out[rows])
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
+    @torch.no_grad()
+    def merge(self, names: list[str]) -> None:
+        """W <- W + delta_a for each named adapter this layer holds and has not merged yet."""
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            self.base_weight.data += self.delta_weight(name)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merges in reverse order: W <- W - delta_a."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.base_weight.data -= self.delta_weight(name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge_adapter() before deleting it")
+        super().delete_adapter(name)

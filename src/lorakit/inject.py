@@ -1,0 +1,183 @@
+"""Finding the modules an adapter targets, and replacing them by adapter layers.
+
+Matching follows HuggingFace PEFT, so the same config selects the same modules:
+- a list of names: a module matches when its full name equals an entry or ends with "." + entry;
+- a string: a regex that must match the full module name (re.fullmatch);
+- "all-linear": every nn.Linear / Conv1D except the output head (lm_head, or the classifier for SEQ_CLS);
+- None: the architecture's default (query and value projections), see DEFAULT_TARGETS.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.adapter_layer import AdapterHolder, AdapterLayer
+from lorakit.modules_to_save import ModulesToSaveWrapper
+
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+# Default targets when target_modules is None (as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "phi": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"], "falcon": ["query_key_value"], "gptj": ["q_proj", "v_proj"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
+}
+
+
+def name_matches(spec: str | list[str], name: str) -> bool:
+    """PEFT's rule: regex full match for a string, exact name or dotted suffix for a list."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in spec)
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The index of the transformer block a module sits in ("model.layers.3.mlp" -> 3)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+    return int(match.group("idx")) if match else None
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every module that could be targeted: adapter internals are skipped, and an
+    existing adapter layer stands for its base layer (so a second adapter can be added to it)."""
+    out, holders = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(h) for h in holders):
+            continue
+        if isinstance(module, AdapterHolder):
+            holders.append(f"{name}.")
+        out.append((name, module))
+    return out
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    if isinstance(module, AdapterLayer):
+        return module.base_layer
+    if isinstance(module, ModulesToSaveWrapper):
+        return module.original_module
+    return module
+
+
+def output_head_names(model: nn.Module, task_type: str | None) -> set[str]:
+    """The output head(s) "all-linear" must leave alone."""
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    head = model.get_output_embeddings()
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if hasattr(model, n)), None)
+    return {name for name, m in model.named_modules() if head is not None and base_of(m) is head}
+
+
+def resolve_target_spec(model: nn.Module, config) -> str | list[str]:
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"target_modules is not set and lorakit has no default targets for model type {model_type!r}; "
+            f"set target_modules, e.g. 'all-linear' or some of: {', '.join(candidate_names(model))}"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
+    """Short names (last name component) of linear-like, embedding and conv modules, for error messages."""
+    kinds = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in candidate_modules(model) if n and isinstance(base_of(m), kinds)})
+    return names[:limit] + (["..."] if len(names) > limit else [])
+
+
+def find_targets(model: nn.Module, config, method) -> list[str]:
+    """Full names of the modules `config` targets in `model`; raises a clear error when none or a wrong type."""
+    spec = resolve_target_spec(model, config)
+    all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
+    excluded_heads = output_head_names(model, config.task_type) if all_linear else set()
+    targets = []
+    for name, module in candidate_modules(model):
+        if not name or isinstance(module, ModulesToSaveWrapper) or name in excluded_heads:
+            continue
+        if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+            continue
+        if config.exclude_modules and name_matches(config.exclude_modules, name):
+            continue
+        if all_linear:
+            if not isinstance(base_of(module), (nn.Linear, Conv1D)):
+                continue
+        elif not name_matches(spec, name):
+            continue
+        if not _in_selected_layers(name, spec, config):
+            continue
+        if method.layer_class_for(base_of(module)) is None:
+            supported = ", ".join(sorted(t.__name__ for t in method.layers))
+            raise TypeError(f"target module {name!r} is a {type(base_of(module)).__name__}, which {method.name} "
+                            f"cannot wrap (supported: {supported}). Choose other target_modules.")
+        targets.append(name)
+    if not targets:
+        raise ValueError(
+            f"target_modules={spec!r} matched no module of {type(model).__name__}"
+            f"{_filters_note(config)}. Candidate module names: {', '.join(candidate_names(model))}. "
+            "Use a name or dotted suffix (e.g. 'q_proj'), a regex over full names, or 'all-linear'."
+        )
+    return targets
+
+
+def _in_selected_layers(name: str, spec, config) -> bool:
+    layers = config.layers_to_transform
+    if layers is None or isinstance(spec, str):  # PEFT applies layers_to_transform to list targets only
+        return True
+    index = layer_index(name, config.layers_pattern)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _filters_note(config) -> str:
+    notes = [f"{k}={getattr(config, k)!r}" for k in ("exclude_modules", "layers_to_transform")
+             if getattr(config, k, None) is not None]
+    return f" (with {', '.join(notes)})" if notes else ""
+
+
+def inject_adapter(model: nn.Module, config, adapter_name: str, method) -> list[str]:
+    """Wrap every target (or add to its existing adapter layer) and add `modules_to_save` copies."""
+    targets = find_targets(model, config, method)
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            if not isinstance(module, tuple(method.layers.values())):
+                raise ValueError(f"{name} already holds a {type(module).__name__}; one model holds adapters of "
+                                 f"one method only")
+            module.add_adapter(adapter_name, config, name)
+        else:
+            layer = method.layer_class_for(module)(module)
+            layer.add_adapter(adapter_name, config, name)
+            model.set_submodule(name, layer)
+    add_trainable_copies(model, config.modules_to_save or [], adapter_name, config.task_type)
+    return targets
+
+
+def add_trainable_copies(model: nn.Module, names: list[str], adapter_name: str, task_type: str | None) -> None:
+    """Give the adapter a trainable copy of each module in `names` (exact or dotted-suffix match)."""
+    for wanted in names:
+        found = [n for n, m in candidate_modules(model)
+                 if n and name_matches([wanted], n) and not isinstance(m, AdapterLayer)]
+        if not found and not (task_type == "SEQ_CLS" and wanted in SEQ_CLS_HEAD_NAMES):
+            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of {type(model).__name__}; "
+                             f"candidates: {', '.join(candidate_names(model))}")
+        for name in found:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                model.set_submodule(name, module)
+            module.add_adapter(adapter_name, module_name=name)

@@ -1,0 +1,7 @@
+"""LoRA and its layers; importing this package registers the "lora" method."""
+
+from lorakit.methods.lora.config import LoraConfig
+from lorakit.methods.lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.methods.lora.method import LoraMethod
+
+__all__ = ["LoraConfig", "LoraConv2d", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraMethod"]

@@ -1,0 +1,352 @@
+"""PeftModel: a transformers model with named adapters injected; save/load, merge, switching.
+
+The structure mirrors HuggingFace PEFT (`peft_model.base_model.model` is the transformers model), so
+parameter names, and therefore adapter files, are the same in both libraries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+
+import torch
+from torch import nn
+
+from lorakit.adapter_files import (
+    read_adapter_config,
+    read_adapter_weights,
+    resolve_adapter_dir,
+    write_adapter,
+)
+from lorakit.adapter_layer import BASE_ADAPTER, AdapterHolder, AdapterLayer, BatchRouting
+from lorakit.config import PeftConfig
+from lorakit.inject import SEQ_CLS_HEAD_NAMES, inject_adapter
+from lorakit.modules_to_save import ModulesToSaveWrapper
+from lorakit.registry import method_for_config
+from lorakit.state import adapter_holders, adapter_state_dict, load_adapter_state_dict
+
+DEFAULT_ADAPTER = "default"
+
+
+class TunerModel(nn.Module):
+    """Holds the transformers model as `.model`, so parameter names read `base_model.model.<path>`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A model with adapters. Build with `get_peft_model(model, config)` or `PeftModel.from_pretrained`."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise TypeError("this model already has adapters; use add_adapter() / load_adapter() on it")
+        self.base_model = TunerModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._extra_params: dict[str, list[str]] = {}  # adapter -> base parameters it also trains (biases)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- running ---------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward. adapter_names: one adapter name (or "__base__") per input row."""
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's generate, optionally with one adapter per row (see forward)."""
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names, args, kwargs):
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list of adapter names, one per input row")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(self.peft_config)} "
+                             f"(or {BASE_ADAPTER!r} for the base model)")
+        batch = _batch_size(args, kwargs)
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+        if any(isinstance(m, AdapterLayer) and m.merged_adapters for _, m in self._holders()):
+            raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        routing = BatchRouting(list(adapter_names))
+        for _, holder in self._holders():
+            holder.routing = routing
+        try:
+            yield
+        finally:
+            for _, holder in self._holders():
+                holder.routing = None
+
+    # ---- adapters by name ------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new adapter (inactive until set_adapter) with its method's standard init."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) "
+                             "first or choose another name")
+        method = method_for_config(peft_config)
+        other_types = {c.peft_type for c in self.peft_config.values()} - {peft_config.peft_type}
+        if other_types:
+            raise ValueError(f"this model holds {sorted(other_types)} adapters; one PeftModel holds adapters of one "
+                             f"method, so a {peft_config.peft_type} adapter cannot be added")
+        if peft_config.task_type == "SEQ_CLS":  # train the new classification head in full, as PEFT does
+            heads = list(peft_config.modules_to_save or [])
+            peft_config = dataclasses.replace(peft_config, modules_to_save=heads + [
+                h for h in SEQ_CLS_HEAD_NAMES if h not in heads])
+        model = self.get_base_model()
+        try:
+            inject_adapter(model, peft_config, adapter_name, method)
+        except Exception:
+            self._remove_from_layers(adapter_name)
+            raise
+        self.peft_config[adapter_name] = peft_config
+        self._extra_params[adapter_name] = method.extra_trainable_parameters(model, peft_config, adapter_name)
+        self._apply_active()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapter(s) active (their outputs add up); only active adapters are trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing or not names:
+            raise ValueError(f"no adapter named {missing or names!r}; this model has {sorted(self.peft_config)}")
+        self._active = names
+        self._apply_active()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r} to delete; this model has {sorted(self.peft_config)}")
+        if adapter_name in self._active:
+            raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it")
+        self._remove_from_layers(adapter_name)
+        del self.peft_config[adapter_name]
+        del self._extra_params[adapter_name]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active), as in PEFT."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self._active[0]]
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside this block (merged adapters are unmerged, then merged back)."""
+        merged = {path: list(m.merged_adapters) for path, m in self._holders() if isinstance(m, AdapterLayer)}
+        self.unmerge_adapter()
+        for _, holder in self._holders():
+            holder.disabled = True
+        try:
+            yield
+        finally:
+            for path, holder in self._holders():
+                holder.disabled = False
+                if merged.get(path):
+                    holder.merge(merged[path])
+
+    def _holders(self) -> list[tuple[str, AdapterHolder]]:
+        return adapter_holders(self.get_base_model())
+
+    def _apply_active(self) -> None:
+        """Push the active list to every layer and make exactly the active adapters' tensors trainable."""
+        model = self.get_base_model()
+        for _, holder in self._holders():
+            holder.active_adapters = list(self._active)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        params = dict(model.named_parameters())
+        for name in self._active:
+            if self.peft_config[name].inference_mode:
+                continue
+            for _, holder in self._holders():
+                holder.set_requires_grad(name, True)
+            for param_name in self._extra_params[name]:
+                params[param_name].requires_grad_(True)
+
+    def _remove_from_layers(self, adapter_name: str) -> None:
+        """Delete the adapter from every layer; layers left without adapters go back to their base module."""
+        model = self.get_base_model()
+        for path, holder in self._holders():
+            holder.delete_adapter(adapter_name)
+            if not holder.adapter_names:
+                model.set_submodule(path, _unwrapped(holder, keep_trained=False))
+
+    # ---- merging ---------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' weight updates into the base weights (W = W0 + s B A); forward cost becomes the
+        base model's. safe_merge: first check that no merged weight would hold NaN/inf."""
+        names = self._names_or_active(adapter_names)
+        layers = [(p, m) for p, m in self._holders() if isinstance(m, AdapterLayer)]
+        if safe_merge:
+            for path, layer in layers:
+                for name in names:
+                    if layer.has_adapter(name) and name not in layer.merged_adapters and not torch.isfinite(
+                            layer.base_weight + layer.delta_weight(name)).all():
+                        raise ValueError(f"merging adapter {name!r} would put NaN/inf into {path}; the adapter is "
+                                         "broken (diverged training?). Nothing was merged.")
+        for _, layer in layers:
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged update, restoring the base weights."""
+        for _, holder in self._holders():
+            if isinstance(holder, AdapterLayer):
+                holder.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then return the plain transformers model without adapter layers (trained copies of
+        modules_to_save replace their originals)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap_all(keep_trained=True)
+
+    def unload(self) -> nn.Module:
+        """Return the original transformers model, without adapters and with its original weights."""
+        self.unmerge_adapter()
+        return self._unwrap_all(keep_trained=False)
+
+    def _unwrap_all(self, keep_trained: bool) -> nn.Module:
+        model = self.get_base_model()
+        for path, holder in self._holders():
+            model.set_submodule(path, _unwrapped(holder, keep_trained))
+        return model
+
+    def _names_or_active(self, adapter_names) -> list[str]:
+        names = self._active if adapter_names is None else list(adapter_names)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"no adapter named {missing}; this model has {sorted(self.peft_config)}")
+        return names
+
+    # ---- files -----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
+        """Write each adapter as adapter_config.json + adapter_model.safetensors in PEFT's format: "default"
+        in save_directory, any other adapter in save_directory/<name>."""
+        if not safe_serialization:
+            raise ValueError("lorakit writes safetensors only (safe_serialization=False is not supported)")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; give a directory")
+        if not is_main_process:
+            return
+        base_name = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
+        for name in self._names_or_active(selected_adapters or list(self.peft_config)):
+            config = self.peft_config[name]
+            config = dataclasses.replace(config, inference_mode=True,
+                                         base_model_name_or_path=config.base_model_name_or_path or base_name)
+            directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
+            write_adapter(directory, config, self.adapter_state_dict(name))
+
+    def adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+        """One adapter's tensors keyed as in PEFT files (adapter name removed)."""
+        return adapter_state_dict(self.get_base_model(), adapter_name, self._extra_params[adapter_name])
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        allow_pickle: bool = False, **hub_kwargs) -> "PeftModel":
+        """Load an adapter directory (ours or PEFT's; or a Hub repo id) onto `model`."""
+        directory = resolve_adapter_dir(model_id, **hub_kwargs)
+        config = config or read_adapter_config(directory)
+        weights = read_adapter_weights(directory, allow_pickle=allow_pickle)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        peft_model = cls(model, config, adapter_name)
+        try:
+            load_adapter_state_dict(model, adapter_name, peft_model._extra_params[adapter_name], weights, directory)
+        except Exception:
+            peft_model.unload()  # give the caller back the model exactly as it was
+            raise
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, **hub_kwargs) -> None:
+        """Load another adapter into this model under `adapter_name` (inactive until set_adapter)."""
+        directory = resolve_adapter_dir(model_id, **hub_kwargs)
+        config = dataclasses.replace(read_adapter_config(directory), inference_mode=not is_trainable)
+        weights = read_adapter_weights(directory, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            load_adapter_state_dict(self.get_base_model(), adapter_name, self._extra_params[adapter_name],
+                                    weights, directory)
+        except Exception:
+            self._remove_from_layers(adapter_name)
+            del self.peft_config[adapter_name], self._extra_params[adapter_name]
+            raise
+
+    # ---- information -----------------------------------------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counting adapters, as PEFT does."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> PeftModel:
+    """Inject the adapter described by `peft_config` into `model` (in place) and return the PeftModel."""
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def _unwrapped(holder: AdapterHolder, keep_trained: bool) -> nn.Module:
+    if isinstance(holder, ModulesToSaveWrapper):
+        return holder.active_copy() if keep_trained else holder.original_module
+    return holder.base_layer
+
+
+def _check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == BASE_ADAPTER:
+        raise ValueError(f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' "
+                         f"(not {BASE_ADAPTER!r}); it becomes part of parameter names and folder names")
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
