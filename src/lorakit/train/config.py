@@ -1,0 +1,263 @@
+"""The run configuration: a short YAML file mapped onto dataclasses, plus `key=value` overrides.
+
+    model: smollm2                 # embedded alias, local directory or Hub id
+    task_type: CAUSAL_LM
+    finetuning_type: lora          # lora | full | freeze
+    adapter: {method: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
+    data: {path: data/train.jsonl, val_size: 0.1, cutoff_len: 512}
+    train: {learning_rate: 2.0e-4, num_epochs: 3, batch_size: 8}
+    eval: {max_new_tokens: 64}
+    output_dir: runs/my-run
+
+Unknown keys fail with a "did you mean" suggestion; `lorakit train run.yaml train.learning_rate=1e-4`
+overrides one value (parsed as YAML, so numbers, booleans, lists work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from lorakit.config import PeftConfig, check_choice, check_positive, check_range, suggest
+from lorakit.registry import get_method
+from lorakit.train.data import DataConfig
+
+FINETUNING_TYPES = ("lora", "full", "freeze")
+SCHEDULERS = ("cosine", "linear", "constant")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    # Peak learning rate of AdamW.
+    learning_rate: float = 2e-4
+    # AdamW weight decay (not applied to biases and norm weights).
+    weight_decay: float = 0.0
+    # AdamW betas and epsilon.
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    # LoRA+: learning rate of the B matrices = ratio * learning_rate (2..16 in the paper); None = off.
+    loraplus_lr_ratio: float | None = None
+    # Learning-rate schedule after warm-up: cosine, linear (both decay to 0) or constant.
+    lr_scheduler: str = "cosine"
+    # Linear warm-up steps; or warmup_ratio of the total steps when warmup_steps is 0.
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    # Passes over the training data (ignored when max_steps is set).
+    num_epochs: float = 1.0
+    # Stop after this many optimizer steps (overrides num_epochs).
+    max_steps: int | None = None
+    # Examples per micro-batch on each process.
+    batch_size: int = 8
+    # Micro-batches accumulated per optimizer step; global batch = batch_size * this * processes.
+    gradient_accumulation_steps: int = 1
+    # Clip the gradient norm to this value; 0 = no clipping.
+    max_grad_norm: float = 1.0
+    # Compute in bfloat16 with autocast (weights and optimizer state stay fp32).
+    bf16: bool = False
+    # Recompute activations in the backward pass to save memory.
+    gradient_checkpointing: bool = False
+    # Seed of initialisation, data order and dropout: the same seed gives the same run.
+    seed: int = 42
+    # Log every N steps; evaluate the validation loss every N steps (0 = only at the end).
+    logging_steps: int = 10
+    eval_steps: int = 0
+    # Save a checkpoint every N steps (0 = only the final adapter); keep the newest save_total_limit.
+    save_steps: int = 0
+    save_total_limit: int | None = 2
+    # Continue from a checkpoint directory, or "latest" for the newest checkpoint in output_dir.
+    resume_from_checkpoint: str | None = None
+    # Last N transformer blocks trained when finetuning_type is "freeze".
+    freeze_trainable_layers: int = 2
+    # Distributed strategy under torchrun: ddp (replicas) or fsdp (sharded base model).
+    distributed: str = "ddp"
+
+    def __post_init__(self) -> None:
+        owner = "train"
+        for name in ("learning_rate", "adam_epsilon", "num_epochs"):
+            check_positive(owner, name, getattr(self, name))
+        for name in ("batch_size", "gradient_accumulation_steps", "freeze_trainable_layers"):
+            check_positive(owner, name, getattr(self, name), integer=True)
+        for name in ("weight_decay", "max_grad_norm"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{owner}.{name} must be an integer >= 0, got {value!r}")
+        check_range(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_range(owner, "adam_beta1", self.adam_beta1, 0.0, 1.0)
+        check_range(owner, "adam_beta2", self.adam_beta2, 0.0, 1.0)
+        check_choice(owner, "lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        check_choice(owner, "distributed", self.distributed, ("ddp", "fsdp"))
+        for name in ("max_steps", "save_total_limit"):
+            if getattr(self, name) is not None:
+                check_positive(owner, name, getattr(self, name), integer=True)
+        if self.loraplus_lr_ratio is not None:
+            check_positive(owner, "loraplus_lr_ratio", self.loraplus_lr_ratio)
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    # Score answers generated on the validation split (ROUGE, exact match) at the end of training.
+    generate: bool = True
+    # Generate for at most this many validation examples (0 = all).
+    max_samples: int = 64
+    # Generation options: length, batch size, greedy unless do_sample.
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "temperature", "top_p"):
+            check_positive("eval", name, getattr(self, name), integer=name in ("max_new_tokens", "batch_size"))
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 0:
+            raise ValueError(f"eval.max_samples must be an integer >= 0, got {self.max_samples!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Training data (see DataConfig).
+    data: DataConfig
+    # Where the run writes checkpoints, the adapter, metrics and plots.
+    output_dir: str
+    # Base model: "smollm2" or "minilm" (embedded), a local transformers directory, or a Hub id.
+    model: str = "smollm2"
+    # CAUSAL_LM (generation) or SEQ_CLS (classification on text_label data).
+    task_type: str = "CAUSAL_LM"
+    # lora (adapter), full (every weight), freeze (only the last train.freeze_trainable_layers blocks).
+    finetuning_type: str = "lora"
+    # Model dtype: float32 (default), bfloat16, float16, auto (as saved).
+    dtype: str | None = None
+    # The adapter: `method` (lora, ...) plus that method's config fields.
+    adapter: PeftConfig | None = None
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+
+    def __post_init__(self) -> None:
+        check_choice("config", "finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        check_choice("config", "task_type", self.task_type, TASK_TYPES)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"config.output_dir must be a directory path, got {self.output_dir!r}")
+        if self.finetuning_type == "lora" and self.adapter is None:
+            raise ValueError("config.adapter is required when finetuning_type is lora, e.g. "
+                             "adapter: {method: lora, r: 8, target_modules: all-linear}")
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["data"] = dataclasses.asdict(self.data)
+        out["train"] = dataclasses.asdict(self.train)
+        out["eval"] = dataclasses.asdict(self.eval)
+        if self.adapter is not None:
+            adapter = self.adapter.to_dict()
+            adapter["method"] = adapter.pop("peft_type").lower()
+            out["adapter"] = {k: v for k, v in adapter.items() if k not in ("base_model_name_or_path",
+                                                                            "inference_mode")}
+        return out
+
+
+SECTIONS = {"data": DataConfig, "train": TrainArgs, "eval": EvalArgs}
+
+
+def load_run_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a YAML run config (or start from `base`), apply `key=value` overrides, validate."""
+    raw = dict(base or {})
+    if path is not None:
+        raw.update(read_yaml(path))
+    for item in overrides:
+        apply_override(raw, item)
+    return build_run_config(raw, source=path or "config")
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings (model:, data:, train:, ...)")
+    return data
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`train.learning_rate=1e-4` -> raw["train"]["learning_rate"] = 1e-4 (value parsed as YAML)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value, e.g. train.learning_rate=1e-4")
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text else None
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def build_run_config(raw: dict, source: str = "config") -> RunConfig:
+    raw = dict(raw)
+    top_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    _check_keys(raw, top_fields, source)
+    if isinstance(raw.get("data"), str):
+        raw["data"] = {"path": raw["data"]}
+    kwargs = {}
+    for name, cls in SECTIONS.items():
+        section = raw.pop(name, None) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: {name} must be a mapping of settings, got {section!r}")
+        _check_keys(section, {f.name for f in dataclasses.fields(cls)}, f"{source}: {name}")
+        if name == "data" and "path" not in section:
+            raise ValueError(f"{source}: data.path is required (the training data file or folder)")
+        kwargs[name] = _build(cls, section, f"{source}: {name}")
+    kwargs["adapter"] = build_adapter_config(raw.pop("adapter", None), raw.get("task_type", "CAUSAL_LM"), source)
+    if "output_dir" not in raw:
+        raise ValueError(f"{source}: output_dir is required (where the run writes its results)")
+    return _build(RunConfig, {**raw, **kwargs}, source)
+
+
+def build_adapter_config(section, task_type: str, source: str) -> PeftConfig | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ValueError(f"{source}: adapter must be a mapping such as {{method: lora, r: 8}}, got {section!r}")
+    section = dict(section)
+    method = get_method(section.pop("method", "lora"))
+    known = {f.name for f in dataclasses.fields(method.config_cls)}
+    _check_keys(section, known, f"{source}: adapter ({method.name})")
+    section.setdefault("task_type", task_type)
+    return _build(method.config_cls, section, f"{source}: adapter")
+
+
+def _build(cls, kwargs: dict, where: str):
+    kwargs = {k: _coerce_number(cls, k, v) for k, v in kwargs.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _coerce_number(cls, name: str, value):
+    """YAML reads `2e-4` (no dot) as a string; turn such strings into floats for float fields."""
+    annotation = str(next((f.type for f in dataclasses.fields(cls) if f.name == name), ""))
+    if isinstance(value, str) and "float" in annotation:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_keys(section: dict, known: set[str], where: str) -> None:
+    for key in section:
+        if key not in known:
+            raise ValueError(f"{where}: unknown key {key!r}{suggest(key, known)}; valid keys: "
+                             f"{', '.join(sorted(known))}")

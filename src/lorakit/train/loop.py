@@ -1,0 +1,295 @@
+"""The training loop, written out in full.
+
+    result = run_training(load_run_config("run.yaml"))
+
+One optimizer step = one global batch (see batching.py). The loss of a step is the mean over every
+trained token of the global batch, whatever the number of processes or micro-batches, so a run on two
+processes matches a run on one with the same global batch. Checkpoints (checkpoint.py) restore the
+model, optimizer, schedule, RNGs and data position, so a resumed run matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from lorakit.eval.metrics import summed_token_loss
+from lorakit.models.loading import load_model_and_tokenizer
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
+from lorakit.train.config import RunConfig
+from lorakit.train.data import build_datasets, load_splits, make_collator
+from lorakit.train.distributed import DistContext, init_distributed, shutdown_distributed, unwrap_model, wrap_model
+from lorakit.train.evaluate import evaluate_model
+from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
+from lorakit.train.setup import (
+    RunError, check_fingerprint, prepare_model, prepare_output_dir, run_fingerprint, trainable_tensors,
+)
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the next global batch (epoch, index in epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    model: torch.nn.Module  # the trained model (a PeftModel for lora)
+    tokenizer: object
+    steps: int
+    train_seconds: float
+    train_loss: float | None
+    trainable_params: int
+    total_params: int
+    metrics: dict = field(default_factory=dict)  # final evaluation
+    interrupted: bool = False
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100 * self.trainable_params / self.total_params
+
+
+def run_training(cfg: RunConfig, overwrite: bool = False, loaded=None, show_progress: bool = True) -> TrainResult:
+    """Train as `cfg` says. `loaded` = (model, tokenizer) already in memory (e.g. the demo's)."""
+    ctx = init_distributed()
+    try:
+        return _train(cfg, ctx, overwrite, loaded, show_progress)
+    finally:
+        shutdown_distributed(ctx)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progress: bool) -> TrainResult:
+    args, out = cfg.train, cfg.output_dir
+    prepare_output_dir(cfg, overwrite, ctx.is_main)
+    ctx.barrier()
+    set_seed(args.seed)
+    if loaded is None:
+        labels = load_splits(cfg.data).label_names if cfg.task_type == "SEQ_CLS" else None
+        loaded = load_model_and_tokenizer(cfg.model, cfg.task_type, label_names=labels, dtype=cfg.dtype,
+                                          device=ctx.device)
+    base_model, tokenizer = loaded
+    train_rows, val_rows, info = build_datasets(cfg.data, tokenizer, cfg.task_type)
+    collate = make_collator(cfg.data, tokenizer)
+
+    set_seed(args.seed)  # the adapter's initialisation depends on the seed only
+    model = prepare_model(base_model, cfg).to(ctx.device)
+    if args.gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = trainable_tensors(model)
+    trainable_params = sum(t.numel() for t in trainable.values())
+    total_params = sum(p.numel() for p in model.parameters())
+    wrapped = wrap_model(model, ctx)
+    optimizer = build_optimizer(model, args)
+
+    global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
+    per_epoch = steps_per_epoch(len(train_rows), global_batch)
+    total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
+    scheduler = build_scheduler(optimizer, args, total_steps)
+    fingerprint = run_fingerprint(cfg, model, len(train_rows), global_batch)
+    position = Position()
+    if args.resume_from_checkpoint:
+        position = _resume(args.resume_from_checkpoint, out, fingerprint, model, optimizer, scheduler, ctx)
+    if not args.resume_from_checkpoint:
+        set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), position.step if args.resume_from_checkpoint else None)
+    if ctx.is_main:
+        with open(os.path.join(out, "run_config.yaml"), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+    model_config = getattr(model, "config", None)
+    autocast = _autocast(ctx.device, args.bf16)
+    bar = tqdm(total=total_steps, initial=position.step, unit="step", dynamic_ncols=True,
+               disable=not (ctx.is_main and show_progress))
+    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.time()
+    train_loss, interrupted, started = None, False, time.time()
+    wrapped.train()
+    with _StopOnCtrlC() as stop:
+        while position.step < total_steps and not interrupted:
+            batches = epoch_batches(len(train_rows), global_batch, args.seed, position.epoch)
+            while position.batch_in_epoch < len(batches) and position.step < total_steps:
+                indices = batches[position.batch_in_epoch]
+                loss, tokens, inputs, grad_norm = _train_step(
+                    wrapped, model, model_config, train_rows, indices, collate, optimizer, scheduler, args, ctx,
+                    autocast)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise RunError(_diverged_message(loss, grad_norm, position.step + 1, out, args.learning_rate))
+                position.step += 1
+                position.batch_in_epoch += 1
+                window_loss, window_tokens, window_inputs = window_loss + loss * tokens, window_tokens + tokens, \
+                    window_inputs + inputs
+                speed = window_inputs / max(time.time() - window_start, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{speed:.0f}")
+                if position.step % args.logging_steps == 0 or position.step == total_steps:
+                    train_loss = window_loss / max(window_tokens, 1)
+                    if ctx.is_main:
+                        log.write({"step": position.step, "epoch": round(position.step / per_epoch, 4),
+                                   "loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                                   "grad_norm": grad_norm, "tokens_per_second": speed})
+                    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.time()
+                if args.eval_steps and position.step % args.eval_steps == 0 and val_rows:
+                    _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step)
+                    wrapped.train()
+                interrupted = ctx.any_flag(stop.requested)
+                if interrupted or (args.save_steps and position.step % args.save_steps == 0):
+                    _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ctx)
+                if interrupted:
+                    break
+            else:
+                position.epoch += 1
+                position.batch_in_epoch = 0
+    bar.close()
+    train_seconds = time.time() - started
+    result = TrainResult(out, model, tokenizer, position.step, train_seconds, train_loss, trainable_params,
+                         total_params, interrupted=interrupted)
+    if interrupted:
+        return result
+    if val_rows:
+        result.metrics = _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, final=True)
+    if ctx.is_main:
+        _write_final(result, cfg, log, tokenizer)
+    ctx.barrier()
+    return result
+
+
+def _train_step(wrapped, model, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast):
+    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm)."""
+    total_tokens = sum(trained_tokens(rows[i]) for i in indices)
+    share = process_share(indices, ctx.rank, ctx.world_size)
+    # A process with no rows (a short last batch) still runs forward/backward, scaled by 0, to stay in sync.
+    chunks, weight = (micro_batches(share, args.batch_size), 1.0) if share else ([indices[:1]], 0.0)
+    local_loss, local_inputs = 0.0, 0
+    for j, chunk in enumerate(chunks):
+        batch = {k: v.to(ctx.device) for k, v in collate([rows[i] for i in chunk]).items()}
+        sync = j == len(chunks) - 1
+        no_sync = wrapped.no_sync() if ctx.enabled and not sync and hasattr(wrapped, "no_sync") else \
+            contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                loss_sum, _ = summed_token_loss(wrapped, batch, config=model_config)
+            # DDP averages gradients over processes; scaling by world_size / tokens gives the global mean.
+            (loss_sum * (weight * ctx.world_size / max(total_tokens, 1))).backward()
+        local_loss += float(loss_sum.detach()) * weight
+        local_inputs += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    loss = ctx.sum(local_loss) / max(total_tokens, 1)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, total_tokens, int(ctx.sum(local_inputs)), grad_norm
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, step, final=False) -> dict:
+    metrics = evaluate_model(model, tokenizer, val_rows, collate, cfg, ctx, with_generation=final)
+    if ctx.is_main and metrics:
+        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    return metrics
+
+
+def _resume(spec, out, fingerprint, model, optimizer, scheduler, ctx) -> Position:
+    directory = ckpt.resolve_checkpoint(spec, out)
+    state = ckpt.read_trainer_state(directory)
+    check_fingerprint(state.get("fingerprint", {}), fingerprint, directory)
+    ckpt.load_training_state(directory, trainable_tensors(model), optimizer, scheduler)
+    ckpt.load_rng_state(directory, ctx.rank)
+    if ctx.is_main:
+        print(f"resuming from {directory} at step {state['position']['step']}")
+    return Position(**state["position"])
+
+
+def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ctx) -> None:
+    out, step = cfg.output_dir, position.step
+    temp = ckpt.temp_dir_for(out, step) if ctx.is_main else os.path.join(out, f"checkpoint-{step}.tmp")
+    ctx.barrier()
+    os.makedirs(temp, exist_ok=True)
+    ckpt.write_rng_state(temp, ctx.rank)
+    if ctx.is_main:
+        state = {"position": asdict(position), "fingerprint": fingerprint, "output_dir": out}
+        ckpt.write_training_state(temp, trainable_tensors(model), optimizer, scheduler, state)
+        if hasattr(model, "save_pretrained") and cfg.finetuning_type == "lora":
+            model.save_pretrained(temp)
+    ctx.barrier()
+    if ctx.is_main:
+        ckpt.publish(temp, out, step, cfg.train.save_total_limit)
+    ctx.barrier()
+
+
+def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog, tokenizer) -> None:
+    out = cfg.output_dir
+    target = os.path.join(out, "adapter" if cfg.finetuning_type == "lora" else "model")
+    result.model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    plot_loss_curve(log.records(), os.path.join(out, "loss_curve.png"))
+    summary = {
+        "steps": result.steps, "train_seconds": round(result.train_seconds, 2), "train_loss": result.train_loss,
+        "trainable_params": result.trainable_params, "total_params": result.total_params,
+        "trainable_percent": round(result.trainable_percent, 4), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "eval": result.metrics, "saved_to": target,
+    }
+    from lorakit.config import write_json_atomic
+
+    write_json_atomic(os.path.join(out, "train_results.json"), summary)
+
+
+def _diverged_message(loss, grad_norm, step, out, lr) -> str:
+    found = ckpt.list_checkpoints(out)
+    last = found[-1] if found else "none (set train.save_steps to keep checkpoints)"
+    return (f"training diverged at step {step}: loss={loss}, grad_norm={grad_norm}. The step was not applied; the "
+            f"last good checkpoint is {last}. Lower train.learning_rate (now {lr}), keep train.max_grad_norm > 0, "
+            "or check the data.")
+
+
+class _StopOnCtrlC:
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press Ctrl-C again to abort now)", flush=True)
+
+    def __enter__(self) -> "_StopOnCtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
