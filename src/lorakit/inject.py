@@ -158,11 +158,13 @@ def inject_adapter(model: nn.Module, config, adapter_name: str, method) -> list[
             if not isinstance(module, tuple(method.layers.values())):
                 raise ValueError(f"{name} already holds a {type(module).__name__}; one model holds adapters of "
                                  f"one method only")
-            module.add_adapter(adapter_name, config, name)
+            layer = module
+            layer.add_adapter(adapter_name, config, name)
         else:
             layer = method.layer_class_for(module)(module)
             layer.add_adapter(adapter_name, config, name)
             model.set_submodule(name, layer)
+        layer.train(layer.base_layer.training)  # new dropout modules follow the model's train/eval mode
     add_trainable_copies(model, config.modules_to_save or [], adapter_name, config.task_type)
     return targets
 

@@ -64,6 +64,7 @@ class PeftModel(nn.Module):
             param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+        self.train(model.training)
 
     def __getattr__(self, name: str):
         try:

@@ -177,3 +177,14 @@ def test_generate_and_attributes_are_forwarded(two_adapters):
 def test_wrapping_twice_is_refused(two_adapters):
     with pytest.raises(TypeError, match="already has adapters"):
         PeftModel(two_adapters, random_lora())
+
+
+def test_new_adapter_layers_follow_the_model_mode():
+    """A model loaded for inference (eval mode) must not get dropout active in its new LoRA layers."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], lora_dropout=0.5))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert not model.training and not layer.lora_dropout["default"].training
+    first, second = logits(model), logits(model)
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    model.train()
+    assert layer.lora_dropout["default"].training
