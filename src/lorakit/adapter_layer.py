@@ -123,6 +123,16 @@ class AdapterLayer(AdapterHolder):
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
 
+    # transformers code reads these on whatever module sits in the model (T5's feed-forward checks
+    # `self.wo.weight.dtype` in forward), as PEFT's BaseTunerLayer provides them.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:

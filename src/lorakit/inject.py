@@ -134,8 +134,10 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
 
 
 def _in_selected_layers(name: str, spec, config) -> bool:
+    """PEFT's rule: the filter applies to names matched by dotted suffix only, never to a name listed in
+    full, and an empty list means no filter (LoraConfig rejects it with a string target)."""
     layers = config.layers_to_transform
-    if layers is None or isinstance(spec, str):  # PEFT applies layers_to_transform to list targets only
+    if layers is None or layers == [] or isinstance(spec, str) or name in spec:
         return True
     index = layer_index(name, config.layers_pattern)
     if index is None:
@@ -170,10 +172,11 @@ def inject_adapter(model: nn.Module, config, adapter_name: str, method) -> list[
 
 
 def add_trainable_copies(model: nn.Module, names: list[str], adapter_name: str, task_type: str | None) -> None:
-    """Give the adapter a trainable copy of each module in `names` (exact or dotted-suffix match)."""
+    """Give the adapter a trainable copy of each module whose name ends with an entry of `names`. As in PEFT
+    (peft.utils.other._set_trainable) the ending need not start at a dot: "norm" also takes "input_layernorm"."""
     for wanted in names:
         found = [n for n, m in candidate_modules(model)
-                 if n and name_matches([wanted], n) and not isinstance(m, AdapterLayer)]
+                 if n and n.endswith(wanted) and not isinstance(m, AdapterLayer)]
         if not found and not (task_type == "SEQ_CLS" and wanted in SEQ_CLS_HEAD_NAMES):
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of {type(model).__name__}; "
                              f"candidates: {', '.join(candidate_names(model))}")

@@ -47,6 +47,11 @@ def load_adapter_state_dict(model: nn.Module, adapter_name: str, extra_names: li
     """
     live = live_adapter_tensors(model, adapter_name, extra_names)
     base_params = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
+    # PEFT with bias="all" also writes `<head>.modules_to_save.bias` (a copy of `<head>.bias`, the trained copy's
+    # bias) and `<head>.original_module.bias` (the frozen original, unchanged): both carry nothing new.
+    state = {k: v for k, v in state.items()
+             if not (".modules_to_save." in k and k.replace(".modules_to_save.", ".", 1) in live)
+             and not (".original_module." in k and k.replace(".original_module.", ".", 1) in live)}
     unexpected = [k for k in state if k not in live and k not in base_params]
     missing = [k for k in live if k not in state]
     if unexpected:

@@ -88,6 +88,15 @@ class LoraConfig(PeftConfig):
                 raise ValueError(f"LoraConfig.{name} must be a dict {{pattern: value}}, got {patterns!r}")
             for key, value in patterns.items():
                 check_positive(owner, f"{name}[{key!r}]", value, integer=(name == "rank_pattern"))
+        if isinstance(self.target_modules, str):
+            for name in ("layers_to_transform", "layers_pattern"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"LoraConfig.{name}={getattr(self, name)!r} cannot be used with target_modules="
+                                     f"{self.target_modules!r} (a regex or 'all-linear'); list module names instead, "
+                                     "or select layers in the regex")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"LoraConfig.layers_pattern={self.layers_pattern!r} needs layers_to_transform "
+                             "(the layer indices to adapt)")
         layers = self.layers_to_transform
         if layers is not None and not (isinstance(layers, int) or all(isinstance(i, int) for i in layers)):
             raise ValueError(f"LoraConfig.layers_to_transform must be an int or a list of ints, got {layers!r}")
