@@ -15,6 +15,7 @@ overrides one value (parsed as YAML, so numbers, booleans, lists work).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -167,9 +168,11 @@ SECTIONS = {"data": DataConfig, "train": TrainArgs, "eval": EvalArgs}
 
 def load_run_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read a YAML run config (or start from `base`), apply `key=value` overrides, validate."""
-    raw = dict(base or {})
+    raw = copy.deepcopy(base or {})  # overrides write into nested sections: never into the caller's dicts
     if path is not None:
         raw.update(read_yaml(path))
+    if isinstance(raw.get("data"), str):  # `data: file.jsonl` shorthand, expanded so `data.x=...` overrides apply
+        raw["data"] = {"path": raw["data"]}
     for item in overrides:
         apply_override(raw, item)
     return build_run_config(raw, source=path or "config")

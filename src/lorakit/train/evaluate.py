@@ -61,7 +61,10 @@ def _loss_metrics(model, val_rows, collate, cfg, ctx) -> dict:
 
 def generation_metrics(model, tokenizer, cfg: RunConfig, adapter_names=None) -> dict:
     """ROUGE-1/2/L/Lsum and exact match of greedy (or sampled) answers on the validation records."""
-    records = load_splits(cfg.data).val
+    splits = load_splits(cfg.data)
+    if splits.format == "text":  # plain text has no prompt/answer pairs to generate answers for
+        return {}
+    records = splits.val
     prompts = generation_prompts(records, tokenizer, cfg.data.template)
     if cfg.eval.max_samples:
         prompts = prompts[:cfg.eval.max_samples]

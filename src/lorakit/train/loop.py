@@ -35,7 +35,8 @@ from lorakit.train.evaluate import evaluate_model
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
-    RunError, check_fingerprint, prepare_model, prepare_output_dir, run_fingerprint, trainable_tensors,
+    RunError, check_fingerprint, check_output_dir, prepare_model, prepare_output_dir, run_fingerprint,
+    trainable_tensors,
 )
 
 
@@ -83,8 +84,7 @@ def set_seed(seed: int) -> None:
 
 def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progress: bool) -> TrainResult:
     args, out = cfg.train, cfg.output_dir
-    prepare_output_dir(cfg, overwrite, ctx.is_main)
-    ctx.barrier()
+    check_output_dir(cfg, overwrite)  # refuse at once; the earlier run is only replaced once the inputs proved good
     set_seed(args.seed)
     if loaded is None:
         labels = load_splits(cfg.data).label_names if cfg.task_type == "SEQ_CLS" else None
@@ -97,8 +97,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     set_seed(args.seed)  # the adapter's initialisation depends on the seed only
     model = prepare_model(base_model, cfg).to(ctx.device)
     if args.gradient_checkpointing:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     trainable = trainable_tensors(model)
     trainable_params = sum(t.numel() for t in trainable.values())
     total_params = sum(p.numel() for p in model.parameters())
@@ -110,6 +109,8 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
     scheduler = build_scheduler(optimizer, args, total_steps)
     fingerprint = run_fingerprint(cfg, model, len(train_rows), global_batch)
+    prepare_output_dir(cfg, overwrite, ctx.is_main)
+    ctx.barrier()
     position = Position()
     if args.resume_from_checkpoint:
         position = _resume(args.resume_from_checkpoint, out, fingerprint, model, optimizer, scheduler, ctx)
@@ -168,10 +169,12 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                          total_params, interrupted=interrupted)
     if interrupted:
         return result
+    if ctx.is_main:  # saved before the final evaluation, so a failing evaluation never costs the trained weights
+        _save_final_model(result.model, cfg, tokenizer)
     if val_rows:
         result.metrics = _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, final=True)
     if ctx.is_main:
-        _write_final(result, cfg, log, tokenizer)
+        _write_final(result, cfg, log)
     ctx.barrier()
     return result
 
@@ -204,6 +207,16 @@ def _train_step(wrapped, model, model_config, rows, indices, collate, optimizer,
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, total_tokens, int(ctx.sum(local_inputs)), grad_norm
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """Non-reentrant, so it works with frozen inputs. transformers 5.x renamed the method (the old name warns and
+    goes in v6); older releases only have the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -247,11 +260,17 @@ def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ct
     ctx.barrier()
 
 
-def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog, tokenizer) -> None:
-    out = cfg.output_dir
-    target = os.path.join(out, "adapter" if cfg.finetuning_type == "lora" else "model")
-    result.model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+def _final_model_dir(cfg: RunConfig) -> str:
+    return os.path.join(cfg.output_dir, "adapter" if cfg.finetuning_type == "lora" else "model")
+
+
+def _save_final_model(model, cfg: RunConfig, tokenizer) -> None:
+    model.save_pretrained(_final_model_dir(cfg))
+    tokenizer.save_pretrained(_final_model_dir(cfg))
+
+
+def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog) -> None:
+    out, target = cfg.output_dir, _final_model_dir(cfg)
     plot_loss_curve(log.records(), os.path.join(out, "loss_curve.png"))
     summary = {
         "steps": result.steps, "train_seconds": round(result.train_seconds, 2), "train_loss": result.train_loss,

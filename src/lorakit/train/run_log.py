@@ -16,9 +16,11 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and os.path.isfile(path):
             with open(path, encoding="utf-8") as fh:
-                kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w", encoding="utf-8") as fh:
+                parsed = [(line, _parse(line)) for line in fh]
+            kept = [line for line, record in parsed if record is not None and record.get("step", 0) <= resume_step]
+            with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
                 fh.writelines(kept)
+            os.replace(f"{path}.tmp", path)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -29,6 +31,14 @@ class MetricsLog:
             return []
         with open(self.path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
+
+
+def _parse(line: str) -> dict | None:
+    """One record, or None for a blank line or the half-written last line of a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def plot_loss_curve(records: list[dict], path: str) -> None:

@@ -23,18 +23,27 @@ class RunError(RuntimeError):
     """A run stopped for a reason the user can act on (the message says how)."""
 
 
-def prepare_output_dir(cfg: RunConfig, overwrite: bool, is_main: bool) -> None:
-    """Refuse to write over an earlier run unless asked to (--overwrite) or resuming it."""
+def check_output_dir(cfg: RunConfig, overwrite: bool) -> list[str]:
+    """The earlier run's files in output_dir, to be replaced; refuses unless asked to (--overwrite) or resuming."""
     out = cfg.output_dir
     if os.path.isfile(out):
         raise RunError(f"output_dir {out!r} is a file; choose a directory")
-    previous = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))] + list_checkpoints(out)
     if cfg.train.resume_from_checkpoint:
-        return
+        return []
+    previous = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    previous += [os.path.basename(path) for path in list_checkpoints(out)]  # names: out may be a relative path
     if previous and not overwrite:
-        raise RunError(f"output_dir {out!r} already holds a run ({', '.join(map(os.path.basename, previous[:4]))}); "
+        raise RunError(f"output_dir {out!r} already holds a run ({', '.join(previous[:4])}); "
                        "pass --overwrite to replace it, train.resume_from_checkpoint=latest to continue it, "
                        "or choose another output_dir")
+    return previous
+
+
+def prepare_output_dir(cfg: RunConfig, overwrite: bool, is_main: bool) -> None:
+    """Check as `check_output_dir`, delete the earlier run's files, create the directory (also for a resume
+    into a new output_dir). Call it once the model and data are ready, so bad input never costs the old run."""
+    out = cfg.output_dir
+    previous = check_output_dir(cfg, overwrite)
     if previous and is_main:
         for name in previous:
             path = os.path.join(out, name)
@@ -81,7 +90,7 @@ def run_fingerprint(cfg: RunConfig, model: nn.Module, num_rows: int, global_batc
     """What a checkpoint must agree on to be resumed by this run."""
     shapes = sorted((n, list(t.shape)) for n, t in trainable_tensors(model).items())
     return {
-        "model": cfg.model,
+        "model": os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
         "architecture": type(model).__name__ if not hasattr(model, "get_base_model")
         else type(model.get_base_model()).__name__,
         "finetuning_type": cfg.finetuning_type,
