@@ -260,20 +260,22 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors in PEFT's format: "default"
-        in save_directory, any other adapter in save_directory/<name>."""
+        in save_directory, any other adapter in save_directory/<name>. Under FSDP call it on every process
+        with is_main_process=(rank == 0): the shards are gathered, rank 0 writes."""
         if not safe_serialization:
             raise ValueError("lorakit writes safetensors only (safe_serialization=False is not supported)")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; give a directory")
-        if not is_main_process:
-            return
         base_name = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
         for name in self._names_or_active(selected_adapters or list(self.peft_config)):
+            tensors = self.adapter_state_dict(name)  # on every process: sharded tensors are gathered
+            if not is_main_process:
+                continue
             config = self.peft_config[name]
             config = dataclasses.replace(config, inference_mode=True,
                                          base_model_name_or_path=config.base_model_name_or_path or base_name)
             directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-            write_adapter(directory, config, self.adapter_state_dict(name))
+            write_adapter(directory, config, tensors)
 
     def adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         """One adapter's tensors keyed as in PEFT files (adapter name removed)."""

@@ -33,8 +33,10 @@ def live_adapter_tensors(model: nn.Module, adapter_name: str, extra_names: list[
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, extra_names: list[str]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous copies of one adapter's tensors, keyed as in PEFT files."""
-    return {k: v.detach().contiguous().clone() for k, v in live_adapter_tensors(model, adapter_name, extra_names).items()}
+    """Detached, contiguous copies of one adapter's tensors, keyed as in PEFT files. Sharded (FSDP) tensors are
+    gathered whole, so every process must call this."""
+    return {k: _whole(v).detach().contiguous().clone()
+            for k, v in live_adapter_tensors(model, adapter_name, extra_names).items()}
 
 
 def load_adapter_state_dict(model: nn.Module, adapter_name: str, extra_names: list[str],
@@ -72,6 +74,10 @@ def load_adapter_state_dict(model: nn.Module, adapter_name: str, extra_names: li
                     f"{tuple(target.shape)} in this model; the adapter was trained on a different base model."
                 )
             target.copy_(value)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _module_of(key: str) -> str:

@@ -38,15 +38,15 @@ def temp_dir_for(output_dir: str, step: int) -> str:
     return path
 
 
-def write_training_state(directory: str, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                         scheduler, trainer_state: dict) -> None:
-    """Rank-0 part of a checkpoint (everything but the RNG files)."""
+def write_training_state(directory: str, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                         scheduler_state: dict, trainer_state: dict) -> None:
+    """Rank-0 part of a checkpoint (everything but the RNG files), from whole (gathered) tensors."""
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
               os.path.join(directory, "trainable.safetensors"))
-    tensors, meta = split_optimizer_state(optimizer.state_dict())
+    tensors, meta = split_optimizer_state(optimizer_state)
     save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
     write_json_atomic(os.path.join(directory, "optimizer.json"), meta)
-    write_json_atomic(os.path.join(directory, "scheduler.json"), scheduler.state_dict())
+    write_json_atomic(os.path.join(directory, "scheduler.json"), scheduler_state)
     write_json_atomic(os.path.join(directory, STATE_NAME), trainer_state)
 
 
@@ -124,23 +124,20 @@ def read_trainer_state(directory: str) -> dict:
         return json.load(fh)
 
 
-def load_training_state(directory: str, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                        scheduler) -> None:
-    """Copy saved parameters into `trainable` (live tensors) and restore optimizer and scheduler."""
+def read_training_state(directory: str, expected_names) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(trainable tensors by name, optimizer state dict, scheduler state dict) of a checkpoint; the tensor
+    names must be exactly `expected_names` (this run's trainable parameters)."""
     saved = load_file(os.path.join(directory, "trainable.safetensors"))
-    if saved.keys() != trainable.keys():
-        missing = sorted(trainable.keys() - saved.keys())[:3]
+    if saved.keys() != set(expected_names):
+        missing = sorted(set(expected_names) - saved.keys())[:3]
         raise ValueError(f"checkpoint {directory} does not hold this run's trainable parameters "
                          f"(e.g. missing {missing}); it was made with another model or adapter config")
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            tensor.copy_(saved[name])
     tensors = load_file(os.path.join(directory, "optimizer.safetensors"))
     with open(os.path.join(directory, "optimizer.json"), encoding="utf-8") as fh:
         meta = json.load(fh)
-    optimizer.load_state_dict(join_optimizer_state(tensors, meta))
     with open(os.path.join(directory, "scheduler.json"), encoding="utf-8") as fh:
-        scheduler.load_state_dict(json.load(fh))
+        scheduler_state = json.load(fh)
+    return saved, join_optimizer_state(tensors, meta), scheduler_state
 
 
 def load_rng_state(directory: str, rank: int) -> None:
@@ -160,10 +157,11 @@ def load_rng_state(directory: str, rank: int) -> None:
 
 
 def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    """Inverse of split_optimizer_state. Parameters are keyed by index, or by name for sharded models."""
+    state: dict[int | str, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        param, name = key.rsplit(".", 1)
+        state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
     groups = meta["param_groups"]
     for group in groups:
         if "betas" in group:

@@ -146,6 +146,9 @@ class RunConfig:
         check_choice("config", "task_type", self.task_type, TASK_TYPES)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"config.output_dir must be a directory path, got {self.output_dir!r}")
+        if self.train.distributed == "fsdp" and self.finetuning_type != "lora":
+            raise ValueError("config: train.distributed=fsdp shards a frozen base model and trains an adapter; "
+                             f"use finetuning_type lora (got {self.finetuning_type!r}) or train.distributed=ddp")
         if self.finetuning_type == "lora" and self.adapter is None:
             raise ValueError("config.adapter is required when finetuning_type is lora, e.g. "
                              "adapter: {method: lora, r: 8, target_modules: all-linear}")

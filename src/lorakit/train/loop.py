@@ -30,13 +30,16 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
 from lorakit.train.config import RunConfig
 from lorakit.train.data import build_datasets, load_splits, make_collator
-from lorakit.train.distributed import DistContext, init_distributed, shutdown_distributed, unwrap_model, wrap_model
+from lorakit.train.distributed import (
+    DistContext, copy_full_into, full_tensor, init_distributed, load_optimizer_state, optimizer_state,
+    shutdown_distributed, wrap_model,
+)
 from lorakit.train.evaluate import evaluate_model
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
     RunError, check_fingerprint, check_output_dir, prepare_model, prepare_output_dir, run_fingerprint,
-    trainable_tensors,
+    trainable_tensors, transformer_blocks,
 )
 
 
@@ -101,7 +104,8 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     trainable = trainable_tensors(model)
     trainable_params = sum(t.numel() for t in trainable.values())
     total_params = sum(p.numel() for p in model.parameters())
-    wrapped = wrap_model(model, ctx)
+    blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
+    wrapped = wrap_model(model, ctx, args.distributed, blocks)
     optimizer = build_optimizer(model, args)
 
     global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
@@ -169,8 +173,8 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                          total_params, interrupted=interrupted)
     if interrupted:
         return result
-    if ctx.is_main:  # saved before the final evaluation, so a failing evaluation never costs the trained weights
-        _save_final_model(result.model, cfg, tokenizer)
+    # saved before the final evaluation, so a failing evaluation never costs the trained weights
+    _save_final_model(result.model, cfg, tokenizer, ctx)
     if val_rows:
         result.metrics = _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, final=True)
     if ctx.is_main:
@@ -236,7 +240,12 @@ def _resume(spec, out, fingerprint, model, optimizer, scheduler, ctx) -> Positio
     directory = ckpt.resolve_checkpoint(spec, out)
     state = ckpt.read_trainer_state(directory)
     check_fingerprint(state.get("fingerprint", {}), fingerprint, directory)
-    ckpt.load_training_state(directory, trainable_tensors(model), optimizer, scheduler)
+    live = trainable_tensors(model)
+    saved, optimizer_state, scheduler_state = ckpt.read_training_state(directory, live.keys())
+    for name, param in live.items():
+        copy_full_into(param, saved[name])
+    load_optimizer_state(model, optimizer, optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
     ckpt.load_rng_state(directory, ctx.rank)
     if ctx.is_main:
         print(f"resuming from {directory} at step {state['position']['step']}")
@@ -244,16 +253,19 @@ def _resume(spec, out, fingerprint, model, optimizer, scheduler, ctx) -> Positio
 
 
 def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ctx) -> None:
+    """Every process joins (sharded tensors are gathered, each writes its RNG); rank 0 writes the rest."""
     out, step = cfg.output_dir, position.step
     temp = ckpt.temp_dir_for(out, step) if ctx.is_main else os.path.join(out, f"checkpoint-{step}.tmp")
     ctx.barrier()
     os.makedirs(temp, exist_ok=True)
     ckpt.write_rng_state(temp, ctx.rank)
+    trainable = {name: full_tensor(t) for name, t in trainable_tensors(model).items()}
+    optimizer_dict = optimizer_state(model, optimizer)
+    if cfg.finetuning_type == "lora":
+        model.save_pretrained(temp, is_main_process=ctx.is_main)
     if ctx.is_main:
         state = {"position": asdict(position), "fingerprint": fingerprint, "output_dir": out}
-        ckpt.write_training_state(temp, trainable_tensors(model), optimizer, scheduler, state)
-        if hasattr(model, "save_pretrained") and cfg.finetuning_type == "lora":
-            model.save_pretrained(temp)
+        ckpt.write_training_state(temp, trainable, optimizer_dict, scheduler.state_dict(), state)
     ctx.barrier()
     if ctx.is_main:
         ckpt.publish(temp, out, step, cfg.train.save_total_limit)
@@ -264,9 +276,11 @@ def _final_model_dir(cfg: RunConfig) -> str:
     return os.path.join(cfg.output_dir, "adapter" if cfg.finetuning_type == "lora" else "model")
 
 
-def _save_final_model(model, cfg: RunConfig, tokenizer) -> None:
-    model.save_pretrained(_final_model_dir(cfg))
-    tokenizer.save_pretrained(_final_model_dir(cfg))
+def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext) -> None:
+    """On every process (a sharded adapter is gathered); rank 0 writes."""
+    model.save_pretrained(_final_model_dir(cfg), is_main_process=ctx.is_main)
+    if ctx.is_main:
+        tokenizer.save_pretrained(_final_model_dir(cfg))
 
 
 def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog) -> None:
