@@ -1,0 +1,90 @@
+"""`--help` of every command, usage errors, exit codes and stderr, in-process and through `python -m lorakit`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorakit.cli import main as cli_main
+from tests.integration.cli_support import run_cli
+
+# (command, an option its help must describe)
+COMMAND_OPTIONS = [("train", "--overwrite"), ("eval", "--adapter"), ("generate", "--prompts-file"),
+                   ("chat", "--system"), ("merge", "--output"), ("inspect", "--target-modules")]
+
+
+@pytest.mark.parametrize("command, option", COMMAND_OPTIONS)
+def test_every_command_has_help(capsys, command, option):
+    code, out, err = run_cli(capsys, command, "--help")
+    assert code == 0, err
+    assert out.startswith(f"usage: lorakit {command}")
+    assert option in out
+    module = importlib.import_module(cli_main.COMMANDS_BY_NAME[command].module)
+    assert module.__doc__.splitlines()[0] in out  # the module docstring is the description
+
+
+def test_top_level_help_lists_every_command(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for command in cli_main.COMMANDS:
+        assert command.name in out
+    assert "demo" in out
+
+
+def test_demo_is_in_the_command_table_and_imported_lazily():
+    demo = cli_main.COMMANDS_BY_NAME["demo"]
+    assert demo.module == "lorakit.cli.demo"
+
+
+def test_missing_command_module_is_a_clean_error(capsys, monkeypatch):
+    ghost = cli_main.Command("ghost", "lorakit.cli.no_such_command", "not installed")
+    monkeypatch.setitem(cli_main.COMMANDS_BY_NAME, "ghost", ghost)
+    code, _, err = run_cli(capsys, "ghost")
+    assert code == 1
+    assert err.strip() == ("lorakit: error: the 'ghost' command is not available in this installation "
+                           "(lorakit.cli.no_such_command is missing)")
+
+
+def test_no_command_and_unknown_command_are_usage_errors(capsys):
+    code, _, err = run_cli(capsys)
+    assert code == 2 and "usage: lorakit" in err
+    code, _, err = run_cli(capsys, "trian")
+    assert code == 2
+    assert err.startswith("lorakit: error: argument <command>: invalid choice: 'trian'")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_option_value_is_one_line_usage_error(capsys):
+    code, _, err = run_cli(capsys, "eval", "--data", "x.jsonl", "--batch-size", "many")
+    assert code == 2
+    assert err.startswith("lorakit: error: argument --batch-size: invalid int value: 'many'")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--debug", "train", tmp_path / "missing.yaml")
+    assert code == 1
+    assert "Traceback" in err and "lorakit: error: config file" in err
+
+
+def _python_m_lorakit(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_python_m_lorakit_help(tmp_path):
+    done = _python_m_lorakit("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "train" in done.stdout and "merge" in done.stdout
+
+
+def test_python_m_lorakit_bad_input_exit_code_and_stderr(tmp_path):
+    done = _python_m_lorakit("train", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"lorakit: error: config file {str(tmp_path / 'missing.yaml')!r} not found"
+    assert done.stdout == ""
