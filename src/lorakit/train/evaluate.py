@@ -59,21 +59,31 @@ def _loss_metrics(model, val_rows, collate, cfg, ctx) -> dict:
     return metrics
 
 
-def generation_metrics(model, tokenizer, cfg: RunConfig, adapter_names=None) -> dict:
+def generation_metrics(model, tokenizer, cfg: RunConfig) -> dict:
     """ROUGE-1/2/L/Lsum and exact match of greedy (or sampled) answers on the validation records."""
+    answers = validation_answers(model, tokenizer, cfg)
+    return answer_metrics(answers[1], answers[2]) if answers else {}
+
+
+def validation_answers(model, tokenizer, cfg: RunConfig) -> tuple[list[str], list[str], list[str]] | None:
+    """(prompts as text, generated answers, reference answers) on the validation records, or None when the
+    data has no prompt/answer pairs (plain text)."""
     splits = load_splits(cfg.data)
-    if splits.format == "text":  # plain text has no prompt/answer pairs to generate answers for
-        return {}
-    records = splits.val
-    prompts = generation_prompts(records, tokenizer, cfg.data.template)
+    if splits.format == "text":
+        return None
+    prompts = generation_prompts(splits.val, tokenizer, cfg.data.template)
     if cfg.eval.max_samples:
         prompts = prompts[:cfg.eval.max_samples]
     if not prompts:
-        return {}
+        return None
     predictions = generate_batch(
         model, tokenizer, [p.prompt_ids for p in prompts], max_new_tokens=cfg.eval.max_new_tokens,
         do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
         batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
-    references = [p.reference for p in prompts]
+    texts = [tokenizer.decode(p.prompt_ids) for p in prompts]
+    return texts, predictions, [p.reference for p in prompts]
+
+
+def answer_metrics(predictions: list[str], references: list[str]) -> dict:
     return {**rouge_scores(predictions, references), "exact_match": exact_match(predictions, references),
             "generated": len(predictions)}

@@ -1,0 +1,39 @@
+"""`lorakit demo` end to end on a tiny model (the real SmolLM2 run is `make demo`; see README)."""
+
+import json
+import os
+
+import pytest
+
+from lorakit.cli.main import main
+from tests.train_fixtures import one_torch_thread, save_tiny_llama  # noqa: F401
+
+RESULT_SHAPE = {"base": {"rougeL", "exact_match"}, "lora": {"rougeL", "exact_match"}, "trainable_params": None,
+                "trainable_percent": None, "train_seconds": None, "peak_rss_mb": None}
+
+
+def test_demo_writes_results_adapter_and_curve(tmp_path, capsys):
+    model = save_tiny_llama(tmp_path / "model")
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", model, "--output-dir", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == set(RESULT_SHAPE)
+    for side in ("base", "lora"):
+        assert set(results[side]) == RESULT_SHAPE[side]
+        assert all(0.0 <= v <= 1.0 for v in results[side].values())
+    assert results["trainable_params"] > 0 and 0 < results["trainable_percent"] < 100
+    assert results["train_seconds"] > 0 and results["peak_rss_mb"] > 0
+    for name in ("adapter/adapter_model.safetensors", "loss_curve.png", "metrics.jsonl", "run_config.yaml"):
+        assert os.path.exists(out / name), name
+    printed = capsys.readouterr().out
+    assert "ROUGE-L" in printed and "exact match" in printed and "request" in printed
+
+
+def test_demo_refuses_an_existing_run(tmp_path, capsys):
+    model = save_tiny_llama(tmp_path / "model")
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", model, "--output-dir", str(out), "--no-progress"]) == 0
+    before = (out / "results.json").read_bytes()
+    assert main(["demo", "--model", model, "--output-dir", str(out), "--no-progress"]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
