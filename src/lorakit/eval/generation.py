@@ -137,7 +137,7 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -191,7 +191,7 @@ def _trim_new_tokens(row: list[int], stop_ids: set[int]) -> list[int]:
 def _generate_one_batch(model, tokenizer, prompts, options, stop_ids, pad_id, adapter_names) -> list[str]:
     encoder_decoder = _is_encoder_decoder(model)
     input_ids, attention_mask = pad_prompts(prompts, pad_id, left=not encoder_decoder)
-    device = _model_device(model)
+    device = model_device(model)
     extra = {} if adapter_names is None else {"adapter_names": adapter_names}  # only lorakit's PeftModel takes it
     output = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -226,7 +226,7 @@ def generate_batch(model: nn.Module, tokenizer, prompt_ids: list[list[int]], max
     pad_id = _pad_id(tokenizer, stop_ids)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[str | None] = [None] * len(prompts)
-    with _eval_mode(model), torch.inference_mode(), _seeded(seed, _model_device(model)):
+    with _eval_mode(model), torch.inference_mode(), _seeded(seed, model_device(model)):
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             names = None if adapter_names is None else [adapter_names[i] for i in index]
@@ -264,7 +264,7 @@ def stream_generate(model: nn.Module, tokenizer, prompt_ids: list[int], max_new_
     options = GenerationOptions(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     prompt = _check_prompt(prompt_ids, 0, _vocab_limit(model), "[prompt_ids]")
     stop_ids = stop_token_ids(model, tokenizer)
-    device = _model_device(model)
+    device = model_device(model)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     cancel = threading.Event()
     kwargs = dict(input_ids=torch.tensor([prompt], device=device),

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.eval.generation import model_device
+
 IGNORE_INDEX = -100  # label value that takes no part in the loss (HF convention)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -109,15 +111,6 @@ def perplexity(mean_loss: float) -> float:
         return math.inf
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
 def summed_token_loss(model: nn.Module, batch: Mapping, config=None) -> tuple[torch.Tensor, int]:
     """(sum of per-token cross-entropies as a tensor with grad, number of label tokens) for one batch.
 
@@ -161,7 +154,7 @@ def evaluate_loss(model: nn.Module, batches: Iterable[Mapping], device=None) -> 
     so a batch with more tokens counts more: it is the loss over the whole set, not a mean of batch means.
     Returns {"loss", "perplexity", "tokens"}. The model's train/eval mode is restored afterwards.
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
