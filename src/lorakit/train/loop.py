@@ -107,6 +107,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
     wrapped = wrap_model(model, ctx, args.distributed, blocks)
     optimizer = build_optimizer(model, args)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # after sharding: the live ones
 
     global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
     per_epoch = steps_per_epoch(len(train_rows), global_batch)
@@ -138,7 +139,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
             while position.batch_in_epoch < len(batches) and position.step < total_steps:
                 indices = batches[position.batch_in_epoch]
                 loss, tokens, inputs, grad_norm = _train_step(
-                    wrapped, model, model_config, train_rows, indices, collate, optimizer, scheduler, args, ctx,
+                    wrapped, params, model_config, train_rows, indices, collate, optimizer, scheduler, args, ctx,
                     autocast)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise RunError(_diverged_message(loss, grad_norm, position.step + 1, out, args.learning_rate))
@@ -183,7 +184,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     return result
 
 
-def _train_step(wrapped, model, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast):
+def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast):
     """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm)."""
     total_tokens = sum(trained_tokens(rows[i]) for i in indices)
     share = process_share(indices, ctx.rank, ctx.world_size)
@@ -202,7 +203,6 @@ def _train_step(wrapped, model, model_config, rows, indices, collate, optimizer,
             (loss_sum * (weight * ctx.world_size / max(total_tokens, 1))).backward()
         local_loss += float(loss_sum.detach()) * weight
         local_inputs += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-    params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss = ctx.sum(local_loss) / max(total_tokens, 1)
