@@ -99,15 +99,16 @@ class PeftModel(nn.Module):
         batch = _batch_size(args, kwargs)
         if batch is not None and batch != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
-        if any(isinstance(m, AdapterLayer) and m.merged_adapters for _, m in self._holders()):
+        holders = [holder for _, holder in self._holders()]
+        if any(isinstance(m, AdapterLayer) and m.merged_adapters for m in holders):
             raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         routing = BatchRouting(list(adapter_names))
-        for _, holder in self._holders():
+        for holder in holders:
             holder.routing = routing
         try:
             yield
         finally:
-            for _, holder in self._holders():
+            for holder in holders:
                 holder.routing = None
 
     # ---- adapters by name ------------------------------------------------------------------------
@@ -170,14 +171,15 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Run the base model alone inside this block (merged adapters are unmerged, then merged back)."""
-        merged = {path: list(m.merged_adapters) for path, m in self._holders() if isinstance(m, AdapterLayer)}
+        holders = self._holders()
+        merged = {path: list(m.merged_adapters) for path, m in holders if isinstance(m, AdapterLayer)}
         self.unmerge_adapter()
-        for _, holder in self._holders():
+        for _, holder in holders:
             holder.disabled = True
         try:
             yield
         finally:
-            for path, holder in self._holders():
+            for path, holder in holders:
                 holder.disabled = False
                 if merged.get(path):
                     holder.merge(merged[path])

@@ -26,9 +26,9 @@ trained to predict the first token of the next.
 
 from __future__ import annotations
 
+from lorakit.eval.metrics import IGNORE_INDEX
 from lorakit.train.data_formats import Chat, Completion, Labelled, Text
 
-IGNORE_INDEX = -100
 FALLBACK_TEMPLATE = "alpaca"
 TEMPLATES = ("auto", "tokenizer", FALLBACK_TEMPLATE)
 _FALLBACK_HEADERS = {"user": "### Instruction:\n", "assistant": "### Response:\n", "tool": "### Tool:\n"}
