@@ -85,7 +85,7 @@ RESUME_MISMATCH = {
     "another adapter rank": (("adapter.r=8",), r"trainable: checkpoint '\w+' vs this run '\w+'"),
     "another target set": (("adapter.target_modules=[q_proj]",), r"trainable:"),
     "another batch size": (("train.batch_size=2",), r"global_batch: checkpoint 4 vs this run 2"),
-    "another finetuning type": (("finetuning_type=full",), r"finetuning_type: checkpoint 'lora' vs this run 'full'"),
+    "another finetuning type": (("finetuning_type=full",), r"finetuning_type: checkpoint 'adapter' vs this run 'full'"),
 }
 
 

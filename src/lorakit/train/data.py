@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass
 
 from lorakit.config import check_choice, check_positive
+from lorakit.tasks import TRAINABLE_TASK_TYPES
 from lorakit.train.data_files import read_rows
 from lorakit.train.data_formats import (
     FORMATS, Chat, Completion, Labelled, Record, Text, detect_format, label_id, label_names_for, normalise_rows,
@@ -26,7 +27,6 @@ from lorakit.train.packing import DataCollator, pack_examples
 from lorakit.train.templates import IGNORE_INDEX, TEMPLATES, ExampleEncoder
 
 logger = logging.getLogger(__name__)
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def build_datasets(cfg: DataConfig, tokenizer, task_type: str = "CAUSAL_LM") -> 
     The validation examples are never packed. Batch them with `make_collator(cfg, tokenizer)`.
     """
     task = str(task_type)
-    check_choice("build_datasets", "task_type", task, TASK_TYPES)
+    check_choice("build_datasets", "task_type", task, TRAINABLE_TASK_TYPES)
     splits = load_splits(cfg)
     if (task == "SEQ_CLS") != (splits.format == "text_label"):
         raise ValueError(

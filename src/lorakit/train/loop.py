@@ -35,6 +35,7 @@ from lorakit.train.distributed import (
     shutdown_distributed, wrap_model,
 )
 from lorakit.train.evaluate import evaluate_model
+from lorakit.train.hooks import run_hooks
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
@@ -101,6 +102,9 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     model = prepare_model(base_model, cfg).to(ctx.device)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    hooks = run_hooks(model, cfg)
+    for hook in hooks:
+        hook.setup(model)
     trainable = trainable_tensors(model)
     trainable_params = sum(t.numel() for t in trainable.values())
     total_params = sum(p.numel() for p in model.parameters())
@@ -112,13 +116,15 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
     per_epoch = steps_per_epoch(len(train_rows), global_batch)
     total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
-    scheduler = build_scheduler(optimizer, args, total_steps)
+    for hook in hooks:
+        hook.check_run(total_steps)
+    scheduler = build_scheduler(optimizer, args, total_steps, hooks)
     fingerprint = run_fingerprint(cfg, model, len(train_rows), global_batch)
     prepare_output_dir(cfg, overwrite, ctx.is_main)
     ctx.barrier()
     position = Position()
     if args.resume_from_checkpoint:
-        position = _resume(args.resume_from_checkpoint, out, fingerprint, model, optimizer, scheduler, ctx)
+        position = _resume(args.resume_from_checkpoint, out, fingerprint, model, optimizer, scheduler, hooks, ctx)
     if not args.resume_from_checkpoint:
         set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), position.step if args.resume_from_checkpoint else None)
@@ -140,7 +146,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                 indices = batches[position.batch_in_epoch]
                 loss, tokens, inputs, grad_norm = _train_step(
                     wrapped, params, model_config, train_rows, indices, collate, optimizer, scheduler, args, ctx,
-                    autocast)
+                    autocast, hooks, position.step)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise RunError(_diverged_message(loss, grad_norm, position.step + 1, out, args.learning_rate))
                 position.step += 1
@@ -162,7 +168,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                     wrapped.train()
                 interrupted = ctx.any_flag(stop.requested)
                 if interrupted or (args.save_steps and position.step % args.save_steps == 0):
-                    _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ctx)
+                    _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx)
                 if interrupted:
                     break
             else:
@@ -184,8 +190,10 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     return result
 
 
-def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast):
-    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm)."""
+def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast,
+                hooks, steps_done):
+    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm).
+    `hooks` are called as training_hooks.py describes; `steps_done` counts the steps before this one."""
     total_tokens = sum(trained_tokens(rows[i]) for i in indices)
     share = process_share(indices, ctx.rank, ctx.world_size)
     # A process with no rows (a short last batch) still runs forward/backward, scaled by 0, to stay in sync.
@@ -200,16 +208,29 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
             with autocast:
                 loss_sum, _ = summed_token_loss(wrapped, batch, config=model_config)
             # DDP averages gradients over processes; scaling by world_size / tokens gives the global mean.
-            (loss_sum * (weight * ctx.world_size / max(total_tokens, 1))).backward()
+            objective = loss_sum * (weight * ctx.world_size / max(total_tokens, 1))
+            extra = [term for term in (hook.extra_loss(wrapped) for hook in hooks) if term is not None]
+            if extra:  # once per step in total: each micro-batch adds its share of the step's tokens
+                share = sum(trained_tokens(rows[i]) for i in chunk) / max(total_tokens, 1)
+                objective = objective + sum(extra) * (weight * ctx.world_size * share)
+            objective.backward()
         local_loss += float(loss_sum.detach()) * weight
         local_inputs += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss = ctx.sum(local_loss) / max(total_tokens, 1)
     if math.isfinite(loss) and math.isfinite(grad_norm):
+        for hook in hooks:
+            hook.before_optimizer_step(steps_done)
         optimizer.step()
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.after_optimizer_step(steps_done + 1)
+        optimizer.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.on_step_end(steps_done + 1, optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return loss, total_tokens, int(ctx.sum(local_inputs)), grad_norm
 
 
@@ -236,7 +257,7 @@ def _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, step, final=Fa
     return metrics
 
 
-def _resume(spec, out, fingerprint, model, optimizer, scheduler, ctx) -> Position:
+def _resume(spec, out, fingerprint, model, optimizer, scheduler, hooks, ctx) -> Position:
     directory = ckpt.resolve_checkpoint(spec, out)
     state = ckpt.read_trainer_state(directory)
     check_fingerprint(state.get("fingerprint", {}), fingerprint, directory)
@@ -246,13 +267,14 @@ def _resume(spec, out, fingerprint, model, optimizer, scheduler, ctx) -> Positio
         copy_full_into(param, saved[name])
     load_optimizer_state(model, optimizer, optimizer_state)
     scheduler.load_state_dict(scheduler_state)
+    ckpt.load_hook_state(directory, hooks)
     ckpt.load_rng_state(directory, ctx.rank)
     if ctx.is_main:
         print(f"resuming from {directory} at step {state['position']['step']}")
     return Position(**state["position"])
 
 
-def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ctx) -> None:
+def _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx) -> None:
     """Every process joins (sharded tensors are gathered, each writes its RNG); rank 0 writes the rest."""
     out, step = cfg.output_dir, position.step
     temp = ckpt.temp_dir_for(out, step) if ctx.is_main else os.path.join(out, f"checkpoint-{step}.tmp")
@@ -261,11 +283,12 @@ def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ct
     ckpt.write_rng_state(temp, ctx.rank)
     trainable = {name: full_tensor(t) for name, t in trainable_tensors(model).items()}
     optimizer_dict = optimizer_state(model, optimizer)
-    if cfg.finetuning_type == "lora":
+    if cfg.uses_adapter:
         model.save_pretrained(temp, is_main_process=ctx.is_main)
     if ctx.is_main:
         state = {"position": asdict(position), "fingerprint": fingerprint, "output_dir": out}
         ckpt.write_training_state(temp, trainable, optimizer_dict, scheduler.state_dict(), state)
+        ckpt.write_hook_state(temp, hooks)
     ctx.barrier()
     if ctx.is_main:
         ckpt.publish(temp, out, step, cfg.train.save_total_limit)
@@ -273,7 +296,7 @@ def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, cfg, ct
 
 
 def _final_model_dir(cfg: RunConfig) -> str:
-    return os.path.join(cfg.output_dir, "adapter" if cfg.finetuning_type == "lora" else "model")
+    return os.path.join(cfg.output_dir, "adapter" if cfg.uses_adapter else "model")
 
 
 def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext) -> None:
