@@ -29,6 +29,10 @@ def resolve_adapter_dir(path_or_id: str, **hub_kwargs) -> str:
         return path
     if os.path.isfile(os.path.join(path, RUN_ADAPTER_SUBDIR, CONFIG_NAME)):
         return os.path.join(path, RUN_ADAPTER_SUBDIR)
+    if os.path.isfile(os.path.join(path, "model", "config.json")):
+        raise FileNotFoundError(f"{path!r} is a training run whose result is a whole model ({path}/model: full "
+                                "fine-tuning, or a strategy that changed the base weights), not an adapter; load "
+                                f"it as the model (--model {path}) without an adapter")
     if os.path.isdir(path):
         raise FileNotFoundError(f"adapter {path!r} holds no {CONFIG_NAME}, so it is not an adapter directory; give "
                                 "the directory written by save_pretrained (a training run's output_dir/adapter)")

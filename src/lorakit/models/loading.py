@@ -46,6 +46,7 @@ DTYPES: dict[str | None, torch.dtype | str] = {
 }
 # What the Hub accepts as a model id: "name" or "owner/name" (letters, digits, "-", "_", ".").
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+RUN_MODEL_SUBDIR = "model"  # where `lorakit train` puts a whole model (full fine-tuning, a merged result)
 WHAT_TO_DO = f"use a local model directory, or one of the embedded aliases: {ALIAS_HELP}"
 
 
@@ -64,7 +65,8 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)`, with a pad token set, on `device` (default: `default_device()`).
 
-    name_or_path: "smollm2" / "minilm" (embedded), a local directory (or a .gguf file), or a Hub id.
+    name_or_path: "smollm2" / "minilm" (embedded), a local directory (or a .gguf file; or a training run's
+        output_dir holding model/), or a Hub id.
     task_type: "CAUSAL_LM", "SEQ_2_SEQ_LM" or "SEQ_CLS" (a fresh classification head for SEQ_CLS).
     num_labels / label_names: SEQ_CLS only; label_names also fills config.id2label / label2id.
     dtype: None (float32), "float32", "bfloat16", "float16", "auto" (the checkpoint's dtype), or a
@@ -141,6 +143,8 @@ def _locate(name_or_path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     path = Path(resolved).expanduser()
     if path.is_file() and path.suffix == ".gguf":  # transformers dequantizes GGUF files on load
         return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir() and not (path / "config.json").is_file() and (path / RUN_MODEL_SUBDIR / "config.json").is_file():
+        path = path / RUN_MODEL_SUBDIR  # a training run's output_dir whose result is a whole model
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = (
