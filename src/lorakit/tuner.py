@@ -86,8 +86,8 @@ class Tuner:
 
     @classmethod
     def can_reset(cls) -> bool:
-        """True when every layer class of this method implements `reset_adapter`."""
-        return all(layer.reset_adapter is not AdapterLayer.reset_adapter for layer in cls.layers.values())
+        """True when the method wraps layers and every layer class of it implements `reset_adapter`."""
+        return bool(cls.layers) and all(layer.reset_adapter is not AdapterLayer.reset_adapter for layer in cls.layers.values())
 
     def remove(self) -> None:
         """Undo what prepare() added outside the layers (PeftModel removes the adapter from the layers)."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lorakit import PeftModel
 from lorakit.adapter_layer import AdapterLayer
 from lorakit.methods.lora.tuner import LoraTuner
 from lorakit.train.loop import run_training
@@ -149,7 +150,7 @@ def test_the_result_is_the_merged_model_and_the_cli_uses_it(tmp_path, capsys):
     result = run_training(tiny_run_config(tmp_path, *RELORA, data=data), show_progress=False)
     run_dir = tmp_path / "run"
     assert (run_dir / "model" / "config.json").is_file() and not (run_dir / "adapter").exists()
-    assert not isinstance(result.model, type(None)) and not hasattr(result.model, "peft_config")
+    assert not isinstance(result.model, PeftModel)  # the merged transformers model
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     ids = torch.randint(5, 200, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lorakit.adapter_files import RUN_MODEL_SUBDIR
 from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, resolve_model_path
 
 # PEFT's task type names -> the transformers Auto class that builds the matching head.
@@ -46,7 +47,6 @@ DTYPES: dict[str | None, torch.dtype | str] = {
 }
 # What the Hub accepts as a model id: "name" or "owner/name" (letters, digits, "-", "_", ".").
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
-RUN_MODEL_SUBDIR = "model"  # where `lorakit train` puts a whole model (full fine-tuning, a merged result)
 WHAT_TO_DO = f"use a local model directory, or one of the embedded aliases: {ALIAS_HELP}"
 
 

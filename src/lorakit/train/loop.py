@@ -24,6 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from lorakit.adapter_files import RUN_ADAPTER_SUBDIR, RUN_MODEL_SUBDIR
 from lorakit.eval.metrics import summed_token_loss
 from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.train import checkpoint as ckpt
@@ -303,7 +304,8 @@ def _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, 
 
 
 def _final_model_dir(cfg: RunConfig, merge_result: bool = False) -> str:
-    return os.path.join(cfg.output_dir, "adapter" if cfg.uses_adapter and not merge_result else "model")
+    adapter_only = cfg.uses_adapter and not merge_result
+    return os.path.join(cfg.output_dir, RUN_ADAPTER_SUBDIR if adapter_only else RUN_MODEL_SUBDIR)
 
 
 def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext, merge_result: bool):
