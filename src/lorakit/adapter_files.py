@@ -19,6 +19,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
 RUN_ADAPTER_SUBDIR = "adapter"  # where `lorakit train` puts the adapter inside its output_dir
+RUN_MODEL_SUBDIR = "model"  # ... and a whole model (full fine-tuning, or a result merged by a trainer strategy)
 
 
 def resolve_adapter_dir(path_or_id: str, **hub_kwargs) -> str:
@@ -29,6 +30,10 @@ def resolve_adapter_dir(path_or_id: str, **hub_kwargs) -> str:
         return path
     if os.path.isfile(os.path.join(path, RUN_ADAPTER_SUBDIR, CONFIG_NAME)):
         return os.path.join(path, RUN_ADAPTER_SUBDIR)
+    if os.path.isfile(os.path.join(path, RUN_MODEL_SUBDIR, "config.json")):
+        raise FileNotFoundError(f"{path!r} is a training run whose result is a whole model ({path}/model: full "
+                                "fine-tuning, or a strategy that changed the base weights), not an adapter; load "
+                                f"it as the model (--model {path}) without an adapter")
     if os.path.isdir(path):
         raise FileNotFoundError(f"adapter {path!r} holds no {CONFIG_NAME}, so it is not an adapter directory; give "
                                 "the directory written by save_pretrained (a training run's output_dir/adapter)")

@@ -119,6 +119,12 @@ class AdapterLayer(AdapterHolder):
         """delta(x) for the rows in x; `base_out` is base_layer(x) for the same rows."""
         raise NotImplementedError
 
+    def reset_adapter(self, name: str, config, module_name: str) -> None:
+        """Re-initialise adapter `name` in place (the same tensor objects, so an optimizer keeps them), as
+        add_adapter(name, config, module_name) initialised it. Trainer strategies that restart an adapter
+        (ReLoRA) call it through `Tuner.reset_adapter`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-initialise an adapter (no reset_adapter)")
+
     # ---- shared behaviour ----------------------------------------------------------------------
     @property
     def base_weight(self) -> nn.Parameter:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from lorakit.adapter_layer import AdapterLayer
 from lorakit.config import PeftConfig
 from lorakit.inject import inject_adapter
 from lorakit.state import adapter_holders, live_adapter_tensors
@@ -74,6 +75,19 @@ class Tuner:
 
     def after_inject(self) -> None:
         """After injection, before any forward: data-dependent inits that need every layer in place."""
+
+    def reset_adapter(self) -> None:
+        """Re-initialise this adapter's tensors in every wrapped layer, in place, with the method's standard
+        init (trainer strategies restart adapters: ReLoRA after each merge).
+        `modules_to_save` copies and trainable base parameters keep their values."""
+        for path, holder in adapter_holders(self.model):
+            if isinstance(holder, AdapterLayer) and holder.has_adapter(self.adapter_name):
+                holder.reset_adapter(self.adapter_name, self.config, path)
+
+    @classmethod
+    def can_reset(cls) -> bool:
+        """True when the method wraps layers and every layer class of it implements `reset_adapter`."""
+        return bool(cls.layers) and all(layer.reset_adapter is not AdapterLayer.reset_adapter for layer in cls.layers.values())
 
     def remove(self) -> None:
         """Undo what prepare() added outside the layers (PeftModel removes the adapter from the layers)."""

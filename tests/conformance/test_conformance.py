@@ -167,3 +167,20 @@ def test_only_active_adapter_parameters_train(method, target):
     model(input_ids=INPUT).sum().backward()
     for name, param in model.named_parameters():
         assert (param.grad is not None) == (id(param) in live), name
+
+
+@pytest.mark.parametrize("method,target", CASES)
+def test_reset_adapter_restores_the_identity_init_in_place(method, target):
+    """Trainer strategies (ReLoRA) restart an adapter through Tuner.reset_adapter: the same tensor objects (an
+    optimizer holds them), filled with the method's standard init again."""
+    if not method.can_reset():
+        pytest.skip(f"{method.name} layers do not implement reset_adapter")
+    model = build(method, target, identity=True)
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for param in tensors.values():
+            param.add_(torch.randn_like(param))
+    assert not torch.allclose(model(input_ids=INPUT), ToyModel()(INPUT), atol=1e-4)
+    model.tuners["default"].reset_adapter()
+    torch.testing.assert_close(model(input_ids=INPUT), ToyModel()(INPUT), atol=1e-6, rtol=0)
+    assert all(p is tensors[n] for n, p in model.named_parameters() if p.requires_grad)

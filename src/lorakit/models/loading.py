@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lorakit.adapter_files import RUN_MODEL_SUBDIR
 from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, resolve_model_path
 
 # PEFT's task type names -> the transformers Auto class that builds the matching head.
@@ -64,7 +65,8 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)`, with a pad token set, on `device` (default: `default_device()`).
 
-    name_or_path: "smollm2" / "minilm" (embedded), a local directory (or a .gguf file), or a Hub id.
+    name_or_path: "smollm2" / "minilm" (embedded), a local directory (or a .gguf file; or a training run's
+        output_dir holding model/), or a Hub id.
     task_type: "CAUSAL_LM", "SEQ_2_SEQ_LM" or "SEQ_CLS" (a fresh classification head for SEQ_CLS).
     num_labels / label_names: SEQ_CLS only; label_names also fills config.id2label / label2id.
     dtype: None (float32), "float32", "bfloat16", "float16", "auto" (the checkpoint's dtype), or a
@@ -141,6 +143,8 @@ def _locate(name_or_path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     path = Path(resolved).expanduser()
     if path.is_file() and path.suffix == ".gguf":  # transformers dequantizes GGUF files on load
         return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir() and not (path / "config.json").is_file() and (path / RUN_MODEL_SUBDIR / "config.json").is_file():
+        path = path / RUN_MODEL_SUBDIR  # a training run's output_dir whose result is a whole model
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = (

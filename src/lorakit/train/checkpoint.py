@@ -1,12 +1,14 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
     checkpoint-<step>/
-      trainable.safetensors     trainable parameters by name (adapter, biases, heads; all weights for full)
+      trainable.safetensors     trainable parameters by name (adapter, biases, heads; all weights for full),
+                                and base weights a training hook changes (ReLoRA's merges, Delta-LoRA)
       adapter_config.json       with adapter_model.safetensors: the adapter at this step, usable as is
       optimizer.safetensors     optimizer tensors ("<param index>.<key>"); optimizer.json the rest
       scheduler.json            learning-rate schedule position
       rng-rank<r>.safetensors   each process's torch RNG; rng-rank<r>.json Python and NumPy RNG
-      hooks.safetensors         training hooks' state (AdaLoRA budget, ReLoRA, LISA, ...); hooks.json the rest
+      hooks.safetensors         training hooks' state (AdaLoRA budget, LISA's draw, LoRA-drop's blocks);
+                                hooks.json the rest
       trainer_state.json        step, data position, and a fingerprint of model + config
 
 A checkpoint is filled in `checkpoint-<step>.tmp` and renamed when complete, so a kill leaves either
@@ -155,19 +157,30 @@ def read_training_state(directory: str, expected_names) -> tuple[dict[str, torch
     return saved, join_optimizer_state(tensors, meta), scheduler_state
 
 
-def load_hook_state(directory: str, hooks) -> None:
-    """Give every hook back its state; a checkpoint without hook files (older) leaves the hooks fresh."""
+def read_hook_state(directory: str) -> dict[str, dict]:
+    """hook name -> the state_dict() it saved (empty for a checkpoint without hook files)."""
     path = os.path.join(directory, "hooks.json")
-    if not hooks or not os.path.isfile(path):
-        return
+    if not os.path.isfile(path):
+        return {}
     with open(path, encoding="utf-8") as fh:
         merged = json.load(fh)
     tensor_path = os.path.join(directory, "hooks.safetensors")
     if os.path.isfile(tensor_path):
         merged.update(load_file(tensor_path))
+    states: dict[str, dict] = {}
+    for key, value in merged.items():
+        hook, name = key.split("/", 1)
+        states.setdefault(hook, {})[name] = value
+    return states
+
+
+def load_hook_state(directory: str, hooks) -> None:
+    """Give every hook back its state; a checkpoint without hook files (older) leaves the hooks fresh."""
+    states = read_hook_state(directory)
+    if not states:
+        return
     for hook in hooks:
-        prefix = f"{hook.name}/"
-        hook.load_state_dict({k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)})
+        hook.load_state_dict(states.get(hook.name, {}))
 
 
 def load_rng_state(directory: str, rank: int) -> None:

@@ -79,6 +79,28 @@ class TrainArgs:
     freeze_trainable_layers: int = 2
     # Distributed strategy under torchrun: ddp (replicas) or fsdp (sharded base model).
     distributed: str = "ddp"
+    # ---- trainer strategies (docs/trainer-strategies.md); each is off unless its first option is set ----
+    # ReLoRA (arXiv:2307.05695), adapter runs: every relora_steps steps merge the adapter into the base
+    # weights, re-initialise it, prune its optimizer state and restart the learning rate.
+    relora_steps: int | None = None
+    # Steps of linear learning-rate warm-up after each restart (the jagged schedule); None = 5% of relora_steps.
+    relora_warmup_steps: int | None = None
+    # Share of the adapter's Adam moments zeroed at a restart, smallest magnitudes first (1.0 = full reset).
+    relora_prune_ratio: float = 0.999
+    # LISA (arXiv:2403.17919), finetuning_type full: train this many randomly drawn transformer blocks (and
+    # everything outside the blocks: embeddings, head) and draw again every lisa_interval_steps steps.
+    lisa_activated_layers: int | None = None
+    lisa_interval_steps: int = 20
+    # Delta-LoRA (arXiv:2309.02411), adapter runs: after each optimizer step from delta_lora_start_step on,
+    # also move the base weight by delta_lora_lambda * (new - old adapter update).
+    delta_lora_lambda: float | None = None
+    delta_lora_start_step: int = 0
+    # LoRA-drop (arXiv:2402.07721), adapter runs: train lora_drop_warmup_steps steps on a lora_drop_sample_ratio
+    # sample, measure each block's adapter output, keep own adapters for the blocks holding lora_drop_threshold
+    # of the total, let the other blocks share one, then train that adapter from its initialisation.
+    lora_drop_threshold: float | None = None
+    lora_drop_warmup_steps: int = 10
+    lora_drop_sample_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         owner = "train"
@@ -157,6 +179,9 @@ class RunConfig:
         if self.uses_adapter and self.adapter is None:
             raise ValueError(f"config.adapter is required when finetuning_type is {self.finetuning_type}, e.g. "
                              "adapter: {method: lora, r: 8, target_modules: all-linear}")
+        from lorakit.train.strategies import check_strategies  # here: the strategies import this module
+
+        check_strategies(self)
 
     @property
     def uses_adapter(self) -> bool:

@@ -24,6 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from lorakit.adapter_files import RUN_ADAPTER_SUBDIR, RUN_MODEL_SUBDIR
 from lorakit.eval.metrics import summed_token_loss
 from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.train import checkpoint as ckpt
@@ -35,12 +36,12 @@ from lorakit.train.distributed import (
     shutdown_distributed, wrap_model,
 )
 from lorakit.train.evaluate import evaluate_model
-from lorakit.train.hooks import run_hooks
+from lorakit.train.hooks import RunContext, run_hooks
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
-    RunError, check_fingerprint, check_output_dir, prepare_model, prepare_output_dir, run_fingerprint,
-    trainable_tensors, transformer_blocks,
+    RunError, check_fingerprint, check_output_dir, named_tensors, prepare_model, prepare_output_dir,
+    run_fingerprint, run_state_names, trainable_tensors, transformer_blocks,
 )
 
 
@@ -56,7 +57,8 @@ class Position:
 @dataclass
 class TrainResult:
     output_dir: str
-    model: torch.nn.Module  # the trained model (a PeftModel for lora)
+    # the trained model: a PeftModel for adapter runs, the merged model when training hooks changed base weights
+    model: torch.nn.Module
     tokenizer: object
     steps: int
     train_seconds: float
@@ -102,11 +104,15 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     model = prepare_model(base_model, cfg).to(ctx.device)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    hooks = run_hooks(model, cfg)
+    resume_dir = ckpt.resolve_checkpoint(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
+    run = RunContext(train_rows, collate, ctx.device, ctx.rank, ctx.world_size, getattr(model, "config", None),
+                     ckpt.read_hook_state(resume_dir) if resume_dir else {})
+    hooks = run_hooks(model, cfg, run)
     for hook in hooks:
         hook.setup(model)
-    trainable = trainable_tensors(model)
-    trainable_params = sum(t.numel() for t in trainable.values())
+    state_names = run_state_names(model, hooks)  # what checkpoints save: trainable + hook-changed base weights
+    merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
+    trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
     total_params = sum(p.numel() for p in model.parameters())
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
     wrapped = wrap_model(model, ctx, args.distributed, blocks)
@@ -119,12 +125,14 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     for hook in hooks:
         hook.check_run(total_steps)
     scheduler = build_scheduler(optimizer, args, total_steps, hooks)
-    fingerprint = run_fingerprint(cfg, model, len(train_rows), global_batch)
+    fingerprint = run_fingerprint(cfg, model, named_tensors(model, state_names), len(train_rows), global_batch)
     prepare_output_dir(cfg, overwrite, ctx.is_main)
     ctx.barrier()
     position = Position()
-    if args.resume_from_checkpoint:
-        position = _resume(args.resume_from_checkpoint, out, fingerprint, model, optimizer, scheduler, hooks, ctx)
+    if resume_dir:
+        position = _resume(resume_dir, fingerprint, model, state_names, optimizer, scheduler, hooks, ctx)
+    for hook in hooks:
+        hook.on_train_start(position.step, optimizer)
     if not args.resume_from_checkpoint:
         set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), position.step if args.resume_from_checkpoint else None)
@@ -168,7 +176,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                     wrapped.train()
                 interrupted = ctx.any_flag(stop.requested)
                 if interrupted or (args.save_steps and position.step % args.save_steps == 0):
-                    _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx)
+                    _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx)
                 if interrupted:
                     break
             else:
@@ -181,11 +189,12 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     if interrupted:
         return result
     # saved before the final evaluation, so a failing evaluation never costs the trained weights
-    _save_final_model(result.model, cfg, tokenizer, ctx)
+    result.model = _save_final_model(result.model, cfg, tokenizer, ctx, merge_result)
     if val_rows:
-        result.metrics = _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, final=True)
+        result.metrics = _log_eval(result.model, tokenizer, val_rows, collate, cfg, ctx, log, position.step,
+                                   final=True)
     if ctx.is_main:
-        _write_final(result, cfg, log)
+        _write_final(result, cfg, log, merge_result)
     ctx.barrier()
     return result
 
@@ -257,11 +266,10 @@ def _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, step, final=Fa
     return metrics
 
 
-def _resume(spec, out, fingerprint, model, optimizer, scheduler, hooks, ctx) -> Position:
-    directory = ckpt.resolve_checkpoint(spec, out)
+def _resume(directory, fingerprint, model, state_names, optimizer, scheduler, hooks, ctx) -> Position:
     state = ckpt.read_trainer_state(directory)
     check_fingerprint(state.get("fingerprint", {}), fingerprint, directory)
-    live = trainable_tensors(model)
+    live = named_tensors(model, state_names)
     saved, optimizer_state, scheduler_state = ckpt.read_training_state(directory, live.keys())
     for name, param in live.items():
         copy_full_into(param, saved[name])
@@ -274,14 +282,14 @@ def _resume(spec, out, fingerprint, model, optimizer, scheduler, hooks, ctx) -> 
     return Position(**state["position"])
 
 
-def _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx) -> None:
+def _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx) -> None:
     """Every process joins (sharded tensors are gathered, each writes its RNG); rank 0 writes the rest."""
     out, step = cfg.output_dir, position.step
     temp = ckpt.temp_dir_for(out, step) if ctx.is_main else os.path.join(out, f"checkpoint-{step}.tmp")
     ctx.barrier()
     os.makedirs(temp, exist_ok=True)
     ckpt.write_rng_state(temp, ctx.rank)
-    trainable = {name: full_tensor(t) for name, t in trainable_tensors(model).items()}
+    trainable = {name: full_tensor(t) for name, t in named_tensors(model, state_names).items()}
     optimizer_dict = optimizer_state(model, optimizer)
     if cfg.uses_adapter:
         model.save_pretrained(temp, is_main_process=ctx.is_main)
@@ -295,19 +303,27 @@ def _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, 
     ctx.barrier()
 
 
-def _final_model_dir(cfg: RunConfig) -> str:
-    return os.path.join(cfg.output_dir, "adapter" if cfg.uses_adapter else "model")
+def _final_model_dir(cfg: RunConfig, merge_result: bool = False) -> str:
+    adapter_only = cfg.uses_adapter and not merge_result
+    return os.path.join(cfg.output_dir, RUN_ADAPTER_SUBDIR if adapter_only else RUN_MODEL_SUBDIR)
 
 
-def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext) -> None:
-    """On every process (a sharded adapter is gathered); rank 0 writes."""
-    model.save_pretrained(_final_model_dir(cfg), is_main_process=ctx.is_main)
+def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext, merge_result: bool):
+    """On every process (a sharded adapter is gathered); rank 0 writes. Returns the model to evaluate.
+
+    merge_result: training hooks changed the base weights (changed_base_parameters), so the adapter alone no
+    longer reproduces the trained model: the adapter is merged and the whole model saved (and returned)."""
+    if merge_result:
+        model = model.merge_and_unload()
+    target = _final_model_dir(cfg, merge_result)
+    model.save_pretrained(target, is_main_process=ctx.is_main)
     if ctx.is_main:
-        tokenizer.save_pretrained(_final_model_dir(cfg))
+        tokenizer.save_pretrained(target)
+    return model
 
 
-def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog) -> None:
-    out, target = cfg.output_dir, _final_model_dir(cfg)
+def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog, merge_result: bool) -> None:
+    out, target = cfg.output_dir, _final_model_dir(cfg, merge_result)
     plot_loss_curve(log.records(), os.path.join(out, "loss_curve.png"))
     summary = {
         "steps": result.steps, "train_seconds": round(result.train_seconds, 2), "train_loss": result.train_loss,

@@ -82,13 +82,33 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters by name (the live tensors), as saved in checkpoints."""
+    """Trainable parameters by name (the live tensors)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def run_fingerprint(cfg: RunConfig, model: nn.Module, num_rows: int, global_batch: int) -> dict:
-    """What a checkpoint must agree on to be resumed by this run."""
-    shapes = sorted((n, list(t.shape)) for n, t in trainable_tensors(model).items())
+def run_state_names(model: nn.Module, hooks) -> list[str]:
+    """What a checkpoint saves and a resume restores: the parameters trainable once the hooks are set up (LISA
+    freezes some of them later, for a while), and base parameters a hook changes (ReLoRA, Delta-LoRA)."""
+    names = set(trainable_tensors(model))
+    for hook in hooks:
+        names.update(hook.changed_base_parameters())
+    known = {name for name, _ in model.named_parameters()}
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValueError(f"training hooks name parameters the model does not have: {unknown[:3]}")
+    return sorted(names)
+
+
+def named_tensors(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """The live parameters called `names` (looked up again after sharding replaced them)."""
+    wanted = set(names)
+    return {name: p for name, p in model.named_parameters() if name in wanted}
+
+
+def run_fingerprint(cfg: RunConfig, model: nn.Module, state: dict[str, torch.Tensor], num_rows: int,
+                    global_batch: int) -> dict:
+    """What a checkpoint must agree on to be resumed by this run (`state`: the tensors checkpoints save)."""
+    shapes = sorted((n, list(t.shape)) for n, t in state.items())
     return {
         "model": os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
         "architecture": type(model).__name__ if not hasattr(model, "get_base_model")

@@ -46,6 +46,10 @@ class LoraLayer(AdapterLayer):
         self._create_tensors(name, self.r[name])
         self._initialise(name, init_key(config.init_lora_weights))
 
+    def reset_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
+        """A and B drawn again by `init_lora_weights` (the same Parameters, filled in place)."""
+        self._initialise(name, init_key(config.init_lora_weights))
+
     def _create_tensors(self, name: str, r: int) -> None:
         raise NotImplementedError
 
