@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.atomic import clean_interrupted_writes, disk_full_says, replace_directory, tensor_bytes
 
     out = os.path.normpath(args.output)
+    parent, name = os.path.split(os.path.abspath(out))
+    clean_interrupted_writes(parent, only=name)  # what a killed merge into OUT left (first: it may put OUT back)
     check_output_dir(out, args.overwrite)  # before the (slow) loading
     check_not_a_source(out, args)
-    parent, name = os.path.split(os.path.abspath(out))
-    clean_interrupted_writes(parent, only=name)  # what a killed merge into OUT left behind
     loaded = load_model(args)
     merged = loaded.model.merge_and_unload(safe_merge=True)
     temp = f"{out}.tmp-{os.getpid()}"

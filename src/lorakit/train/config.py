@@ -228,8 +228,9 @@ def build_run_config(raw: dict, source: str = "config") -> RunConfig:
         if not isinstance(section, dict):
             raise ValueError(f"{source}: {name} must be a mapping of settings, got {section!r}")
         _check_keys(section, {f.name for f in dataclasses.fields(cls)}, f"{source}: {name}")
-        if name == "data" and "path" not in section:
-            raise ValueError(f"{source}: data.path is required (the training data file or folder)")
+        if name == "data" and section.get("path") is None:
+            state = "is null" if "path" in section else "is required"
+            raise ValueError(f"{source}: data.path {state}; give the training data file or folder")
         kwargs[name] = _build(cls, section, f"{source}: {name}")
     kwargs["adapter"] = build_adapter_config(raw.pop("adapter", None), raw.get("task_type", "CAUSAL_LM"), source)
     if "output_dir" not in raw:

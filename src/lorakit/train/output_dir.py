@@ -14,6 +14,14 @@ one has saved something.
   published its first complete checkpoint, or its final adapter/model when it saves no checkpoints. Until
   then the earlier run is whole: if the new run fails (disk full, bad data, divergence) it is moved back at
   once; if the new run is killed, it is moved back by the next lorakit run on that directory.
+  A kill can also come while files are being moved, so every phase is a directory name of its own, entered by
+  one atomic rename, and the next run finishes whatever phase it finds:
+    .previous-run.moving     setting aside (the new run has written nothing yet): move everything back
+    .previous-run            the new run is training: drop it once the new run saved something, else restore
+    .previous-run.restoring  putting the earlier run back: remove the new run's files, move the rest back
+    .previous-run.discard    the new run saved something: delete
+  `.names.json` inside lists the earlier run's files, so a half-done restore knows which files in output_dir
+  are already the earlier run's again.
 - Leftovers of a killed run (`checkpoint-N.tmp`, `adapter.tmp-<pid>`, `*.old-<pid>`) are removed, or put back
   when a swap was cut short, when the next run takes the lock.
 """
@@ -21,10 +29,12 @@ one has saved something.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 
 from lorakit.atomic import clean_interrupted_writes, remove_path
+from lorakit.config import write_json_atomic
 from lorakit.dir_lock import DirectoryLock
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import RunConfig
@@ -34,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lorakit.lock"
 PREVIOUS_RUN = ".previous-run"
+MOVING, RESTORING, DISCARD = (f"{PREVIOUS_RUN}.{phase}" for phase in ("moving", "restoring", "discard"))
+NAMES_FILE = ".names.json"
 RUN_FILES = ("run_config.yaml", "trainer_state.json", "metrics.jsonl", "train_results.json", "loss_curve.png",
              "adapter", "model")
 FINAL_DIRS = ("adapter", "model")
@@ -73,8 +85,8 @@ def claim_output_dir(cfg: RunConfig, overwrite: bool, is_main: bool):
 def repair_output_dir(out: str) -> None:
     """With the lock held: clean up after a killed run (temporary files, a half-done swap, an unfinished
     --overwrite)."""
+    cleaned = clean_interrupted_writes(out, owned=True)  # first: a swap cut short is put back before judging
     settle_previous_run(out)
-    cleaned = clean_interrupted_writes(out, owned=True)
     if cleaned:
         logger.warning("output_dir %r: removed what an interrupted run left unfinished: %s", out,
                        ", ".join(cleaned[:5]) + (" ..." if len(cleaned) > 5 else ""))
@@ -114,39 +126,57 @@ def set_aside_previous_run(cfg: RunConfig, overwrite: bool, is_main: bool) -> No
     os.makedirs(out, exist_ok=True)
     if not (previous and is_main):
         return
-    aside = os.path.join(out, PREVIOUS_RUN)
-    os.makedirs(aside, exist_ok=True)
+    moving = os.path.join(out, MOVING)
+    os.makedirs(moving)
+    write_json_atomic(os.path.join(moving, NAMES_FILE), {"names": previous})
     for name in previous:
-        os.replace(os.path.join(out, name), os.path.join(aside, name))
+        os.replace(os.path.join(out, name), os.path.join(moving, name))
+    os.replace(moving, os.path.join(out, PREVIOUS_RUN))  # the set-aside is complete in one step
 
 
 def drop_previous_run(out: str) -> None:
     """The new run has published a complete checkpoint or its final model: the earlier run can go."""
-    remove_path(os.path.join(out, PREVIOUS_RUN))
+    aside, discard = os.path.join(out, PREVIOUS_RUN), os.path.join(out, DISCARD)
+    if os.path.isdir(aside):
+        os.replace(aside, discard)  # decided in one step; deleting may be cut short, the decision not
+    remove_path(discard)
 
 
 def new_run_saved(out: str) -> bool:
-    """Whether the run in `out` (not the one set aside) has a complete checkpoint or final model. Both are
-    published by rename, so their presence means they are complete."""
+    """Whether the new run in `out` has a complete checkpoint or final model (while the earlier run is set aside,
+    everything of a run in `out` is the new run's). Both are published by rename: present means complete."""
     return bool(list_checkpoints(out)) or any(os.path.isdir(os.path.join(out, name)) for name in FINAL_DIRS)
 
 
 def settle_previous_run(out: str) -> None:
-    """Finish an --overwrite either way: drop the earlier run when the new one has saved something, otherwise
-    move the earlier run back in place of the new run's unsaved files."""
-    aside = os.path.join(out, PREVIOUS_RUN)
-    if not os.path.isdir(aside):
-        return
-    if new_run_saved(out):
-        drop_previous_run(out)
-        return
-    kept = os.listdir(aside)
-    for name in run_files(out) + kept:  # the unsaved new run: run_config.yaml, metrics.jsonl, ...
-        if name not in kept or os.path.lexists(os.path.join(out, name)):
+    """Finish whatever phase of an --overwrite a run (killed, failed or done) left: see the module docstring."""
+    moving, aside, restoring = (os.path.join(out, name) for name in (MOVING, PREVIOUS_RUN, RESTORING))
+    if os.path.isdir(moving):  # killed while setting aside: the new run has not written anything yet
+        for name in os.listdir(moving):
+            if not name.startswith(NAMES_FILE):
+                os.replace(os.path.join(moving, name), os.path.join(out, name))
+        remove_path(moving)
+    if os.path.isdir(aside):
+        if new_run_saved(out):
+            drop_previous_run(out)
+        else:
+            os.replace(aside, restoring)  # decided in one step; a kill from here on resumes the restore
+    remove_path(os.path.join(out, DISCARD))
+    if os.path.isdir(restoring):
+        _restore(out, restoring)
+
+
+def _restore(out: str, restoring: str) -> None:
+    """Put the earlier run back in place of the new run's unsaved files (run_config.yaml, metrics.jsonl, ...)."""
+    with open(os.path.join(restoring, NAMES_FILE), encoding="utf-8") as fh:
+        earlier = set(json.load(fh)["names"])
+    waiting = set(os.listdir(restoring)) - {NAMES_FILE}
+    for name in run_files(out):
+        if name not in earlier or name in waiting:  # the new run's, not (yet) the earlier run's again
             remove_path(os.path.join(out, name))
-    for name in kept:
-        os.replace(os.path.join(aside, name), os.path.join(out, name))
-    os.rmdir(aside)
+    for name in sorted(waiting):
+        os.replace(os.path.join(restoring, name), os.path.join(out, name))
+    remove_path(restoring)
     logger.warning("output_dir %r: the new run stopped before saving a checkpoint or its final model; the earlier "
                    "run there was put back as it was", out)
 
