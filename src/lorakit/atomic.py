@@ -65,15 +65,6 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in values)
 
 
-def directory_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, name))
-    return total
-
-
 def remove_path(path: str) -> None:
     """Remove a file or a directory tree; nothing there is fine."""
     if os.path.isdir(path) and not os.path.islink(path):
@@ -136,19 +127,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_interrupted_writes(directory: str, only: str | None = None, owned: bool = False) -> list[str]:
+def clean_interrupted_writes(directory: str, only=None, owned: bool = False) -> list[str]:
     """Remove the leftovers of killed writers in `directory`; returns the names handled.
 
     `<name>.old-<pid>` without `<name>`: a swap (replace_directory) was cut between its two renames, so the old
     directory is put back; with `<name>` present it is removed. `<name>.tmp...`: removed.
-    only: handle only leftovers of this name. owned: the caller holds a lock on `directory`, so every leftover
-    is stale; otherwise only those whose writer's pid (in the name) is no longer running."""
+    only: handle only leftovers of this name (a string), or of the names a function accepts: the caller's own
+    files, never a user's `notes.old`. owned: the caller holds a lock on `directory`, so every leftover is
+    stale; otherwise only those whose writer's pid (in the name) is no longer running."""
     if not os.path.isdir(directory):
         return []
     handled = []
     for entry in sorted(os.listdir(directory)):
         match = LEFTOVER_RE.match(entry)
-        if not match or (only is not None and match["name"] != only):
+        if not match or (only is not None and not (only(match["name"]) if callable(only) else match["name"] == only)):
             continue
         pid = match["pid"]
         if not owned and (pid is None or pid_alive(int(pid))):

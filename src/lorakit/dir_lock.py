@@ -136,8 +136,10 @@ def _read_holder(fd: int) -> dict | None:
 
 
 def _write_holder(fd: int) -> None:
-    command = " ".join(["lorakit" if os.path.basename(sys.argv[0]) in ("lorakit", "__main__.py") else sys.argv[0],
-                        *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""
+    from lorakit.cli.startup import running_as_command
+
+    program = "lorakit" if running_as_command() else os.path.basename(sys.argv[0]) if sys.argv else ""
+    command = " ".join([program, *sys.argv[1:]]) if program else ""
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": command[:300]}
     os.ftruncate(fd, 0)

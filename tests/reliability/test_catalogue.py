@@ -80,6 +80,9 @@ OUTPUT_DIR = {
     "resume a run without checkpoints": Case(
         lambda ws: train(ws, "train.resume_from_checkpoint=latest", out=ws.path("early-kill")), 1,
         r"holds no complete checkpoint: the run there stopped before its first one.*--overwrite"),
+    "resume a run that does not exist": Case(
+        lambda ws: train(ws, "train.resume_from_checkpoint=latest", out=ws.path("no-such-run")), 1,
+        r"'.*no-such-run' holds no run to resume; check output_dir"),
     "resume from a non-checkpoint": Case(lambda ws: train(ws, f"train.resume_from_checkpoint={ws.model}"), 1,
                                          r"is not a checkpoint directory \(no trainer_state\.json\)"),
     "resume with another rank": Case(lambda ws: train(ws, "train.resume_from_checkpoint=latest", "adapter.r=8",

@@ -384,3 +384,15 @@ def test_a_killed_merge_leaves_nothing_behind_for_long(tmp_path, capsys):
     assert (tmp_path / "merged" / "config.json").read_text() == '{"an": "earlier merged model"}'
     assert leftovers(tmp_path) == []
     shutil.rmtree(tmp_path / "merged")
+
+
+def test_repairing_an_output_dir_touches_only_lorakit_files(tmp_path):
+    """A user's own files that merely look like leftovers (notes.old, draft.tmp) stay as they are."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.old").write_text("mine")
+    (out / "draft.tmp").write_text("mine too")
+    (out / "checkpoint-3.tmp").mkdir()  # lorakit's: a checkpoint being written when the run was killed
+    run_training(tiny_run_config(tmp_path, "train.max_steps=1"), show_progress=False)
+    assert (out / "notes.old").read_text() == "mine" and (out / "draft.tmp").read_text() == "mine too"
+    assert not (out / "checkpoint-3.tmp").exists()

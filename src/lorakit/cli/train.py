@@ -48,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.loop import run_training
 
     cfg = load_run_config(args.config, args.overrides)
+    main = is_main_process()
     if args.dry_run:
         from lorakit.cli.data import data_report
 
-        print(data_report(cfg.data, cfg.model, cfg.task_type,
-                          (cfg.train.batch_size, cfg.train.gradient_accumulation_steps)))
+        if main:
+            print(data_report(cfg.data, cfg.model, cfg.task_type,
+                              (cfg.train.batch_size, cfg.train.gradient_accumulation_steps)))
         return 0
-    main = is_main_process()
     if main:
         print(f"training {cfg.model} ({cfg.finetuning_type}) on {cfg.data.path} -> {cfg.output_dir}", flush=True)
     result = run_training(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)

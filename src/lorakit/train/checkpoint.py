@@ -107,6 +107,9 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     """"latest" -> the newest checkpoint in output_dir; otherwise a checkpoint directory."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
+        if not found and not os.path.isfile(os.path.join(output_dir, "run_config.yaml")):
+            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} holds no run to resume; "
+                                    "check output_dir, or leave out resume_from_checkpoint to start a new run")
         if not found:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=latest, but {output_dir!r} holds no complete checkpoint: the run there "

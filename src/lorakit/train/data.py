@@ -204,12 +204,6 @@ def split_indices(n: int, val_size: float | int, seed: int) -> tuple[list[int], 
     return [i for i in range(n) if i not in val_ids], order[:count]
 
 
-def split_validation(records: list, val_size: float | int, seed: int) -> tuple[list, list]:
-    """(train, val) records, as split_indices splits them."""
-    train_ids, val_ids = split_indices(len(records), val_size, seed)
-    return [records[i] for i in train_ids], [records[i] for i in val_ids]
-
-
 def build_datasets(cfg: DataConfig, tokenizer, task_type: str = "CAUSAL_LM", label_names=None,
                    classes_of: str = "the training data") -> tuple[list[dict], list[dict], DataInfo]:
     """(train examples, validation examples, info). Examples are dicts of Python lists:

@@ -33,8 +33,7 @@ from lorakit.train.batching import epoch_batches, micro_batches, process_share, 
 from lorakit.train.config import RunConfig
 from lorakit.train.data import build_datasets, load_splits, make_collator
 from lorakit.train.distributed import (
-    DistContext, copy_full_into, full_tensor, init_distributed, load_optimizer_state, optimizer_state,
-    shutdown_distributed, wrap_model,
+    DistContext, full_tensor, init_distributed, optimizer_state, shutdown_distributed, wrap_model,
 )
 from lorakit.train.evaluate import evaluate_model
 from lorakit.train.meter import RunMeter

@@ -36,7 +36,7 @@ import os
 from lorakit.atomic import clean_interrupted_writes, remove_path
 from lorakit.config import write_json_atomic
 from lorakit.dir_lock import DirectoryLock
-from lorakit.train.checkpoint import list_checkpoints
+from lorakit.train.checkpoint import CHECKPOINT_RE, list_checkpoints
 from lorakit.train.config import RunConfig
 from lorakit.train.setup import RunError
 
@@ -85,7 +85,7 @@ def claim_output_dir(cfg: RunConfig, overwrite: bool, is_main: bool):
 def repair_output_dir(out: str) -> None:
     """With the lock held: clean up after a killed run (temporary files, a half-done swap, an unfinished
     --overwrite)."""
-    cleaned = clean_interrupted_writes(out, owned=True)  # first: a swap cut short is put back before judging
+    cleaned = clean_interrupted_writes(out, only=_ours, owned=True)  # first: put back a swap cut short
     settle_previous_run(out)
     if cleaned:
         logger.warning("output_dir %r: removed what an interrupted run left unfinished: %s", out,
@@ -179,6 +179,11 @@ def _restore(out: str, restoring: str) -> None:
     remove_path(restoring)
     logger.warning("output_dir %r: the new run stopped before saving a checkpoint or its final model; the earlier "
                    "run there was put back as it was", out)
+
+
+def _ours(name: str) -> bool:
+    """Names lorakit writes in output_dir (the leftovers of which repair_output_dir may remove)."""
+    return name in RUN_FILES or bool(CHECKPOINT_RE.match(name))
 
 
 def _remove_if_empty(out: str, created: bool) -> None:
