@@ -9,10 +9,13 @@ from lorakit.cli import startup as _startup  # first: Ctrl-C while the `lorakit`
 
 _startup.install()
 from lorakit import methods  # noqa: F401  (registers every method)
-from lorakit.config import PeftConfig, TaskType
+from lorakit.config import PeftConfig
 from lorakit.methods.lora import LoraConfig
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.registry import get_method, register_method, registered_methods
+from lorakit.tasks import TaskType
+from lorakit.training_hooks import TrainingHook
+from lorakit.tuner import Tuner
 
 # PEFT's task-specific class names, for code written against PEFT; lorakit needs one class for all tasks.
 PeftModelForCausalLM = PeftModelForSeq2SeqLM = PeftModelForSequenceClassification = PeftModel
@@ -22,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
-    "registered_methods", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
 ]

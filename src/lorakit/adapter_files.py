@@ -12,24 +12,42 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit.config import CONFIG_NAME, PeftConfig, read_config_json, write_json_atomic
+from lorakit.config import CONFIG_NAME, PeftConfig, config_from_json, read_config_json, write_json_atomic
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def resolve_adapter_dir(model_id: str, **hub_kwargs) -> str:
-    """A local directory as is; otherwise a HuggingFace Hub repo id, downloaded (works for online users)."""
-    if os.path.isdir(model_id):
-        return model_id
+RUN_ADAPTER_SUBDIR = "adapter"  # where `lorakit train` puts the adapter inside its output_dir
+
+
+def resolve_adapter_dir(path_or_id: str, **hub_kwargs) -> str:
+    """The adapter directory meant by `path_or_id`: the directory itself, `<dir>/adapter` for a training run's
+    output_dir, or a Hugging Face Hub repo id ("owner/name"), downloaded (works for online users)."""
+    path = os.fspath(path_or_id)
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    if os.path.isfile(os.path.join(path, RUN_ADAPTER_SUBDIR, CONFIG_NAME)):
+        return os.path.join(path, RUN_ADAPTER_SUBDIR)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"adapter {path!r} holds no {CONFIG_NAME}, so it is not an adapter directory; give "
+                                "the directory written by save_pretrained (a training run's output_dir/adapter)")
+    if os.path.exists(path):
+        raise FileNotFoundError(f"adapter {path!r} is a file; give the adapter directory")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not path:
+        raise FileNotFoundError(f"adapter {path!r} does not exist")
+    return _download_adapter(path, **hub_kwargs)
+
+
+def _download_adapter(repo_id: str, **hub_kwargs) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(model_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*/" + CONFIG_NAME,
-                                                           "*/" + WEIGHTS_NAME], **hub_kwargs)
+        return snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*/" + CONFIG_NAME,
+                                                          "*/" + WEIGHTS_NAME], **hub_kwargs)
     except Exception as err:  # offline, unknown repo, bad id: all mean the same to the user
         raise FileNotFoundError(
-            f"Adapter {model_id!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"Adapter {repo_id!r} is not a local directory and could not be fetched from the Hugging Face Hub "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Pass the directory that "
             f"holds {CONFIG_NAME} and {WEIGHTS_NAME}."
         ) from None
@@ -45,16 +63,7 @@ def write_adapter(directory: str, config: PeftConfig, tensors: dict[str, torch.T
 
 
 def read_adapter_config(directory: str) -> PeftConfig:
-    from lorakit.registry import get_method
-
-    data = read_config_json(directory)
-    where = os.path.join(directory, CONFIG_NAME)
-    if "peft_type" not in data:
-        raise ValueError(f"{where} has no 'peft_type'; it is not an adapter config")
-    try:
-        return get_method(data["peft_type"]).config_cls.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from None
+    return config_from_json(read_config_json(directory), os.path.join(directory, CONFIG_NAME))
 
 
 def read_adapter_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ PEFT's (`lora_A`, `lora_B`, ...) so that parameter names, and thus adapter files
 
 Additive methods (h = base(x) + delta(x)) implement three things: `add_adapter`, `delta_weight` (the
 change to the base weight, for merging) and `adapter_output` (delta(x)). Routing rows of one batch to
-different adapters, merging, unmerging and state handling are done here once for all of them.
+different adapters, merging, unmerging and state handling are done here once for all of them. Methods
+whose merge is not `W + delta` (DoRA, (IA)3) override `merge_weight` / `unmerge_weight`.
 """
 
 from __future__ import annotations
@@ -156,21 +157,46 @@ class AdapterLayer(AdapterHolder):
             result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
+    # ---- merging: W' = merge_weight(W); unmerge_weight(W') restores W (to fp32 tolerance) -----------------
+    def merge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with adapter `name` folded in. Additive methods: W + delta_weight. Methods whose
+        update depends on W (DoRA's norm) override, and cache what unmerge_weight needs."""
+        return weight + self.delta_weight(name)
+
+    def unmerge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of merge_weight."""
+        return weight - self.delta_weight(name)
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense tensor: the weight itself, or a dequantized copy for a quantized base
+        layer (which provides `dequantized_weight()`)."""
+        base = self.base_layer
+        return base.dequantized_weight() if hasattr(base, "dequantized_weight") else base.weight
+
+    def write_base_weight(self, weight: torch.Tensor) -> None:
+        """Store a merged or unmerged weight into the base layer. A quantized base layer provides
+        `store_dense_weight(weight)` (it may stop being quantized: merging into 4 bits would lose precision)."""
+        base = self.base_layer
+        if hasattr(base, "store_dense_weight"):
+            base.store_dense_weight(weight)
+        else:
+            base.weight.data.copy_(weight)
+
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
-        """W <- W + delta_a for each named adapter this layer holds and has not merged yet."""
+        """W <- merge_weight(W) for each named adapter this layer holds and has not merged yet."""
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
-            self.base_weight.data += self.delta_weight(name)
+            self.write_base_weight(self.merge_weight(name, self.dense_base_weight()))
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo merges in reverse order: W <- W - delta_a."""
+        """Undo merges in reverse order: W <- unmerge_weight(W)."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.base_weight.data -= self.delta_weight(name)
+            self.write_base_weight(self.unmerge_weight(name, self.dense_base_weight()))
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:

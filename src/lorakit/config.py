@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 import json
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from lorakit.tasks import TASK_TYPES
+
 CONFIG_NAME = "adapter_config.json"
-
-
-class TaskType(str, enum.Enum):
-    """What the wrapped model does; decides e.g. which heads are trained in full (PEFT's names)."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    def __str__(self) -> str:
-        return self.value
-
 
 # Keys PEFT writes that describe the file rather than the adapter; safe to ignore when reading.
 INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "revision"}
@@ -66,6 +52,13 @@ class PeftConfig:
     """Fields every adapter config shares. Subclasses set `peft_type` (e.g. "LORA")."""
 
     peft_type: ClassVar[str] = ""
+    # peft_type -> config class; filled as config classes are defined, so reading a config needs no registry
+    _classes: ClassVar[dict[str, type["PeftConfig"]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.peft_type:
+            PeftConfig._classes[cls.peft_type] = cls
 
     # What the model does: CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION.
     task_type: str | None = None
@@ -76,8 +69,7 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         if self.task_type is not None:
-            allowed = tuple(t.value for t in TaskType)
-            check_choice(type(self).__name__, "task_type", str(self.task_type), allowed)
+            check_choice(type(self).__name__, "task_type", str(self.task_type), TASK_TYPES)
             object.__setattr__(self, "task_type", str(self.task_type))
 
     # ---- JSON -----------------------------------------------------------------------------------
@@ -121,12 +113,30 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, directory: str) -> "PeftConfig":
         """Read `adapter_config.json` from a directory; `PeftConfig.from_pretrained` picks the method's class."""
-        from lorakit.adapter_files import read_adapter_config
-
-        config = read_adapter_config(directory)
+        config = config_from_json(read_config_json(directory), os.path.join(directory, CONFIG_NAME))
         if not isinstance(config, cls):
             raise ValueError(f"{directory} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
+
+
+def config_class_for(peft_type: str) -> type[PeftConfig]:
+    """The config class of a PEFT type ("LORA", "VERA", ...), as written in adapter_config.json."""
+    key = str(getattr(peft_type, "value", peft_type)).upper()
+    if key not in PeftConfig._classes:
+        known = sorted(PeftConfig._classes)
+        raise ValueError(f"Unknown adapter method {peft_type!r} (peft_type){suggest(key, known)}. lorakit supports: "
+                         f"{', '.join(k.lower() for k in known)}.")
+    return PeftConfig._classes[key]
+
+
+def config_from_json(data: dict, where: str) -> PeftConfig:
+    """The config of the method named by data["peft_type"]; errors name the file (`where`)."""
+    if "peft_type" not in data:
+        raise ValueError(f"{where} has no 'peft_type'; it is not an adapter config")
+    try:
+        return config_class_for(data["peft_type"]).from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def read_config_json(directory: str) -> dict:

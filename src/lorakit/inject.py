@@ -17,9 +17,9 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapter_layer import AdapterHolder, AdapterLayer
 from lorakit.modules_to_save import ModulesToSaveWrapper
+from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 
 ALL_LINEAR = "all-linear"
-SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 # Default targets when target_modules is None (as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],

@@ -22,10 +22,12 @@ from lorakit.adapter_files import (
 )
 from lorakit.adapter_layer import BASE_ADAPTER, AdapterHolder, AdapterLayer, BatchRouting
 from lorakit.config import PeftConfig
-from lorakit.inject import SEQ_CLS_HEAD_NAMES, inject_adapter
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.registry import method_for_config
-from lorakit.state import adapter_holders, adapter_state_dict, load_adapter_state_dict
+from lorakit.state import adapter_holders, detached_copies, load_adapter_state_dict
+from lorakit.tasks import SEQ_CLS_HEAD_NAMES
+from lorakit.training_hooks import TrainingHook
+from lorakit.tuner import MERGEABLE, MIXED_BATCH, Tuner
 
 DEFAULT_ADAPTER = "default"
 
@@ -58,8 +60,8 @@ class PeftModel(nn.Module):
             raise TypeError("this model already has adapters; use add_adapter() / load_adapter() on it")
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
+        self.tuners: dict[str, Tuner] = {}  # adapter name -> its method's lifecycle object (tuner.py)
         self._active: list[str] = []
-        self._extra_params: dict[str, list[str]] = {}  # adapter -> base parameters it also trains (biases)
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config)
@@ -77,13 +79,25 @@ class PeftModel(nn.Module):
     # ---- running ---------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward. adapter_names: one adapter name (or "__base__") per input row."""
+        tuners = self._running_tuners()
+        for tuner in tuners:
+            kwargs = tuner.transform_inputs(kwargs)
         with self._mixed_batch(adapter_names, args, kwargs):
-            return self.base_model(*args, **kwargs)
+            outputs = self.base_model(*args, **kwargs)
+        for tuner in reversed(tuners):
+            outputs = tuner.transform_outputs(outputs, kwargs)
+        return outputs
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's generate, optionally with one adapter per row (see forward)."""
+        for tuner in self._running_tuners():
+            kwargs = tuner.transform_inputs(kwargs)
         with self._mixed_batch(adapter_names, args, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
+
+    def _running_tuners(self) -> list[Tuner]:
+        """The active adapters' tuners, unless the adapters are disabled (disable_adapter())."""
+        return [] if self._disabled else [self.tuners[n] for n in self._active]
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names, args, kwargs):
@@ -96,6 +110,7 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(self.peft_config)} "
                              f"(or {BASE_ADAPTER!r} for the base model)")
+        self._require(MIXED_BATCH, {n for n in adapter_names if n != BASE_ADAPTER}, "mixed-adapter batches")
         batch = _batch_size(args, kwargs)
         if batch is not None and batch != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
@@ -123,18 +138,22 @@ class PeftModel(nn.Module):
         if other_types:
             raise ValueError(f"this model holds {sorted(other_types)} adapters; one PeftModel holds adapters of one "
                              f"method, so a {peft_config.peft_type} adapter cannot be added")
-        if peft_config.task_type == "SEQ_CLS":  # train the new classification head in full, as PEFT does
-            heads = list(peft_config.modules_to_save or [])
+        if peft_config.task_type == "SEQ_CLS" and hasattr(peft_config, "modules_to_save"):
+            # train the new classification head in full, as PEFT does (PEFT's files may list a head twice)
+            heads = list(dict.fromkeys(peft_config.modules_to_save or []))
             peft_config = dataclasses.replace(peft_config, modules_to_save=heads + [
                 h for h in SEQ_CLS_HEAD_NAMES if h not in heads])
-        model = self.get_base_model()
+        tuner = method(self.base_model, peft_config, adapter_name)
         try:
-            inject_adapter(model, peft_config, adapter_name, method)
+            tuner.prepare()
+            tuner.inject()
+            tuner.after_inject()
         except Exception:
             self._remove_from_layers(adapter_name)
+            tuner.remove()
             raise
         self.peft_config[adapter_name] = peft_config
-        self._extra_params[adapter_name] = method.extra_trainable_parameters(model, peft_config, adapter_name)
+        self.tuners[adapter_name] = tuner
         self._apply_active()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -151,9 +170,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r} to delete; this model has {sorted(self.peft_config)}")
         if adapter_name in self._active:
             raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it")
-        self._remove_from_layers(adapter_name)
-        del self.peft_config[adapter_name]
-        del self._extra_params[adapter_name]
+        self._forget(adapter_name)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -176,13 +193,17 @@ class PeftModel(nn.Module):
         self.unmerge_adapter()
         for _, holder in holders:
             holder.disabled = True
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             for path, holder in holders:
                 holder.disabled = False
                 if merged.get(path):
                     holder.merge(merged[path])
+
+    _disabled = False  # inside disable_adapter(): no tuner rewrites inputs or outputs
 
     def _holders(self) -> list[tuple[str, AdapterHolder]]:
         return adapter_holders(self.get_base_model())
@@ -192,16 +213,24 @@ class PeftModel(nn.Module):
         model = self.get_base_model()
         for _, holder in self._holders():
             holder.active_adapters = list(self._active)
-        for param in model.parameters():
+        for param in self.parameters():  # also tensors tuners keep outside the model (on base_model)
             param.requires_grad_(False)
-        params = dict(model.named_parameters())
         for name in self._active:
-            if self.peft_config[name].inference_mode:
-                continue
-            for _, holder in self._holders():
-                holder.set_requires_grad(name, True)
-            for param_name in self._extra_params[name]:
-                params[param_name].requires_grad_(True)
+            if not self.peft_config[name].inference_mode:
+                self.tuners[name].set_trainable(True)
+
+    def _forget(self, adapter_name: str) -> None:
+        """Remove an adapter entirely: from the layers, its tuner's own state, and the bookkeeping."""
+        self._remove_from_layers(adapter_name)
+        self.tuners.pop(adapter_name).remove()
+        del self.peft_config[adapter_name]
+
+    def _require(self, capability: str, adapter_names, what: str) -> None:
+        """Refuse `what` for adapters whose method lacks `capability` (tuner.py)."""
+        lacking = sorted({self.tuners[n].name for n in adapter_names if capability not in self.tuners[n].capabilities})
+        if lacking:
+            raise ValueError(f"{what} are not possible with {', '.join(lacking)} adapters (their method is not "
+                             f"{capability.replace('_', '-')}); see docs/architecture.md")
 
     def _remove_from_layers(self, adapter_name: str) -> None:
         """Delete the adapter from every layer; layers left without adapters go back to their base module."""
@@ -216,12 +245,13 @@ class PeftModel(nn.Module):
         """Add the adapters' weight updates into the base weights (W = W0 + s B A); forward cost becomes the
         base model's. safe_merge: first check that no merged weight would hold NaN/inf."""
         names = self._names_or_active(adapter_names)
+        self._require(MERGEABLE, names, "merges")
         layers = [(p, m) for p, m in self._holders() if isinstance(m, AdapterLayer)]
         if safe_merge:
             for path, layer in layers:
                 for name in names:
                     if layer.has_adapter(name) and name not in layer.merged_adapters and not torch.isfinite(
-                            layer.base_weight + layer.delta_weight(name)).all():
+                            layer.merge_weight(name, layer.dense_base_weight())).all():
                         raise ValueError(f"merging adapter {name!r} would put NaN/inf into {path}; the adapter is "
                                          "broken (diverged training?). Nothing was merged.")
         for _, layer in layers:
@@ -280,8 +310,14 @@ class PeftModel(nn.Module):
             write_adapter(directory, config, tensors)
 
     def adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
-        """One adapter's tensors keyed as in PEFT files (adapter name removed)."""
-        return adapter_state_dict(self.get_base_model(), adapter_name, self._extra_params[adapter_name])
+        """One adapter's tensors keyed as in PEFT files (adapter name removed). Sharded (FSDP) tensors are
+        gathered, so under FSDP every process must call this."""
+        return detached_copies(self.tuners[adapter_name].state_tensors())
+
+    def _load_state(self, adapter_name: str, weights: dict[str, torch.Tensor], source: str) -> None:
+        tuner = self.tuners[adapter_name]
+        load_adapter_state_dict(self.get_base_model(), tuner.state_tensors(), weights, source,
+                                tuner.optional_state_keys())
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
@@ -294,7 +330,7 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         peft_model = cls(model, config, adapter_name)
         try:
-            load_adapter_state_dict(model, adapter_name, peft_model._extra_params[adapter_name], weights, directory)
+            peft_model._load_state(adapter_name, weights, directory)
         except Exception:
             peft_model.unload()  # give the caller back the model exactly as it was
             raise
@@ -308,12 +344,21 @@ class PeftModel(nn.Module):
         weights = read_adapter_weights(directory, allow_pickle=allow_pickle)
         self.add_adapter(adapter_name, config)
         try:
-            load_adapter_state_dict(self.get_base_model(), adapter_name, self._extra_params[adapter_name],
-                                    weights, directory)
+            self._load_state(adapter_name, weights, directory)
         except Exception:
-            self._remove_from_layers(adapter_name)
-            del self.peft_config[adapter_name], self._extra_params[adapter_name]
+            self._forget(adapter_name)
             raise
+
+    # ---- training ---------------------------------------------------------------------------------
+    def parameter_groups(self, args) -> list[dict]:
+        """Optimizer groups over the trainable parameters, as the active adapter's method wants them (LoRA+
+        gives B a larger learning rate). `args`: the trainer's TrainArgs."""
+        named = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        return self.tuners[self._active[0]].parameter_groups(named, args)
+
+    def training_hooks(self) -> list[TrainingHook]:
+        """What the active adapters' methods do from the training loop (training_hooks.py)."""
+        return [hook for name in self._active for hook in self.tuners[name].training_hooks()]
 
     # ---- information -----------------------------------------------------------------------------
     def get_base_model(self) -> nn.Module:

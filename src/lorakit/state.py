@@ -32,22 +32,21 @@ def live_adapter_tensors(model: nn.Module, adapter_name: str, extra_names: list[
     return out
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str, extra_names: list[str]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous copies of one adapter's tensors, keyed as in PEFT files. Sharded (FSDP) tensors are
-    gathered whole, so every process must call this."""
-    return {k: _whole(v).detach().contiguous().clone()
-            for k, v in live_adapter_tensors(model, adapter_name, extra_names).items()}
+def detached_copies(live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous copies of live tensors (e.g. `Tuner.state_tensors()`), keyed as given. Sharded (FSDP)
+    tensors are gathered whole, so every process must call this."""
+    return {k: _whole(v).detach().contiguous().clone() for k, v in live.items()}
 
 
-def load_adapter_state_dict(model: nn.Module, adapter_name: str, extra_names: list[str],
-                            state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` (file keys) into the adapter's tensors, checking that keys and shapes agree.
+def load_adapter_state_dict(model: nn.Module, live: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                            source: str, optional: set[str] = frozenset()) -> None:
+    """Copy `state` (file keys) into the adapter's live tensors `live` (`Tuner.state_tensors()`), checking that
+    keys and shapes agree; keys in `optional` may be absent from the file.
 
     Keys naming other parameters of the base model (PEFT saves e.g. the full embedding matrix when it
     is targeted) are loaded into those parameters. Anything else means the adapter was made for
     another model, and is an error that names the first module concerned.
     """
-    live = live_adapter_tensors(model, adapter_name, extra_names)
     base_params = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
     # PEFT with bias="all" also writes `<head>.modules_to_save.bias` (a copy of `<head>.bias`, the trained copy's
     # bias) and `<head>.original_module.bias` (the frozen original, unchanged): both carry nothing new.
@@ -55,7 +54,7 @@ def load_adapter_state_dict(model: nn.Module, adapter_name: str, extra_names: li
              if not (".modules_to_save." in k and k.replace(".modules_to_save.", ".", 1) in live)
              and not (".original_module." in k and k.replace(".original_module.", ".", 1) in live)}
     unexpected = [k for k in state if k not in live and k not in base_params]
-    missing = [k for k in live if k not in state]
+    missing = [k for k in live if k not in state and k not in optional]
     if unexpected:
         raise ValueError(
             f"{source} has weights for {_module_of(unexpected[0])!r} ({len(unexpected)} unexpected tensors), "

@@ -88,7 +88,7 @@ RESUME_MISMATCH = {
     "another batch size": (("train.batch_size=2",),
                            r"global batch: 4 in the checkpoint, 2 now \(train\.batch_size is 4 in the checkpoint and 2"),
     "another finetuning type": (("finetuning_type=full", "adapter=null"),
-                                r"finetuning_type is \"lora\" in the checkpoint and \"full\" now"),
+                                r"finetuning_type is \"adapter\" in the checkpoint and \"full\" now"),
     "another seed": (("train.seed=7",), r"train\.seed is 42 in the checkpoint and 7 now"),
     "another cutoff_len": (("data.cutoff_len=31",), r"data: the training examples differ from the checkpoint's "
                                                     r"\(data\.cutoff_len is 1024 in the checkpoint and 31 now"),

@@ -58,7 +58,7 @@ CONFIG = {
     "unknown scheduler": Case(lambda ws: train(ws, "train.lr_scheduler=wavy"), 1,
                               r"train\.lr_scheduler must be one of 'cosine', 'linear', 'constant'; got 'wavy'"),
     "unknown finetuning type": Case(lambda ws: train(ws, "finetuning_type=qlora"), 1,
-                                    r"finetuning_type must be one of 'lora', 'full', 'freeze'"),
+                                    r"finetuning_type must be one of 'adapter', 'lora', 'full', 'freeze'; got 'qlora'"),
     "unknown adapter method": Case(lambda ws: train(ws, "adapter.method=loha"), 1, r"Unknown adapter method 'loha'"),
     "adapter rank 0": Case(lambda ws: train(ws, "adapter.r=0"), 1, r"\br\b.*0"),
     "null data path": Case(lambda ws: train(ws, "data.path=null"), 1, r"data\.path is null; give the training data"),
@@ -165,7 +165,7 @@ def generate(ws, adapter, *extra):
 
 
 ADAPTER = {
-    "adapter missing": Case(lambda ws: generate(ws, ws.path("nowhere")), 1, r"--adapter '.*nowhere' does not exist"),
+    "adapter missing": Case(lambda ws: generate(ws, ws.path("nowhere")), 1, r"adapter '.*nowhere' does not exist"),
     "adapter is a model": Case(lambda ws: generate(ws, ws.model), 1, r"holds no adapter_config\.json"),
     "NaN adapter, generate": Case(lambda ws: generate(ws, ws.path("nan-adapter")), 1,
                                   r"the adapter .*nan-adapter holds NaN/inf values in 1 of its \d+ tensors \(e\.g\. "

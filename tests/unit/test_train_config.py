@@ -79,7 +79,7 @@ def test_an_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
     ("train.save_steps=-1", r"train.save_steps must be an integer >= 0, got -1"),
     ("train.weight_decay=-1", r"train.weight_decay must be >= 0, got -1"),
     ("train.loraplus_lr_ratio=0", r"train.loraplus_lr_ratio must be a positive number, got 0"),
-    ("finetuning_type=qlora", r"config.finetuning_type must be one of 'lora', 'full', 'freeze'; got 'qlora'"),
+    ("finetuning_type=qlora", r"config.finetuning_type must be one of 'adapter', 'lora', 'full', 'freeze'; got 'qlora'"),
     ("task_type=TOKEN_CLS", r"config.task_type must be one of 'CAUSAL_LM', 'SEQ_CLS'; got 'TOKEN_CLS'"),
     ("data.cutoff_len=0", r"DataConfig.cutoff_len must be a positive integer, got 0"),
     ("eval.max_samples=-1", r"eval.max_samples must be an integer >= 0, got -1"),
@@ -94,7 +94,7 @@ def test_an_invalid_value_names_the_field_the_value_and_what_is_allowed(override
 @pytest.mark.parametrize("drop, message", [
     ("output_dir", r"output_dir is required"),
     ("data", r"data.path is required"),
-    ("adapter", r"config.adapter is required when finetuning_type is lora"),
+    ("adapter", r"config.adapter is required when finetuning_type is adapter"),
 ])
 def test_a_missing_required_setting_says_what_it_is_for(drop, message):
     with pytest.raises(ValueError, match=message):

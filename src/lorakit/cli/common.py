@@ -11,11 +11,9 @@ import os
 from dataclasses import dataclass
 
 from lorakit.config import CONFIG_NAME
+from lorakit.models.loading import DTYPES
+from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.train.templates import TEMPLATES
-
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-SEQ_CLS_HEADS = ("score", "classifier")
-RUN_ADAPTER_SUBDIR = "adapter"  # where `lorakit train` puts the adapter inside output_dir
 
 
 # ---- options ----------------------------------------------------------------------------------------
@@ -27,7 +25,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool 
     group.add_argument("--adapter", metavar="DIR", required=adapter_required,
                        help="adapter directory (adapter_config.json + adapter_model.safetensors), or a training "
                             "run's output_dir (its adapter/ is used)")
-    group.add_argument("--dtype", choices=DTYPES, default=None,
+    group.add_argument("--dtype", choices=[d for d in DTYPES if d], default=None,
                        help="dtype of the weights (default float32; auto = as saved)")
     group.add_argument("--allow-pickle", action="store_true",
                        help="read an adapter saved only as adapter_model.bin, a pickle file (read with "
@@ -77,25 +75,6 @@ def check_output_file(path: str | None) -> None:
 
 
 # ---- adapters -----------------------------------------------------------------------------------------
-def resolve_adapter_dir(path: str) -> str:
-    """The adapter directory for --adapter: DIR itself, or DIR/adapter for a training run's output_dir.
-
-    A path that does not exist locally is passed on as a Hub repo id when it looks like one (owner/name)."""
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        return path
-    nested = os.path.join(path, RUN_ADAPTER_SUBDIR)
-    if os.path.isfile(os.path.join(nested, CONFIG_NAME)):
-        return nested
-    if os.path.isdir(path):
-        raise FileNotFoundError(f"--adapter {path!r} holds no {CONFIG_NAME}, so it is not an adapter directory; "
-                                "give the directory written by save_pretrained (a training run's output_dir/adapter)")
-    if os.path.exists(path):
-        raise FileNotFoundError(f"--adapter {path!r} is a file; give the adapter directory")
-    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
-        return path  # maybe a Hub repo id; PeftModel.from_pretrained says clearly if it is not
-    raise FileNotFoundError(f"--adapter {path!r} does not exist")
-
-
 def head_num_labels(adapter_dir: str) -> int | None:
     """The size of the classification head saved with a SEQ_CLS adapter (modules_to_save), if any."""
     from safetensors import safe_open
@@ -105,10 +84,10 @@ def head_num_labels(adapter_dir: str) -> int | None:
     path = os.path.join(adapter_dir, WEIGHTS_NAME)
     try:
         with safe_open(path, "pt") as fh:
-            keys = [k for k in fh.keys() if k.endswith(".weight") and any(f".{h}." in k for h in SEQ_CLS_HEADS)]
+            keys = [k for k in fh.keys() if k.endswith(".weight") and any(f".{h}." in k for h in SEQ_CLS_HEAD_NAMES)]
             # a plain head (score / classifier) or the last projection of a head module (RoBERTa's out_proj)
             head = next((k for k in keys if k.endswith("out_proj.weight")), None) or next(
-                (k for k in keys if k.endswith(tuple(f".{h}.weight" for h in SEQ_CLS_HEADS))), None)
+                (k for k in keys if k.endswith(tuple(f".{h}.weight" for h in SEQ_CLS_HEAD_NAMES))), None)
             return fh.get_slice(head).get_shape()[0] if head else None
     except Exception:  # noqa: BLE001 - missing or unreadable: loading the adapter reports it clearly
         return None
@@ -129,13 +108,9 @@ def read_adapter(args: argparse.Namespace):
     """(adapter directory, its PeftConfig), or (None, None) without --adapter. Reads no weights yet."""
     if not getattr(args, "adapter", None):
         return None, None
-    from lorakit.adapter_files import read_adapter_config
+    from lorakit.adapter_files import read_adapter_config, resolve_adapter_dir
 
     directory = resolve_adapter_dir(args.adapter)
-    if not os.path.isdir(directory):  # a Hub id: PeftModel.from_pretrained fetches it
-        from lorakit.adapter_files import resolve_adapter_dir as fetch
-
-        directory = fetch(directory)
     return directory, read_adapter_config(directory)
 
 

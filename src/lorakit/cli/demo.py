@@ -44,7 +44,7 @@ def demo_config(args: argparse.Namespace, output_dir: str):
 
     demo_dir = resources.files("lorakit") / "data" / "demo"
     return RunConfig(
-        model=args.model, output_dir=output_dir, task_type="CAUSAL_LM", finetuning_type="lora",
+        model=args.model, output_dir=output_dir, task_type="CAUSAL_LM", finetuning_type="adapter",
         adapter=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
         data=DataConfig(path=str(demo_dir / "train.jsonl"), val_path=str(demo_dir / "test.jsonl"), cutoff_len=128),
         train=TrainArgs(learning_rate=2e-3, lr_scheduler="cosine", warmup_steps=4, num_epochs=1, batch_size=8,

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     model_name, task_type, adapter_cfg, run_cfg, label_names = resolve_inputs(args)
     model, _ = load_model_and_tokenizer(model_name, task_type, label_names=label_names)
     method = get_method(adapter_cfg.peft_type if adapter_cfg is not None else (args.method or "lora"))
-    if adapter_cfg is not None and (run_cfg is None or run_cfg.finetuning_type == "lora"):
+    if adapter_cfg is not None and (run_cfg is None or run_cfg.uses_adapter):
         from lorakit.inject import find_targets
 
         find_targets(model, adapter_cfg, method)  # a config that matches nothing fails before any output
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     lines += [f"target candidates for {method.name} (target_modules takes the names or dotted suffixes):",
               *format_columns(header, rows), ""]
     print("\n".join(lines))
-    if run_cfg is not None and run_cfg.finetuning_type != "lora":
+    if run_cfg is not None and not run_cfg.uses_adapter:
         report_finetuning(model, run_cfg)
     elif adapter_cfg is not None:
         report_adapter(model, adapter_cfg)

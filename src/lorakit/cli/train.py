@@ -76,7 +76,7 @@ def print_summary(result, cfg) -> None:
                                           for name, value in ordered_metrics(result.metrics)))
     print(f"trainable params: {result.trainable_params:,d} of {result.total_params:,d} "
           f"({result.trainable_percent:.4f}%)")
-    saved = "adapter" if cfg.finetuning_type == "lora" else "model"
+    saved = "adapter" if cfg.uses_adapter else "model"
     print(f"{saved} saved to {os.path.join(cfg.output_dir, saved)} (metrics.jsonl, loss_curve.png, "
           f"train_results.json in {cfg.output_dir})")
 

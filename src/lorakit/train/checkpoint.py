@@ -6,6 +6,7 @@
       optimizer.safetensors     optimizer tensors ("<param index>.<key>"); optimizer.json the rest
       scheduler.json            learning-rate schedule position
       rng-rank<r>.safetensors   each process's torch RNG; rng-rank<r>.json Python and NumPy RNG
+      hooks.safetensors         training hooks' state (AdaLoRA budget, ReLoRA, LISA, ...); hooks.json the rest
       trainer_state.json        step, data position, the run config, a fingerprint of what cannot change
                                 within a run (resume.py) and the loss window and timings (meter.py)
       labels.json               SEQ_CLS: the class names in id order (label_names.py)
@@ -89,6 +90,20 @@ def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": _to_json(state["param_groups"]), "scalars": scalars}
 
 
+def write_hook_state(directory: str, hooks) -> None:
+    """Each training hook's state_dict(), tensors to safetensors and the rest to JSON, keyed by hook name."""
+    tensors, values = {}, {}
+    for hook in hooks:
+        for key, value in hook.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{hook.name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                values[f"{hook.name}/{key}"] = value
+    if tensors:
+        save_file(tensors, os.path.join(directory, "hooks.safetensors"))
+    write_json_atomic(os.path.join(directory, "hooks.json"), values)
+
+
 # ---- reading -------------------------------------------------------------------------------------
 def list_checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoints in output_dir, oldest first."""
@@ -107,7 +122,9 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     """"latest" -> the newest checkpoint in output_dir; otherwise a checkpoint directory."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
-        if not found and not os.path.isfile(os.path.join(output_dir, "run_config.yaml")):
+        started = os.path.isdir(output_dir) and any(name == "run_config.yaml" or name.startswith("checkpoint-")
+                                                    for name in os.listdir(output_dir))
+        if not found and not started:
             raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} holds no run to resume; "
                                     "check output_dir, or leave out resume_from_checkpoint to start a new run")
         if not found:
@@ -140,6 +157,21 @@ def read_training_state(directory: str, expected_names) -> tuple[dict[str, torch
     with open(os.path.join(directory, "scheduler.json"), encoding="utf-8") as fh:
         scheduler_state = json.load(fh)
     return saved, join_optimizer_state(tensors, meta), scheduler_state
+
+
+def load_hook_state(directory: str, hooks) -> None:
+    """Give every hook back its state; a checkpoint without hook files (older) leaves the hooks fresh."""
+    path = os.path.join(directory, "hooks.json")
+    if not hooks or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        merged = json.load(fh)
+    tensor_path = os.path.join(directory, "hooks.safetensors")
+    if os.path.isfile(tensor_path):
+        merged.update(load_file(tensor_path))
+    for hook in hooks:
+        prefix = f"{hook.name}/"
+        hook.load_state_dict({k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)})
 
 
 def load_rng_state(directory: str, rank: int) -> None:

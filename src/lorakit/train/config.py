@@ -2,7 +2,7 @@
 
     model: smollm2                 # embedded alias, local directory or Hub id
     task_type: CAUSAL_LM
-    finetuning_type: lora          # lora | full | freeze
+    finetuning_type: adapter       # adapter (or lora) | full | freeze
     adapter: {method: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
     data: {path: data/train.jsonl, val_size: 0.1, cutoff_len: 512}
     train: {learning_rate: 2.0e-4, num_epochs: 3, batch_size: 8}
@@ -24,12 +24,15 @@ import yaml
 
 from lorakit.config import PeftConfig, check_choice, check_positive, check_range, suggest
 from lorakit.registry import get_method
+from lorakit.tasks import TRAINABLE_TASK_TYPES
 from lorakit.text_files import read_text
 from lorakit.train.data import DataConfig
 
-FINETUNING_TYPES = ("lora", "full", "freeze")
+# adapter: train the adapter described by `adapter:` (any method); "lora" is the same (kept from before
+# methods other than LoRA existed). full: every weight. freeze: the last train.freeze_trainable_layers blocks.
+FINETUNING_TYPES = ("adapter", "lora", "full", "freeze")
+ADAPTER_FINETUNING_TYPES = ("adapter", "lora")
 SCHEDULERS = ("cosine", "linear", "constant")
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
 
 @dataclass(frozen=True)
@@ -133,26 +136,33 @@ class RunConfig:
     model: str = "smollm2"
     # CAUSAL_LM (generation) or SEQ_CLS (classification on text_label data).
     task_type: str = "CAUSAL_LM"
-    # lora (adapter), full (every weight), freeze (only the last train.freeze_trainable_layers blocks).
-    finetuning_type: str = "lora"
+    # adapter (or lora: the same) trains the adapter below; full every weight; freeze only the last
+    # train.freeze_trainable_layers blocks.
+    finetuning_type: str = "adapter"
     # Model dtype: float32 (default), bfloat16, float16, auto (as saved).
     dtype: str | None = None
-    # The adapter: `method` (lora, ...) plus that method's config fields.
+    # The adapter: `method` (lora, vera, ...) plus that method's config fields, with PEFT's names
+    # (e.g. {method: lora, r: 8, use_dora: true}).
     adapter: PeftConfig | None = None
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
 
     def __post_init__(self) -> None:
         check_choice("config", "finetuning_type", self.finetuning_type, FINETUNING_TYPES)
-        check_choice("config", "task_type", self.task_type, TASK_TYPES)
+        check_choice("config", "task_type", self.task_type, TRAINABLE_TASK_TYPES)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"config.output_dir must be a directory path, got {self.output_dir!r}")
-        if self.train.distributed == "fsdp" and self.finetuning_type != "lora":
+        if self.train.distributed == "fsdp" and not self.uses_adapter:
             raise ValueError("config: train.distributed=fsdp shards a frozen base model and trains an adapter; "
-                             f"use finetuning_type lora (got {self.finetuning_type!r}) or train.distributed=ddp")
-        if self.finetuning_type == "lora" and self.adapter is None:
-            raise ValueError("config.adapter is required when finetuning_type is lora, e.g. "
+                             f"use finetuning_type adapter (got {self.finetuning_type!r}) or train.distributed=ddp")
+        if self.uses_adapter and self.adapter is None:
+            raise ValueError(f"config.adapter is required when finetuning_type is {self.finetuning_type}, e.g. "
                              "adapter: {method: lora, r: 8, target_modules: all-linear}")
+
+    @property
+    def uses_adapter(self) -> bool:
+        """True when the run trains an adapter (finetuning_type adapter or lora), not the model's own weights."""
+        return self.finetuning_type in ADAPTER_FINETUNING_TYPES
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass, field
 
 from lorakit.config import check_choice, check_positive
+from lorakit.tasks import TRAINABLE_TASK_TYPES
 from lorakit.train.data_checks import Finding, suspect_data
 from lorakit.train.data_files import Origin, read_rows
 from lorakit.train.data_formats import (
@@ -27,7 +28,6 @@ from lorakit.train.packing import DataCollator, pack_examples
 from lorakit.train.templates import IGNORE_INDEX, TEMPLATES, ExampleEncoder
 
 logger = logging.getLogger(__name__)
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def build_datasets(cfg: DataConfig, tokenizer, task_type: str = "CAUSAL_LM", lab
     Suspect data (data_checks.py) is logged as warnings and kept in info.findings.
     """
     task = str(task_type)
-    check_choice("build_datasets", "task_type", task, TASK_TYPES)
+    check_choice("build_datasets", "task_type", task, TRAINABLE_TASK_TYPES)
     splits = load_splits(cfg, label_names)
     if (task == "SEQ_CLS") != (splits.format == "text_label"):
         raise ValueError(

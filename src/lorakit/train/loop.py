@@ -36,6 +36,7 @@ from lorakit.train.distributed import (
     DistContext, full_tensor, init_distributed, optimizer_state, shutdown_distributed, wrap_model,
 )
 from lorakit.train.evaluate import evaluate_model
+from lorakit.train.hooks import run_hooks
 from lorakit.train.meter import RunMeter
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.output_dir import claim_output_dir, drop_previous_run, set_aside_previous_run
@@ -103,6 +104,9 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     model = prepare_model(base_model, cfg).to(ctx.device)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    hooks = run_hooks(model, cfg)
+    for hook in hooks:
+        hook.setup(model)
     trainable = trainable_tensors(model)
     trainable_params = sum(t.numel() for t in trainable.values())
     total_params = sum(p.numel() for p in model.parameters())
@@ -114,14 +118,16 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
     per_epoch = steps_per_epoch(len(train_rows), global_batch)
     total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
-    scheduler = build_scheduler(optimizer, args, total_steps)
+    for hook in hooks:
+        hook.check_run(total_steps)
+    scheduler = build_scheduler(optimizer, args, total_steps, hooks)
     fingerprint = run_fingerprint(model_weights, model, train_rows, val_rows, info.label_names, global_batch)
     set_aside_previous_run(cfg, overwrite, ctx.is_main)  # the inputs proved good: the earlier run steps aside
     ctx.barrier()
     position, meter = Position(), RunMeter()
     if args.resume_from_checkpoint:
         saved_position, saved_meter = resume_run(args.resume_from_checkpoint, cfg, fingerprint, model, optimizer,
-                                                 scheduler, total_steps, ctx)
+                                                 scheduler, total_steps, ctx, hooks)
         position, meter = Position(**saved_position), RunMeter.from_state(saved_meter)
     else:
         set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
@@ -142,7 +148,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                 indices = batches[position.batch_in_epoch]
                 loss, tokens, inputs, grad_norm = _train_step(
                     wrapped, params, model_config, train_rows, indices, collate, optimizer, scheduler, args, ctx,
-                    autocast)
+                    autocast, hooks, position.step)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise RunError(_diverged_message(loss, grad_norm, position.step + 1, out, args.learning_rate))
                 position.step += 1
@@ -162,7 +168,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                     wrapped.train()
                 interrupted = ctx.any_flag(stop.requested)
                 if interrupted or (args.save_steps and position.step % args.save_steps == 0):
-                    _save_checkpoint(model, optimizer, scheduler, position, fingerprint, meter, info, cfg, ctx)
+                    _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, meter, info, cfg, ctx)
                 if interrupted:
                     break
             else:
@@ -183,8 +189,10 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     return result
 
 
-def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast):
-    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm)."""
+def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast,
+                hooks, steps_done):
+    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm).
+    `hooks` are called as training_hooks.py describes; `steps_done` counts the steps before this one."""
     total_tokens = sum(trained_tokens(rows[i]) for i in indices)
     share = process_share(indices, ctx.rank, ctx.world_size)
     # A process with no rows (a short last batch) still runs forward/backward, scaled by 0, to stay in sync.
@@ -199,16 +207,29 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
             with autocast:
                 loss_sum, _ = summed_token_loss(wrapped, batch, config=model_config)
             # DDP averages gradients over processes; scaling by world_size / tokens gives the global mean.
-            (loss_sum * (weight * ctx.world_size / max(total_tokens, 1))).backward()
+            objective = loss_sum * (weight * ctx.world_size / max(total_tokens, 1))
+            extra = [term for term in (hook.extra_loss(wrapped) for hook in hooks) if term is not None]
+            if extra:  # once per step in total: each micro-batch adds its share of the step's tokens
+                share = sum(trained_tokens(rows[i]) for i in chunk) / max(total_tokens, 1)
+                objective = objective + sum(extra) * (weight * ctx.world_size * share)
+            objective.backward()
         local_loss += float(loss_sum.detach()) * weight
         local_inputs += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss = ctx.sum(local_loss) / max(total_tokens, 1)
     if math.isfinite(loss) and math.isfinite(grad_norm):
+        for hook in hooks:
+            hook.before_optimizer_step(steps_done)
         optimizer.step()
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.after_optimizer_step(steps_done + 1)
+        optimizer.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.on_step_end(steps_done + 1, optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return loss, total_tokens, int(ctx.sum(local_inputs)), grad_norm
 
 
@@ -244,21 +265,21 @@ def _write_run_config(cfg: RunConfig) -> None:
         os.replace(f"{path}.tmp", path)
 
 
-def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, meter, info, cfg, ctx) -> None:
+def _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, meter, info, cfg, ctx) -> None:
     """Every process joins (sharded tensors are gathered, each writes its RNG); rank 0 writes the rest."""
     out, step = cfg.output_dir, position.step
     temp = ckpt.temp_dir_for(out, step) if ctx.is_main else os.path.join(out, f"checkpoint-{step}.tmp")
     ctx.barrier()
     trainable = {name: full_tensor(t) for name, t in trainable_tensors(model).items()}
     optimizer_dict = optimizer_state(model, optimizer)
-    needed = tensor_bytes(trainable) * (2 if cfg.finetuning_type == "lora" else 1) + tensor_bytes(
+    needed = tensor_bytes(trainable) * (2 if cfg.uses_adapter else 1) + tensor_bytes(
         [v for values in optimizer_dict["state"].values() for v in values.values() if isinstance(v, torch.Tensor)])
     found = ckpt.list_checkpoints(out)
     intact = f"The last complete checkpoint, {found[-1]}, is intact." if found else "No checkpoint was saved yet."
     with disk_full_says(f"checkpoint-{step}", out, needed, cleanup=[temp], advice=intact):
         os.makedirs(temp, exist_ok=True)
         ckpt.write_rng_state(temp, ctx.rank)
-        if cfg.finetuning_type == "lora":
+        if cfg.uses_adapter:
             model.save_pretrained(temp, is_main_process=ctx.is_main)
         if ctx.is_main:
             if info.label_names:
@@ -266,6 +287,7 @@ def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, meter, 
             state = {"position": asdict(position), "fingerprint": fingerprint, "output_dir": out,
                      "config": cfg.to_dict(), "meter": meter.state()}
             ckpt.write_training_state(temp, trainable, optimizer_dict, scheduler.state_dict(), state)
+            ckpt.write_hook_state(temp, hooks)
         ctx.barrier()
         if ctx.is_main:
             ckpt.publish(temp, out, step, cfg.train.save_total_limit)
@@ -274,7 +296,7 @@ def _save_checkpoint(model, optimizer, scheduler, position, fingerprint, meter, 
 
 
 def _final_model_dir(cfg: RunConfig) -> str:
-    return os.path.join(cfg.output_dir, "adapter" if cfg.finetuning_type == "lora" else "model")
+    return os.path.join(cfg.output_dir, "adapter" if cfg.uses_adapter else "model")
 
 
 def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext, label_names=None) -> None:
@@ -283,7 +305,7 @@ def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext, label_
     final = _final_model_dir(cfg)
     temp = f"{final}.tmp-{os.getpid()}"
     found = ckpt.list_checkpoints(cfg.output_dir)
-    weights = trainable_tensors(model) if cfg.finetuning_type == "lora" else model.state_dict()
+    weights = trainable_tensors(model) if cfg.uses_adapter else model.state_dict()
     advice = (f"The trained weights are in the last checkpoint, {found[-1]}: once there is space, finish with "
               "train.resume_from_checkpoint=latest." if found else
               "No checkpoint holds this run's weights (train.save_steps is 0), so the run must be trained again.")

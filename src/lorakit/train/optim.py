@@ -1,9 +1,9 @@
 """Optimizer and learning-rate schedule.
 
 AdamW over the trainable parameters only, in groups: weight decay for matrices, none for biases, norm
-weights and other vectors; with LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354) the B
-matrices get `loraplus_lr_ratio` times the learning rate, since B (zero-initialised) needs larger steps
-than A for efficient feature learning.
+weights and other vectors. An adapter's method may split the groups further (LoRA+ gives the B matrices
+`loraplus_lr_ratio` times the learning rate): `PeftModel.parameter_groups`, from the method's Tuner.
+Training hooks (training_hooks.py) may reshape the schedule (ReLoRA's restarts) through `lr_factor`.
 """
 
 from __future__ import annotations
@@ -14,28 +14,21 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lorakit.model import PeftModel
 from lorakit.train.config import TrainArgs
-
-LORA_B_NAMES = (".lora_B.", ".lora_embedding_B.")
+from lorakit.tuner import decay_groups
 
 
 def parameter_groups(model: nn.Module, args: TrainArgs) -> list[dict]:
-    """Trainable parameters split by (decay, LoRA+ B); each group carries its own lr and weight decay."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = param.ndim >= 2
-        is_b = args.loraplus_lr_ratio is not None and any(tag in f".{name}." for tag in LORA_B_NAMES)
-        groups.setdefault((decay, is_b), []).append(param)
+    """Trainable parameters in groups, each with its own lr and weight decay."""
+    if isinstance(model, PeftModel):  # its adapter's method decides
+        groups = model.parameter_groups(args)
+    else:
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        groups = decay_groups(named, args.learning_rate, args.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters; check finetuning_type and the adapter config")
-    ratio = args.loraplus_lr_ratio or 1.0
-    return [
-        {"params": params, "weight_decay": args.weight_decay if decay else 0.0,
-         "lr": args.learning_rate * (ratio if is_b else 1.0)}
-        for (decay, is_b), params in sorted(groups.items())
-    ]
+    return groups
 
 
 def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
@@ -59,6 +52,13 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int, hooks=()) -> LambdaLR:
     warmup = warmup_steps(args, total_steps)
-    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, args.lr_scheduler))
+
+    def factor(step: int) -> float:
+        value = lr_factor(step, warmup, total_steps, args.lr_scheduler)
+        for hook in hooks:
+            value = hook.lr_factor(step, value)
+        return value
+
+    return LambdaLR(optimizer, factor)

@@ -164,8 +164,9 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 # ---- loading -------------------------------------------------------------------------------------
 def resume_run(spec: str, cfg: RunConfig, fingerprint: dict, model, optimizer, scheduler, total_steps: int,
-               ctx: DistContext) -> tuple[dict, dict | None]:
-    """Load a checkpoint into the model, optimizer, schedule and RNGs; returns (position, meter state).
+               ctx: DistContext, hooks=()) -> tuple[dict, dict | None]:
+    """Load a checkpoint into the model, optimizer, schedule, training hooks and RNGs; returns (position, meter
+    state).
 
     Settings that take effect are applied over the loaded state: the optimizer's hyperparameters and the
     schedule come from this run's config, the moments (exp_avg, exp_avg_sq) and the step from the checkpoint."""
@@ -185,6 +186,7 @@ def resume_run(spec: str, cfg: RunConfig, fingerprint: dict, model, optimizer, s
     scheduler.load_state_dict(scheduler_state)
     if OPTIMIZER_SETTINGS & changed.keys():
         apply_configured_hyperparameters(optimizer, scheduler, configured)
+    ckpt.load_hook_state(directory, hooks)
     ckpt.load_rng_state(directory, ctx.rank)
     if ctx.is_main:
         print(f"resuming from {directory} at step {step}")

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from lorakit.model import get_peft_model
+from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.train.config import RunConfig
-
-SEQ_CLS_HEADS = ("score", "classifier")
 
 
 class RunError(RuntimeError):
@@ -17,8 +16,8 @@ class RunError(RuntimeError):
 
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """Apply finetuning_type: inject the adapter (lora), train everything (full), or the last N blocks (freeze)."""
-    if cfg.finetuning_type == "lora":
+    """Apply finetuning_type: inject the adapter, train everything (full), or the last N blocks (freeze)."""
+    if cfg.uses_adapter:
         return get_peft_model(model, cfg.adapter)
     if cfg.finetuning_type == "full":
         for param in model.parameters():
@@ -30,7 +29,7 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     n = cfg.train.freeze_trainable_layers
     if n > len(blocks):
         raise ValueError(f"train.freeze_trainable_layers={n} but the model has only {len(blocks)} blocks")
-    trained = list(blocks[-n:]) + [getattr(model, h) for h in SEQ_CLS_HEADS
+    trained = list(blocks[-n:]) + [getattr(model, h) for h in SEQ_CLS_HEAD_NAMES
                                    if cfg.task_type == "SEQ_CLS" and hasattr(model, h)]
     for module in trained:
         for param in module.parameters():
@@ -42,7 +41,7 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of repeated blocks: the ModuleList holding the most parameters."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of transformer blocks; use finetuning_type lora or full")
+        raise ValueError(f"{type(model).__name__} has no list of transformer blocks; use finetuning_type adapter or full")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
