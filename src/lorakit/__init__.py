@@ -5,6 +5,9 @@ The API follows HuggingFace PEFT, so a PEFT user changes one import:
     from lorakit import LoraConfig, get_peft_model, PeftModel, TaskType
 """
 
+from lorakit.cli import startup as _startup  # first: Ctrl-C while the `lorakit` command imports exits quietly
+
+_startup.install()
 from lorakit import methods  # noqa: F401  (registers every method)
 from lorakit.config import PeftConfig
 from lorakit.methods.lora import LoraConfig

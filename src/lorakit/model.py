@@ -210,7 +210,6 @@ class PeftModel(nn.Module):
 
     def _apply_active(self) -> None:
         """Push the active list to every layer and make exactly the active adapters' tensors trainable."""
-        model = self.get_base_model()
         for _, holder in self._holders():
             holder.active_adapters = list(self._active)
         for param in self.parameters():  # also tensors tuners keep outside the model (on base_model)

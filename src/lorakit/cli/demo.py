@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import answer_metrics, validation_answers
     from lorakit.train.loop import run_training
     from lorakit.train.run_log import peak_rss_mb
-    from lorakit.train.setup import check_output_dir
+    from lorakit.train.output_dir import check_output_dir
 
     started = time.time()
     output_dir = args.output_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))

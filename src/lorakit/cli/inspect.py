@@ -88,7 +88,7 @@ def resolve_inputs(args: argparse.Namespace):
     if args.target_modules is not None:
         section["target_modules"] = target_spec(args.target_modules)
     for item in args.option:
-        apply_override(section, item)
+        apply_override(section, item, "--option")
     return args.model, task_type, build_adapter_config(section, task_type, "inspect"), None, None
 
 

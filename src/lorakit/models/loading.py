@@ -92,6 +92,24 @@ def load_model_and_tokenizer(
     return model.to(torch.device(device) if device is not None else default_device()), tokenizer
 
 
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, with the pad token load_model_and_tokenizer would set; no model weights are read
+    (the embedded SmolLM2's tokenizer comes from its GGUF file when it has not been converted yet)."""
+    from lorakit.models.embedded import converted_model_dir, is_complete, package_asset
+
+    embedded = embedded_model_for(name_or_path)
+    if embedded is not None and embedded.needs_conversion and not is_complete(converted_model_dir(embedded)):
+        asset = package_asset(embedded)
+        source, source_kwargs = str(asset.parent), {"gguf_file": asset.name}
+    else:
+        source, source_kwargs = _locate(name_or_path)
+        _load_config(name_or_path, source, source_kwargs)  # one clear error for a Hub id that cannot be fetched
+    tokenizer = AutoTokenizer.from_pretrained(source, **source_kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _check_task_type(task_type: Any) -> str:
     """Accept PEFT-style names in any case, or an enum whose `.value` is such a name."""
     name = str(getattr(task_type, "value", task_type)).strip().upper()

@@ -9,7 +9,9 @@
       rng-rank<r>.safetensors   each process's torch RNG; rng-rank<r>.json Python and NumPy RNG
       hooks.safetensors         training hooks' state (AdaLoRA budget, LISA's draw, LoRA-drop's blocks);
                                 hooks.json the rest
-      trainer_state.json        step, data position, and a fingerprint of model + config
+      trainer_state.json        step, data position, the run config, a fingerprint of what cannot change
+                                within a run (resume.py) and the loss window and timings (meter.py)
+      labels.json               SEQ_CLS: the class names in id order (label_names.py)
 
 A checkpoint is filled in `checkpoint-<step>.tmp` and renamed when complete, so a kill leaves either
 the previous checkpoints or the new one, never half of one. No pickle anywhere.
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit.atomic import replace_directory
 from lorakit.config import write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -69,14 +72,7 @@ def write_rng_state(directory: str, rank: int) -> None:
 def publish(temp_dir: str, output_dir: str, step: int, save_total_limit: int | None) -> str:
     """Rename the finished temporary directory into place, then drop the oldest checkpoints."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    if os.path.exists(final):  # same step saved again (e.g. after a resume): swap, never delete first
-        old = f"{final}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(temp_dir, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp_dir, final)
+    replace_directory(temp_dir, final)  # same step saved again (e.g. after a resume): swapped, never deleted first
     if save_total_limit:
         for path in list_checkpoints(output_dir)[:-save_total_limit]:
             if path != final:
@@ -128,8 +124,16 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     """"latest" -> the newest checkpoint in output_dir; otherwise a checkpoint directory."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
+        started = os.path.isdir(output_dir) and any(name == "run_config.yaml" or name.startswith("checkpoint-")
+                                                    for name in os.listdir(output_dir))
+        if not found and not started:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} holds no run to resume; "
+                                    "check output_dir, or leave out resume_from_checkpoint to start a new run")
         if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} holds no complete checkpoint")
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=latest, but {output_dir!r} holds no complete checkpoint: the run there "
+                "stopped before its first one (set train.save_steps to keep checkpoints). Start it again with "
+                "--overwrite (without resume_from_checkpoint), or choose another output_dir.")
         return found[-1]
     if not os.path.isfile(os.path.join(spec, STATE_NAME)):
         raise FileNotFoundError(f"resume_from_checkpoint={spec!r} is not a checkpoint directory (no {STATE_NAME})")

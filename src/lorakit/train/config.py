@@ -25,6 +25,7 @@ import yaml
 from lorakit.config import PeftConfig, check_choice, check_positive, check_range, suggest
 from lorakit.registry import get_method
 from lorakit.tasks import TRAINABLE_TASK_TYPES
+from lorakit.text_files import read_text
 from lorakit.train.data import DataConfig
 
 # adapter: train the adapter described by `adapter:` (any method); "lora" is the same (kept from before
@@ -219,28 +220,34 @@ def load_run_config(path: str | None, overrides: list[str] = (), base: dict | No
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
+    text = read_text(path, "run configs")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of settings (model:, data:, train:, ...)")
     return data
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """`train.learning_rate=1e-4` -> raw["train"]["learning_rate"] = 1e-4 (value parsed as YAML)."""
+def apply_override(raw: dict, item: str, what: str = "override") -> None:
+    """`train.learning_rate=1e-4` -> raw["train"]["learning_rate"] = 1e-4 (value parsed as YAML).
+    `what` names the item in messages (e.g. "--option" for inspect)."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} must look like key=value, e.g. train.learning_rate=1e-4")
+        raise ValueError(f"{what} {item!r} must look like key=value, e.g. train.learning_rate=1e-4")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what} {item!r}: the value {text!r} is not valid YAML ({problem}). Close its brackets "
+                         "and quotes (a list: key=[a, b]), or put the value in quotes to pass it as text") from None
     node = raw
     *parents, leaf = key.strip().split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {item!r}: {part!r} is not a section")
+            raise ValueError(f"{what} {item!r}: {part!r} is not a section")
     node[leaf] = value
 
 
@@ -256,8 +263,9 @@ def build_run_config(raw: dict, source: str = "config") -> RunConfig:
         if not isinstance(section, dict):
             raise ValueError(f"{source}: {name} must be a mapping of settings, got {section!r}")
         _check_keys(section, {f.name for f in dataclasses.fields(cls)}, f"{source}: {name}")
-        if name == "data" and "path" not in section:
-            raise ValueError(f"{source}: data.path is required (the training data file or folder)")
+        if name == "data" and section.get("path") is None:
+            state = "is null" if "path" in section else "is required"
+            raise ValueError(f"{source}: data.path {state}; give the training data file or folder")
         kwargs[name] = _build(cls, section, f"{source}: {name}")
     kwargs["adapter"] = build_adapter_config(raw.pop("adapter", None), raw.get("task_type", "CAUSAL_LM"), source)
     if "output_dir" not in raw:

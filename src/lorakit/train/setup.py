@@ -1,54 +1,18 @@
-"""Preparing a run: the output directory, the model for each finetuning_type, and a run fingerprint."""
+"""Preparing a run: the model for each finetuning_type. (The output directory: output_dir.py; the fingerprint a
+resume checks: resume.py.)"""
 
 from __future__ import annotations
-
-import hashlib
-import json
-import os
-import shutil
 
 import torch
 from torch import nn
 
 from lorakit.model import get_peft_model
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
-from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import RunConfig
-
-RUN_FILES = ("run_config.yaml", "trainer_state.json", "metrics.jsonl", "train_results.json", "loss_curve.png",
-             "adapter", "model")
 
 
 class RunError(RuntimeError):
     """A run stopped for a reason the user can act on (the message says how)."""
-
-
-def check_output_dir(cfg: RunConfig, overwrite: bool) -> list[str]:
-    """The earlier run's files in output_dir, to be replaced; refuses unless asked to (--overwrite) or resuming."""
-    out = cfg.output_dir
-    if os.path.isfile(out):
-        raise RunError(f"output_dir {out!r} is a file; choose a directory")
-    if cfg.train.resume_from_checkpoint:
-        return []
-    previous = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
-    previous += [os.path.basename(path) for path in list_checkpoints(out)]  # names: out may be a relative path
-    if previous and not overwrite:
-        raise RunError(f"output_dir {out!r} already holds a run ({', '.join(previous[:4])}); "
-                       "pass --overwrite to replace it, train.resume_from_checkpoint=latest to continue it, "
-                       "or choose another output_dir")
-    return previous
-
-
-def prepare_output_dir(cfg: RunConfig, overwrite: bool, is_main: bool) -> None:
-    """Check as `check_output_dir`, delete the earlier run's files, create the directory (also for a resume
-    into a new output_dir). Call it once the model and data are ready, so bad input never costs the old run."""
-    out = cfg.output_dir
-    previous = check_output_dir(cfg, overwrite)
-    if previous and is_main:
-        for name in previous:
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(out, exist_ok=True)
 
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -104,25 +68,3 @@ def named_tensors(model: nn.Module, names) -> dict[str, torch.Tensor]:
     wanted = set(names)
     return {name: p for name, p in model.named_parameters() if name in wanted}
 
-
-def run_fingerprint(cfg: RunConfig, model: nn.Module, state: dict[str, torch.Tensor], num_rows: int,
-                    global_batch: int) -> dict:
-    """What a checkpoint must agree on to be resumed by this run (`state`: the tensors checkpoints save)."""
-    shapes = sorted((n, list(t.shape)) for n, t in state.items())
-    return {
-        "model": os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
-        "architecture": type(model).__name__ if not hasattr(model, "get_base_model")
-        else type(model.get_base_model()).__name__,
-        "finetuning_type": cfg.finetuning_type,
-        "trainable": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
-        "num_train_rows": num_rows,
-        "global_batch": global_batch,
-    }
-
-
-def check_fingerprint(saved: dict, current: dict, checkpoint: str) -> None:
-    diffs = [f"{key}: checkpoint {saved.get(key)!r} vs this run {value!r}"
-             for key, value in current.items() if saved.get(key) != value]
-    if diffs:
-        raise RunError(f"checkpoint {checkpoint} was made by a different run ({'; '.join(diffs)}). Resume with the "
-                       "same model, adapter config, data and batch sizes, or start a new output_dir.")
