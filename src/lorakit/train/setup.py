@@ -54,7 +54,9 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool, is_main: bool) -> None:
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """Apply finetuning_type: inject the adapter, train everything (full), or the last N blocks (freeze)."""
     if cfg.uses_adapter:
-        return get_peft_model(model, cfg.adapter)
+        peft_model = get_peft_model(model, cfg.adapter)
+        peft_model.configure_training(cfg.train)  # the method's own trainer options (LoRA-FA)
+        return peft_model
     if cfg.finetuning_type == "full":
         for param in model.parameters():
             param.requires_grad_(True)
