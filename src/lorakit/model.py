@@ -443,6 +443,9 @@ def _check_adapter_name(name) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == BASE_ADAPTER:
         raise ValueError(f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' "
                          f"(not {BASE_ADAPTER!r}); it becomes part of parameter names and folder names")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is not allowed: adapters are kept in torch ModuleDicts, where "
+                         f"{name!r} is already a method or attribute; choose another name")
 
 
 def _batch_size(args, kwargs) -> int | None:
