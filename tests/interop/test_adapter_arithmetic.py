@@ -100,3 +100,17 @@ def test_rslora_sources_combine_exactly_unlike_peft(arch, tmp_path):
     want = their_layer.get_delta_weight("first") + their_layer.get_delta_weight("second")
     torch.testing.assert_close(our_layer.delta_weight("mix"), want, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(their_layer.get_delta_weight("mix"), want, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", arch_params(lambda a: a.name == "llama"))
+def test_linear_with_rank_patterns_equals_peft(arch, tmp_path):
+    """Sources with rank_pattern: a factor-wise combination works layer by layer at the layer's rank (PEFT shrinks
+    that layer's tensors, lorakit pads the new adapter's rank with zeros: the same outputs)."""
+    options = {name: {**opts, "r": 4, "rank_pattern": {"q_proj": 2}} for name, opts in sources(arch).items()}
+    build_peft(arch, options).save_pretrained(tmp_path)
+    theirs, ours = load_both(arch, tmp_path)
+    for model in (theirs, ours):
+        model.add_weighted_adapter(["first", "second"], [0.5, 1.5], "mix", combination_type="linear")
+        model.set_adapter("mix")
+    inputs = arch.inputs()
+    assert_same_logits(logits(ours, inputs), logits(theirs, inputs))

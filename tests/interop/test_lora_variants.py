@@ -158,3 +158,30 @@ def test_conversion_to_plain_lora_equals_peft(arch, init, tmp_path):
     assert_same_logits(logits(peft_from_pretrained(arch, tmp_path / "ours"), inputs), trained)
     assert_same_logits(logits(lorakit.PeftModel.from_pretrained(arch.build(), str(tmp_path / "peft")).eval(), inputs),
                        trained)
+
+
+@pytest.mark.parametrize("arch", arch_params(lambda a: a.name in ("llama", "gpt2")))
+def test_dora_trains_like_peft(arch):
+    """Same init, same data, same optimizer: the same losses and the same trained tensors after a few steps."""
+    options = dict(target_modules="all-linear", r=4, lora_alpha=8, use_dora=True)
+    models = []
+    for get_peft_model, make_config in ((peft.get_peft_model, peft_config), (lorakit.get_peft_model, our_config)):
+        torch.manual_seed(0)
+        model = get_peft_model(arch.build(), make_config(arch, **options))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(4):
+            inputs = arch.inputs(seed=step)
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        models.append((model, losses))
+    (theirs, their_losses), (ours, our_losses) = models
+    assert our_losses == pytest.approx(their_losses, rel=1e-5, abs=1e-5)
+    assert our_losses[-1] < our_losses[0]
+    held, mine = peft.get_peft_model_state_dict(theirs), ours.adapter_state_dict()
+    for key in mine:
+        torch.testing.assert_close(mine[key], held[key], atol=1e-4, rtol=1e-4, msg=key)
