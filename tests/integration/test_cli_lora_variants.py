@@ -39,7 +39,8 @@ def workspace(tmp_path_factory):
     return root, make_model_dir(root / "model"), write_jsonl(root / "train.jsonl", ALPACA_ROWS)
 
 
-def train_yaml(workspace, name: str, adapter: str, train: str = "") -> tuple[int, str, object]:
+def train_yaml(workspace, name: str, adapter: str, train: str = ""):
+    """Write a run config for a tiny run; returns (config path, output_dir)."""
     root, model, data = workspace
     config = root / f"{name}.yaml"
     out = root / name
