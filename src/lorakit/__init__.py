@@ -10,7 +10,7 @@ from lorakit.cli import startup as _startup  # first: Ctrl-C while the `lorakit`
 _startup.install()
 from lorakit import methods  # noqa: F401  (registers every method)
 from lorakit.config import PeftConfig
-from lorakit.methods.lora import LoraConfig
+from lorakit.methods.lora import LoraConfig, enable_lora_fa
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.registry import get_method, register_method, registered_methods
 from lorakit.tasks import TaskType
@@ -24,7 +24,7 @@ PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFe
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
+    "LoraConfig", "enable_lora_fa", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
     "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
 ]

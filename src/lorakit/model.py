@@ -172,6 +172,41 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it")
         self._forget(adapter_name)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add `adapter_name` as a weighted combination of existing adapters (PEFT's signature and combination
+        types: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd,
+        magnitude_prune, magnitude_prune_svd). The new adapter is inactive until set_adapter, and saves, loads
+        and deletes like any other. The adapters' method does the arithmetic (Tuner.combine_adapters)."""
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"no adapter named {missing}; this model has {sorted(self.peft_config)}")
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"adapters lists an adapter twice: {list(adapters)}; give each once with its weight")
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) != len(adapters):
+            raise ValueError(f"weights must give one number per adapter ({len(adapters)}), got {weights!r}")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise ValueError(f"weights must be numbers, got {list(weights)!r}")
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) "
+                             "first or choose another name")
+        method = type(self.tuners[adapters[0]])
+        try:
+            method.combine_adapters(self, list(adapters), [float(w) for w in weights], adapter_name,
+                                    combination_type=combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                                    svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
+                                    majority_sign_method=majority_sign_method)
+        except Exception:
+            if adapter_name in self.peft_config:
+                self._forget(adapter_name)
+            raise
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active)
@@ -289,10 +324,15 @@ class PeftModel(nn.Module):
 
     # ---- files -----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | None = None, **kwargs) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors in PEFT's format: "default"
         in save_directory, any other adapter in save_directory/<name>. Under FSDP call it on every process
-        with is_main_process=(rank == 0): the shards are gathered, rank 0 writes."""
+        with is_main_process=(rank == 0): the shards are gathered, rank 0 writes.
+
+        path_initial_model_for_weight_conversion: the directory of the adapter as saved right after its
+        initialisation. For a method whose init rewrites the base weights (PiSSA, OLoRA) the adapter is then
+        written in a form for the original, unmodified base model (Tuner.convert_for_initial_model)."""
         if not safe_serialization:
             raise ValueError("lorakit writes safetensors only (safe_serialization=False is not supported)")
         if os.path.isfile(save_directory):
@@ -303,6 +343,9 @@ class PeftModel(nn.Module):
             if not is_main_process:
                 continue
             config = self.peft_config[name]
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, config = self.tuners[name].convert_for_initial_model(
+                    tensors, config, os.fspath(path_initial_model_for_weight_conversion))
             config = dataclasses.replace(config, inference_mode=True,
                                          base_model_name_or_path=config.base_model_name_or_path or base_name)
             directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
@@ -349,6 +392,13 @@ class PeftModel(nn.Module):
             raise
 
     # ---- training ---------------------------------------------------------------------------------
+    def configure_training(self, args) -> None:
+        """Let the active adapters' methods read their trainer options (`args`: the trainer's TrainArgs), e.g.
+        LoRA-FA; then re-apply which tensors train."""
+        for name in self._active:
+            self.tuners[name].configure_training(args)
+        self._apply_active()
+
     def parameter_groups(self, args) -> list[dict]:
         """Optimizer groups over the trainable parameters, as the active adapter's method wants them (LoRA+
         gives B a larger learning rate). `args`: the trainer's TrainArgs."""
@@ -392,6 +442,9 @@ def _check_adapter_name(name) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == BASE_ADAPTER:
         raise ValueError(f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' "
                          f"(not {BASE_ADAPTER!r}); it becomes part of parameter names and folder names")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is not allowed: adapters are kept in torch ModuleDicts, where "
+                         f"{name!r} is already a method or attribute; choose another name")
 
 
 def _batch_size(args, kwargs) -> int | None:

@@ -5,8 +5,12 @@
     tuner.inject()                               # wrap the targeted layers (prompt methods: wrap nothing)
     ... forward: tuner.transform_inputs(kwargs) -> base model -> tuner.transform_outputs(outputs, kwargs)
     ... save:    tuner.state_tensors()           # file key -> live tensor, in PEFT's format
-    ... train:   tuner.parameter_groups(...), tuner.training_hooks()
+    ... train:   tuner.configure_training(args), tuner.parameter_groups(...), tuner.training_hooks()
     tuner.remove()                               # undo what prepare() added outside the layers
+
+Operations over several adapters or over files go through class-level hooks of the adapters' method:
+`combine_adapters` (PeftModel.add_weighted_adapter) and `convert_for_initial_model` (save_pretrained's
+path_initial_model_for_weight_conversion); the defaults refuse with a clear error.
 
 A method is a `Tuner` subclass registered under a name (registry.py). It declares its config class, the
 layer class wrapping each base layer type, and its capabilities (which decide the conformance checks that
@@ -51,6 +55,9 @@ class Tuner:
     # base layer type -> adapter layer class wrapping it (looked up along the base type's MRO)
     layers: ClassVar[dict[type[nn.Module], type[nn.Module]]] = {}
     capabilities: ClassVar[frozenset[str]] = frozenset({MERGEABLE, MIXED_BATCH, WRAPS_LAYERS})
+    # trainer options (fields of train.TrainArgs) this method reads in configure_training / parameter_groups;
+    # a run that sets another method's option is refused (train/config.py)
+    train_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, host: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         self.host = host
@@ -131,6 +138,10 @@ class Tuner:
         return outputs
 
     # ---- training ----------------------------------------------------------------------------------------
+    def configure_training(self, args) -> None:
+        """Before training: read the method's own trainer options from `args` (the trainer's TrainArgs, read
+        with getattr), e.g. LoRA-FA freezes A. PeftModel re-applies set_trainable afterwards."""
+
     def parameter_groups(self, named_params: dict[str, nn.Parameter], args) -> list[dict]:
         """Optimizer groups over this adapter's trainable parameters. `args` is the trainer's TrainArgs (read
         with getattr: learning_rate, weight_decay, and method options such as loraplus_lr_ratio). Default:
@@ -140,6 +151,21 @@ class Tuner:
     def training_hooks(self) -> list["TrainingHook"]:
         """Objects the training loop calls (extra loss terms, after-step updates); see training_hooks.py."""
         return []
+
+    # ---- several adapters, files -------------------------------------------------------------------------
+    @classmethod
+    def combine_adapters(cls, peft_model, adapters: list[str], weights: list[float], adapter_name: str,
+                         **options) -> None:
+        """Add `adapter_name` to `peft_model` as a weighted combination of `adapters` (all of this method,
+        checked by PeftModel.add_weighted_adapter, which also removes the new adapter again on failure)."""
+        raise ValueError(f"add_weighted_adapter is not supported for {cls.name} adapters")
+
+    def convert_for_initial_model(self, tensors: dict[str, torch.Tensor], config: PeftConfig,
+                                  initial_dir: str) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+        """save_pretrained(path_initial_model_for_weight_conversion=initial_dir): turn this adapter's file tensors
+        and config into an adapter for the original base model, given the adapter as saved right after its
+        initialisation (methods whose init rewrites the base: PiSSA, OLoRA)."""
+        raise ValueError(f"path_initial_model_for_weight_conversion is not supported for {self.name} adapters")
 
     # ---- conformance -------------------------------------------------------------------------------------
     @classmethod
@@ -157,6 +183,14 @@ class Tuner:
         init); identity=False must give a random, non-trivial adapter.
         """
         raise NotImplementedError
+
+    @classmethod
+    def sample_configs(cls, target_modules: list[str], identity: bool, base_layer: nn.Module) -> dict[str, PeftConfig]:
+        """Named sample configs, one per variant of the method that can wrap `base_layer` (the targeted module);
+        the conformance suite runs every check on each. Same contract as sample_config; the suite also perturbs
+        the trainable tensors of identity=False adapters, so a variant whose init is always the identity (PiSSA)
+        is still exercised with a non-trivial adapter. Default: the one config of sample_config."""
+        return {"plain": cls.sample_config(target_modules, identity)}
 
 
 def decay_groups(named_params: dict[str, nn.Parameter], lr: float, weight_decay: float,

@@ -1,8 +1,10 @@
 """Every registered method, on every layer type it wraps, through the same checks (DESIGN.md).
 
-A method gets these by registering: the suite asks it for configs through `sample_config`, and runs the
-checks its declared capabilities allow (tuner.py: mergeable, mixed_batch); a check a method cannot take is
-reported as skipped with the reason, never silently dropped.
+A method gets these by registering: the suite asks it for configs through `sample_configs` (one per variant
+of the method that can wrap the layer: LoRA's plain, DoRA, PiSSA, OLoRA), and runs the checks its declared
+capabilities allow (tuner.py: mergeable, mixed_batch); a check a method cannot take is reported as skipped
+with the reason, never silently dropped. Random (identity=False) adapters also get their trainable tensors
+perturbed, as training would, so variants whose init is always the identity are tested non-trivially.
 """
 
 from __future__ import annotations
@@ -44,45 +46,83 @@ class ToyModel(nn.Module):
 INPUT = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(1))
 
 
+class Case:
+    """One method variant on one layer type."""
+
+    def __init__(self, method, target: str, variant: str) -> None:
+        self.method, self.target, self.variant = method, target, variant
+
+    def config(self, identity: bool):
+        base_layer = ToyModel().get_submodule(self.target)
+        return self.method.sample_configs([self.target], identity, base_layer)[self.variant]
+
+
 def _cases():
     for method in registered_methods():
         for layer_kind, target in LAYER_TARGETS.items():
             module = ToyModel().get_submodule(target)
-            marks = () if method.layer_class_for(module) else (pytest.mark.skip(f"{method.name} has no {layer_kind}"),)
-            yield pytest.param(method, target, id=f"{method.name}-{layer_kind}", marks=marks)
+            if not method.layer_class_for(module):
+                yield pytest.param(Case(method, target, "plain"), id=f"{method.name}-{layer_kind}",
+                                   marks=pytest.mark.skip(f"{method.name} has no {layer_kind}"))
+                continue
+            for variant in method.sample_configs([target], True, module):
+                label = method.name if variant == "plain" else f"{method.name}[{variant}]"
+                yield pytest.param(Case(method, target, variant), id=f"{label}-{layer_kind}")
 
 
 CASES = list(_cases())
 
 
-def needs(method, capability: str) -> None:
-    if capability not in method.capabilities:
-        pytest.skip(f"{method.name} is not {capability.replace('_', '-')}")
+def needs(case: Case, capability: str) -> None:
+    if capability not in case.method.capabilities:
+        pytest.skip(f"{case.method.name} is not {capability.replace('_', '-')}")
 
 
-def build(method, target, identity=False, seed=0, name="default"):
+@torch.no_grad()
+def perturb(model, name: str, seed: int) -> None:
+    """Noise on the adapter's trainable tensors (what training would change, but more)."""
+    gen = torch.Generator().manual_seed(seed)
+    for tensor in model.tuners[name].state_tensors().values():
+        if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+            tensor.add_(torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype) * 0.1)
+
+
+def build(case: Case, identity=False, seed=0, name="default"):
     torch.manual_seed(seed)
-    return lorakit.get_peft_model(ToyModel(), method.sample_config([target], identity=identity), name)
+    model = lorakit.get_peft_model(ToyModel(), case.config(identity), name)
+    if not identity:
+        perturb(model, name, seed)
+    return model
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_identity_init_equals_base(method, target):
+def add(model, case: Case, name: str, seed: int) -> None:
+    """A second, random adapter of the same case (inactive, like add_adapter's)."""
+    torch.manual_seed(seed)
+    previous = model.active_adapters
+    model.add_adapter(name, case.config(identity=False))
+    model.set_adapter(name)  # only active adapters' tensors are trainable, hence perturbed
+    perturb(model, name, seed)
+    model.set_adapter(previous)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_identity_init_equals_base(case):
     base = ToyModel()(INPUT)
-    model = build(method, target, identity=True)
+    model = build(case, identity=True)
     torch.testing.assert_close(model(input_ids=INPUT), base, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_random_adapter_changes_output(method, target):
+@pytest.mark.parametrize("case", CASES)
+def test_random_adapter_changes_output(case):
     """Guards the other checks: a random adapter must actually act on the output."""
-    model = build(method, target)
+    model = build(case)
     assert not torch.allclose(model(input_ids=INPUT), ToyModel()(INPUT), atol=1e-4)
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_merge_unmerge_restores_weights_and_outputs(method, target):
-    needs(method, MERGEABLE)
-    model = build(method, target)
+@pytest.mark.parametrize("case", CASES)
+def test_merge_unmerge_restores_weights_and_outputs(case):
+    needs(case, MERGEABLE)
+    model = build(case)
     before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
     unmerged_out = model(input_ids=INPUT)
     model.merge_adapter()
@@ -96,10 +136,10 @@ def test_merge_unmerge_restores_weights_and_outputs(method, target):
     torch.testing.assert_close(model(input_ids=INPUT), unmerged_out, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_merge_and_unload_gives_plain_model_with_same_output(method, target):
-    needs(method, MERGEABLE)
-    model = build(method, target)
+@pytest.mark.parametrize("case", CASES)
+def test_merge_and_unload_gives_plain_model_with_same_output(case):
+    needs(case, MERGEABLE)
+    model = build(case)
     expected = model(input_ids=INPUT)
     plain = model.merge_and_unload()
     assert type(plain) is ToyModel
@@ -107,9 +147,9 @@ def test_merge_and_unload_gives_plain_model_with_same_output(method, target):
     torch.testing.assert_close(plain(INPUT), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_save_load_round_trip_is_exact(method, target, tmp_path):
-    model = build(method, target, seed=3)
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_round_trip_is_exact(case, tmp_path):
+    model = build(case, seed=3)
     model.save_pretrained(tmp_path)
     loaded = lorakit.PeftModel.from_pretrained(ToyModel(), str(tmp_path))
     saved, restored = model.adapter_state_dict(), loaded.adapter_state_dict()
@@ -119,11 +159,10 @@ def test_save_load_round_trip_is_exact(method, target, tmp_path):
     assert torch.equal(loaded(input_ids=INPUT), model(input_ids=INPUT))
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_adapters_are_isolated(method, target):
-    model = build(method, target, seed=1, name="a")
-    torch.manual_seed(2)
-    model.add_adapter("b", method.sample_config([target], identity=False))
+@pytest.mark.parametrize("case", CASES)
+def test_adapters_are_isolated(case):
+    model = build(case, seed=1, name="a")
+    add(model, case, "b", seed=2)
     out_a = model(input_ids=INPUT)
     with torch.no_grad():
         for holder in (m for m in model.modules() if isinstance(m, AdapterHolder)):
@@ -137,12 +176,11 @@ def test_adapters_are_isolated(method, target):
     torch.testing.assert_close(model(input_ids=INPUT), out_a, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_mixed_batch_equals_per_row_runs(method, target):
-    needs(method, MIXED_BATCH)
-    model = build(method, target, seed=1, name="a")
-    torch.manual_seed(2)
-    model.add_adapter("b", method.sample_config([target], identity=False))
+@pytest.mark.parametrize("case", CASES)
+def test_mixed_batch_equals_per_row_runs(case):
+    needs(case, MIXED_BATCH)
+    model = build(case, seed=1, name="a")
+    add(model, case, "b", seed=2)
     names = ["a", "b", "__base__", "a"]
     mixed = model(input_ids=INPUT, adapter_names=names)
     for row, name in enumerate(names):
@@ -155,10 +193,10 @@ def test_mixed_batch_equals_per_row_runs(method, target):
         torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_only_active_adapter_parameters_train(method, target):
-    model = build(method, target, seed=1, name="a")
-    model.add_adapter("b", method.sample_config([target], identity=False))
+@pytest.mark.parametrize("case", CASES)
+def test_only_active_adapter_parameters_train(case):
+    model = build(case, seed=1, name="a")
+    add(model, case, "b", seed=2)
     saved = model.tuners["a"].state_tensors()  # what adapter "a" saves; it trains a subset of it (LoRA-FA: B only)
     live = {id(t) for t in saved.values() if isinstance(t, nn.Parameter) and t.requires_grad}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -169,18 +207,20 @@ def test_only_active_adapter_parameters_train(method, target):
         assert (param.grad is not None) == (id(param) in live), name
 
 
-@pytest.mark.parametrize("method,target", CASES)
-def test_reset_adapter_restores_the_identity_init_in_place(method, target):
+@pytest.mark.parametrize("case", CASES)
+def test_reset_adapter_restores_the_identity_init_in_place(case):
     """Trainer strategies (ReLoRA) restart an adapter through Tuner.reset_adapter: the same tensor objects (an
-    optimizer holds them), filled with the method's standard init again."""
-    if not method.can_reset():
-        pytest.skip(f"{method.name} layers do not implement reset_adapter")
-    model = build(method, target, identity=True)
+    optimizer holds them), filled so that the adapter is the identity again on the current base."""
+    if not case.method.can_reset():
+        pytest.skip(f"{case.method.name} layers do not implement reset_adapter")
+    model = build(case, identity=True)
+    with model.disable_adapter():
+        base_out = model(input_ids=INPUT)  # PiSSA/OLoRA rewrote the base into a residual: compare with it
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for param in tensors.values():
             param.add_(torch.randn_like(param))
-    assert not torch.allclose(model(input_ids=INPUT), ToyModel()(INPUT), atol=1e-4)
+    assert not torch.allclose(model(input_ids=INPUT), base_out, atol=1e-4)
     model.tuners["default"].reset_adapter()
-    torch.testing.assert_close(model(input_ids=INPUT), ToyModel()(INPUT), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(input_ids=INPUT), base_out, atol=1e-5, rtol=0)
     assert all(p is tensors[n] for n, p in model.named_parameters() if p.requires_grad)

@@ -14,7 +14,8 @@ from lorakit import LoraConfig, PeftConfig, TaskType
     (dict(init_lora_weights="orthogonal"), "init_lora_weights"), (dict(task_type="CAUSAL"), "task_type"),
     (dict(target_modules=[]), "target_modules"), (dict(target_modules=[1, 2]), "target_modules"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"), (dict(layers_to_transform=["0"]), "layers_to_transform"),
-    (dict(use_dora=True), "use_dora"),
+    (dict(use_dora="yes"), "use_dora"), (dict(init_lora_weights="pissa_niter_x"), "init_lora_weights"),
+    (dict(init_lora_weights="loftq"), "init_lora_weights"), (dict(init_lora_weights=3), "init_lora_weights"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"LoraConfig.{field}"):

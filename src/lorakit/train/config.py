@@ -47,6 +47,9 @@ class TrainArgs:
     adam_epsilon: float = 1e-8
     # LoRA+: learning rate of the B matrices = ratio * learning_rate (2..16 in the paper); None = off.
     loraplus_lr_ratio: float | None = None
+    # LoRA-FA: keep LoRA's A matrices frozen at their random init and train only B (half the trainable
+    # parameters; the backward keeps A x, r values per token, instead of x).
+    lora_fa: bool = False
     # Learning-rate schedule after warm-up: cosine, linear (both decay to 0) or constant.
     lr_scheduler: str = "cosine"
     # Linear warm-up steps; or warmup_ratio of the total steps when warmup_steps is 0.
@@ -126,6 +129,17 @@ class TrainArgs:
                 check_positive(owner, name, getattr(self, name), integer=True)
         if self.loraplus_lr_ratio is not None:
             check_positive(owner, "loraplus_lr_ratio", self.loraplus_lr_ratio)
+        if not isinstance(self.lora_fa, bool):
+            raise ValueError(f"{owner}.lora_fa must be true or false, got {self.lora_fa!r}")
+
+    def method_options_set(self) -> list[str]:
+        """The options of METHOD_OPTIONS this run sets (away from their defaults)."""
+        return [name for name in METHOD_OPTIONS if getattr(self, name) not in (None, False)]
+
+
+# Options of `train:` that only some adapter methods read (each method lists those it reads in
+# Tuner.train_options); a run setting one its method ignores is refused rather than silently changed.
+METHOD_OPTIONS = ("loraplus_lr_ratio", "lora_fa")
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,12 @@ class RunConfig:
         if self.uses_adapter and self.adapter is None:
             raise ValueError(f"config.adapter is required when finetuning_type is {self.finetuning_type}, e.g. "
                              "adapter: {method: lora, r: 8, target_modules: all-linear}")
+        method = get_method(self.adapter.peft_type) if self.uses_adapter else None
+        for name in self.train.method_options_set():
+            if method is None or name not in method.train_options:
+                what = f"the {method.name} method" if method else f"finetuning_type {self.finetuning_type}"
+                raise ValueError(f"config: train.{name}={getattr(self.train, name)!r} does not apply to {what}; "
+                                 f"remove it")
         from lorakit.train.strategies import check_strategies  # here: the strategies import this module
 
         check_strategies(self)

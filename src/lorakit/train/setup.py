@@ -18,7 +18,9 @@ class RunError(RuntimeError):
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """Apply finetuning_type: inject the adapter, train everything (full), or the last N blocks (freeze)."""
     if cfg.uses_adapter:
-        return get_peft_model(model, cfg.adapter)
+        peft_model = get_peft_model(model, cfg.adapter)
+        peft_model.configure_training(cfg.train)  # the method's own trainer options (LoRA-FA)
+        return peft_model
     if cfg.finetuning_type == "full":
         for param in model.parameters():
             param.requires_grad_(True)
