@@ -8,6 +8,7 @@ The API follows HuggingFace PEFT, so a PEFT user changes one import:
 from lorakit import methods  # noqa: F401  (registers every method)
 from lorakit.config import PeftConfig
 from lorakit.methods.lora import LoraConfig
+from lorakit.methods.quant import NF4Linear, NF4Tensor, quantize_model, quantize_nf4
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.registry import get_method, register_method, registered_methods
 from lorakit.tasks import TaskType
@@ -21,7 +22,7 @@ PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFe
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
+    "LoraConfig", "NF4Linear", "NF4Tensor", "PeftConfig", "quantize_model", "quantize_nf4", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
     "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
 ]

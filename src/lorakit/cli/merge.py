@@ -8,6 +8,10 @@ a SEQ_CLS adapter), without lorakit, and gives the same outputs as base + adapte
 with it. The merge is done in the dtype the model is loaded in: float32 by default. With --dtype bfloat16
 or float16 the merged weights are rounded to that dtype: half the size on disk, but no longer exactly
 base + adapter.
+An adapter trained on an NF4-quantized base (QLoRA) is merged into the unquantized base weights by default:
+the full-precision model the adapter's base was quantized from. With --quantization nf4 it is merged into the
+dequantized NF4 weights instead (exactly the weights it was trained against); either way the result is a
+dense model (docs/qlora.md).
 OUT is written to a temporary directory and renamed into place when complete, so an interrupted merge
 leaves no half-written model. An existing non-empty OUT is replaced only with --overwrite.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import warnings
 
 from lorakit.cli.common import add_model_arguments, load_model
 
@@ -31,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     out = os.path.normpath(args.output)
     check_output_dir(out, args.overwrite)  # before the (slow) loading
     loaded = load_model(args)
-    merged = loaded.model.merge_and_unload(safe_merge=True)
+    with warnings.catch_warnings():  # --quantization nf4: the dense result is the point, not a surprise
+        warnings.filterwarnings("ignore", message="merging into an NF4 layer")
+        merged = loaded.model.merge_and_unload(safe_merge=True)
     temp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     try:

@@ -25,6 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from lorakit.eval.metrics import summed_token_loss
+from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
@@ -93,7 +94,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     if loaded is None:
         labels = load_splits(cfg.data).label_names if cfg.task_type == "SEQ_CLS" else None
         loaded = load_model_and_tokenizer(cfg.model, cfg.task_type, label_names=labels, dtype=cfg.dtype,
-                                          device=ctx.device)
+                                          device=ctx.device, **cfg.quantization_kwargs)
     base_model, tokenizer = loaded
     train_rows, val_rows, info = build_datasets(cfg.data, tokenizer, cfg.task_type)
     collate = make_collator(cfg.data, tokenizer)
@@ -107,7 +108,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
         hook.setup(model)
     trainable = trainable_tensors(model)
     trainable_params = sum(t.numel() for t in trainable.values())
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
     wrapped = wrap_model(model, ctx, args.distributed, blocks)
     optimizer = build_optimizer(model, args)

@@ -10,6 +10,7 @@ import shutil
 import torch
 from torch import nn
 
+from lorakit.methods.quant import quantize_model
 from lorakit.model import get_peft_model
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.train.checkpoint import list_checkpoints
@@ -52,7 +53,11 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool, is_main: bool) -> None:
 
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """Apply finetuning_type: inject the adapter, train everything (full), or the last N blocks (freeze)."""
+    """Apply finetuning_type: inject the adapter, train everything (full), or the last N blocks (freeze).
+    With `quantization`, the model's linear layers are quantized first (already done when it was loaded with
+    the run's options: quantize_model leaves quantized layers alone)."""
+    if cfg.quantization is not None:
+        quantize_model(model, **cfg.quantization_kwargs)
     if cfg.uses_adapter:
         return get_peft_model(model, cfg.adapter)
     if cfg.finetuning_type == "full":
@@ -94,6 +99,7 @@ def run_fingerprint(cfg: RunConfig, model: nn.Module, num_rows: int, global_batc
         "architecture": type(model).__name__ if not hasattr(model, "get_base_model")
         else type(model.get_base_model()).__name__,
         "finetuning_type": cfg.finetuning_type,
+        "quantization": cfg.quantization,
         "trainable": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
         "num_train_rows": num_rows,
         "global_batch": global_batch,

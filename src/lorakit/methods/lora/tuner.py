@@ -8,6 +8,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.adapter_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.layer import LoraConv2d, LoraEmbedding, LoraLinear
+from lorakit.methods.quant import NF4Linear
 from lorakit.modules_to_save import is_trainable_copy
 from lorakit.registry import register_method
 from lorakit.tuner import Tuner, decay_groups
@@ -19,7 +20,9 @@ LORA_B_NAMES = (".lora_B.", ".lora_embedding_B.")
 @register_method("lora")
 class LoraTuner(Tuner):
     config_cls = LoraConfig
-    layers = {nn.Linear: LoraLinear, Conv1D: LoraLinear, nn.Embedding: LoraEmbedding, nn.Conv2d: LoraConv2d}
+    # NF4Linear (QLoRA): a quantized linear base layer, wrapped like nn.Linear (its `weight` gives shape and dtype)
+    layers = {nn.Linear: LoraLinear, Conv1D: LoraLinear, NF4Linear: LoraLinear, nn.Embedding: LoraEmbedding,
+              nn.Conv2d: LoraConv2d}
 
     def trainable_base_parameters(self) -> list[str]:
         """bias="all": every bias of the base model; "lora_only": the biases of layers holding this adapter."""
