@@ -259,7 +259,7 @@ def test_layers_quantized_by_bitsandbytes_are_refused_never_wrapped_as_linear(cl
     ({"quantization": None}, "quantization=None is not a quantization"),
     ({"compute_dtype": "bf16"}, "compute_dtype='bf16' is not allowed.*float32, bfloat16, float16"),
     ({"compute_dtype": torch.int8}, "compute_dtype=torch.int8 is not allowed"),
-    ({"blocksize": 65}, "blocksize must be a multiple of 4"),
+    ({"blocksize": 65}, "blocksize must be an even integer"),
     ({"double_quant": 1}, "double_quant must be True or False"),
     ({"skip_modules": "lm_head"}, "skip_modules must be a list"),
 ])

@@ -169,6 +169,8 @@ class RunConfig:
                              "adapter: {method: lora, r: 8, target_modules: all-linear}")
 
     def _check_quantization(self) -> None:
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"config.double_quant must be true or false, got {self.double_quant!r}")
         if self.quantization is None:
             if self.compute_dtype is not None:
                 raise ValueError(f"config.compute_dtype={self.compute_dtype!r} only applies to a quantized model; set "
@@ -176,8 +178,6 @@ class RunConfig:
             return
         check_quantization(self.quantization, "config.quantization")
         resolve_compute_dtype(self.compute_dtype, "config.compute_dtype")
-        if not isinstance(self.double_quant, bool):
-            raise ValueError(f"config.double_quant must be true or false, got {self.double_quant!r}")
         if not self.uses_adapter:
             raise ValueError(f"config.quantization={self.quantization!r} cannot be used with finetuning_type "
                              f"{self.finetuning_type!r}: quantized weights are frozen and cannot be trained. Train an "

@@ -25,7 +25,6 @@ absmax) and `dequantize()` drops the padding again.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -93,17 +92,21 @@ class Codebook:
         return below, threshold
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(values, thresholds, grid tables...) on `device`, copied there once."""
         if device not in self._on_device:
-            tables = (self.thresholds,) + (self.grid or ())
+            tables = (self.values, self.thresholds) + (self.grid or ())
             self._on_device[device] = tuple(t.to(device) for t in tables)
         return self._on_device[device]
+
+    def values_on(self, device: torch.device) -> torch.Tensor:
+        return self._tables(device)[0]
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """The index of the nearest code of every fp32 value in [-1, 1], as uint8 (x's shape)."""
         tables = self._tables(x.device)
         if self.grid is None:
-            return torch.bucketize(x, tables[0], out_int32=True).to(torch.uint8)
-        below, threshold = tables[1:]
+            return torch.bucketize(x, tables[1], out_int32=True).to(torch.uint8)
+        below, threshold = tables[2:]
         bins = ((x + 1) * (self.grid_bins / 2)).to(torch.int32).clamp_(0, self.grid_bins - 1).view(-1)
         index = torch.index_select(below, 0, bins) + (x.reshape(-1) > torch.index_select(threshold, 0, bins))
         return index.view(x.shape)
@@ -164,8 +167,8 @@ class DoubleQuantScales:
         return cls(codes[: absmax.numel()].clone(), scales, offset)
 
     def dequantize(self) -> torch.Tensor:
-        table = DYNAMIC_CODES.to(self.codes.device)
-        values = pad_to_multiple(table[self.codes.long()], SCALE_BLOCKSIZE).view(-1, SCALE_BLOCKSIZE)
+        values = torch.index_select(DYNAMIC.values_on(self.codes.device), 0, self.codes.int())
+        values = pad_to_multiple(values, SCALE_BLOCKSIZE).view(-1, SCALE_BLOCKSIZE)
         return (values * self.scales.float()[:, None]).view(-1)[: self.codes.numel()] + self.offset.float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -224,13 +227,12 @@ class NF4Tensor:
         return cls(tensors["packed"], scales, torch.Size(shape), dtype, blocksize)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight, `shape` in `dtype` (default: the original dtype). One table lookup per two bytes (four
-        codes at once: gathers are the cost, so fewer and wider ones are faster) and one multiply per value;
-        the product is formed in fp32 and rounded once."""
+        """The weight, `shape` in `dtype` (default: the original dtype). One lookup per packed byte in a 2 KB
+        table (in cache even between the layers of a training step) giving both codes' fp32 values as one
+        8-byte word, then one multiply per value; the product is formed in fp32 and rounded once."""
         dtype = dtype or self.dtype
-        index = self.packed.view(torch.int16).int() & 0xFFFF  # two packed bytes as one number 0..65535
-        values = torch.index_select(_quad_table(self.device), 0, index)  # (bytes / 2, 4): four codes
-        values = values.view(-1, self.blocksize).mul_(self.scales.dequantize()[:, None])
+        pairs = torch.index_select(_pair_table(self.device), 0, self.packed.int())  # (bytes,) int64
+        values = pairs.view(torch.float32).view(-1, self.blocksize).mul_(self.scales.dequantize()[:, None])
         return values.view(-1)[: self.numel()].view(self.shape).to(dtype)
 
     def __repr__(self) -> str:
@@ -239,25 +241,23 @@ class NF4Tensor:
                 f"double_quant={self.double_quant}, {self.nbytes:,d} bytes)")
 
 
-_QUAD_TABLES: dict[torch.device, torch.Tensor] = {}
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
-def _quad_table(device: torch.device) -> torch.Tensor:
-    """(65536, 4) fp32, cached per device: the four NF4 values held by two packed bytes read as one int16
-    (in memory order: first byte's high and low nibble, then the second byte's). 1 MB."""
-    if device not in _QUAD_TABLES:
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """(256,) int64, cached per device: for every byte, the fp32 values of its two codes (high nibble first) as
+    one 8-byte word. A 1-D gather of 8-byte words is ~3x faster than gathering rows of two floats."""
+    if device not in _PAIR_TABLES:
         byte = torch.arange(256)
-        pair = torch.stack([NF4_TENSOR[byte >> 4], NF4_TENSOR[byte & 15]], dim=1)  # (256, 2): one byte's codes
-        word = torch.arange(65536)
-        first, second = (word >> 8, word & 255) if sys.byteorder == "big" else (word & 255, word >> 8)
-        _QUAD_TABLES[device] = torch.cat([pair[first], pair[second]], dim=1).to(device)
-    return _QUAD_TABLES[device]
+        pairs = torch.stack([NF4_TENSOR[byte >> 4], NF4_TENSOR[byte & 15]], dim=1)  # (256, 2) fp32
+        _PAIR_TABLES[device] = pairs.view(torch.int64).view(-1).to(device)
+    return _PAIR_TABLES[device]
 
 
 def check_blocksize(blocksize) -> None:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 4 or blocksize % 4:
-        raise ValueError(f"blocksize must be a multiple of 4 (two 4-bit codes per byte, read two bytes at a time; "
-                         f"bitsandbytes uses 64..4096), got {blocksize!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
+        raise ValueError(f"blocksize must be an even integer >= 2 (two 4-bit codes per byte; bitsandbytes uses "
+                         f"64..4096), got {blocksize!r}")
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> NF4Tensor:
