@@ -14,6 +14,7 @@ from lorakit import LoraConfig, PeftModel, get_peft_model, quantize_model
 from lorakit.methods.lora import LoraLinear
 from lorakit.methods.quant import NF4Linear, quantization_summary, quantized_layers
 from tests.tiny import tiny_bert_classifier, tiny_llama, tiny_t5
+from tests.train_fixtures import one_torch_thread  # noqa: F401  (tiny models: one thread is faster)
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

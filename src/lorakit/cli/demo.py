@@ -24,6 +24,8 @@ DEMO_SYSTEM = "Parse the smart-home command."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.methods.quant import QUANTIZERS  # here, not at module level: importing a command stays cheap
+
     parser.add_argument("--output-dir", metavar="DIR",
                         help="where to write the run (default: runs/demo-<date>-<time>, never an existing run)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model (default: the embedded smollm2; the demo data is sized for it)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast: about 2x faster on CPUs with native bf16, slower on others")
-    parser.add_argument("--quantization", choices=("nf4",), default=None,
+    parser.add_argument("--quantization", choices=tuple(QUANTIZERS), default=None,
                         help="QLoRA: store the base model's linear weights in 4-bit NF4 (bf16 compute)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the adapter init and data order")
     parser.add_argument("--no-progress", action="store_true", help="hide the training progress bar")

@@ -26,11 +26,13 @@ ADAPTER_FIELDS = ("r", "lora_alpha", "exclude_modules", "modules_to_save", "laye
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.methods.quant import QUANTIZERS  # here, not at module level: importing a command stays cheap
+
     parser.add_argument("--model", metavar="M", help="embedded alias (smollm2, minilm), model directory or Hub id")
     parser.add_argument("--config", metavar="FILE", help="a run config (YAML): model, task_type and adapter")
     parser.add_argument("--task-type", choices=("CAUSAL_LM", "SEQ_CLS"), default=None,
                         help="model head to load (default CAUSAL_LM, or the config's)")
-    parser.add_argument("--quantization", choices=("nf4",), default=None,
+    parser.add_argument("--quantization", choices=tuple(QUANTIZERS), default=None,
                         help="load the linear weights quantized (default: dense, or the config's quantization)")
     parser.add_argument("--no-tree", action="store_true", help="leave out the module tree")
     adapter = parser.add_argument_group("adapter (instead of --config)")
