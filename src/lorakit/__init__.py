@@ -11,6 +11,7 @@ _startup.install()
 from lorakit import methods  # noqa: F401  (registers every method)
 from lorakit.config import PeftConfig
 from lorakit.methods.lora import LoraConfig, enable_lora_fa
+from lorakit.methods.quant import NF4Linear, NF4Tensor, quantize_model, quantize_nf4
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.registry import get_method, register_method, registered_methods
 from lorakit.tasks import TaskType
@@ -24,7 +25,8 @@ PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFe
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "enable_lora_fa", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
+    "LoraConfig", "enable_lora_fa", "NF4Linear", "NF4Tensor", "PeftConfig", "quantize_model", "quantize_nf4", "PeftModel",
+    "TaskType", "get_peft_model", "get_method", "register_method",
     "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
 ]

@@ -181,10 +181,11 @@ class AdapterLayer(AdapterHolder):
 
     def write_base_weight(self, weight: torch.Tensor) -> None:
         """Store a merged or unmerged weight into the base layer. A quantized base layer provides
-        `store_dense_weight(weight)` (it may stop being quantized: merging into 4 bits would lose precision)."""
+        `store_dense_weight(weight)`, which returns the dense layer that takes its place (merging into 4 bits
+        would lose precision), so from then on the base layer is dense."""
         base = self.base_layer
         if hasattr(base, "store_dense_weight"):
-            base.store_dense_weight(weight)
+            self.base_layer = base.store_dense_weight(weight)
         else:
             base.weight.data.copy_(weight)
 

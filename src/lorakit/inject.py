@@ -3,13 +3,15 @@
 Matching follows HuggingFace PEFT, so the same config selects the same modules:
 - a list of names: a module matches when its full name equals an entry or ends with "." + entry;
 - a string: a regex that must match the full module name (re.fullmatch);
-- "all-linear": every nn.Linear / Conv1D except the output head (lm_head, or the classifier for SEQ_CLS);
+- "all-linear": every linear-like layer (LINEAR_TYPES: nn.Linear, Conv1D, and the types other packages add,
+  e.g. methods/quant's NF4Linear) except the output head (lm_head, or the classifier for SEQ_CLS);
 - None: the architecture's default (query and value projections), see DEFAULT_TARGETS.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -20,6 +22,13 @@ from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 
 ALL_LINEAR = "all-linear"
+# Base layer types that "all-linear" targets. A package defining another linear layer (a quantized one) adds
+# its type with register_linear_type; the methods that can wrap it list it in their `layers`.
+LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, Conv1D]
+# Checks run on every targeted base layer before it is wrapped: each returns None, or why no adapter may wrap
+# the layer although its type looks wrappable (e.g. a layer quantized by another library that subclasses
+# nn.Linear but holds packed weights). Added with register_base_layer_check.
+BASE_LAYER_CHECKS: list[Callable[[nn.Module], str | None]] = []
 # Default targets when target_modules is None (as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
@@ -30,6 +39,20 @@ DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "bert": ["query", "value"], "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
 }
+
+
+def register_linear_type(layer_type: type[nn.Module]) -> None:
+    if layer_type not in LINEAR_TYPES:
+        LINEAR_TYPES.append(layer_type)
+
+
+def register_base_layer_check(check: Callable[[nn.Module], str | None]) -> None:
+    if check not in BASE_LAYER_CHECKS:
+        BASE_LAYER_CHECKS.append(check)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, tuple(LINEAR_TYPES))
 
 
 def name_matches(spec: str | list[str], name: str) -> bool:
@@ -94,7 +117,7 @@ def resolve_target_spec(model: nn.Module, config) -> str | list[str]:
 
 def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
     """Short names (last name component) of linear-like, embedding and conv modules, for error messages."""
-    kinds = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
+    kinds = (*LINEAR_TYPES, nn.Embedding, nn.Conv2d)
     names = sorted({n.rsplit(".", 1)[-1] for n, m in candidate_modules(model) if n and isinstance(base_of(m), kinds)})
     return names[:limit] + (["..."] if len(names) > limit else [])
 
@@ -113,12 +136,15 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
         if config.exclude_modules and name_matches(config.exclude_modules, name):
             continue
         if all_linear:
-            if not isinstance(base_of(module), (nn.Linear, Conv1D)):
+            if not is_linear(base_of(module)):
                 continue
         elif not name_matches(spec, name):
             continue
         if not _in_selected_layers(name, spec, config):
             continue
+        problem = next((p for check in BASE_LAYER_CHECKS if (p := check(base_of(module)))), None)
+        if problem:
+            raise TypeError(f"target module {name!r} is {problem}. Or leave it out of target_modules.")
         if method.layer_class_for(base_of(module)) is None:
             supported = ", ".join(sorted(t.__name__ for t in method.layers))
             raise TypeError(f"target module {name!r} is a {type(base_of(module)).__name__}, which {method.name} "

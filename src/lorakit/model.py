@@ -414,12 +414,8 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters), counting adapters, as PEFT does."""
-        trainable = total = 0
-        for param in self.parameters():
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
-        return trainable, total
+        """(trainable parameters, all parameters), counting adapters (and quantized weights), as PEFT does."""
+        return parameter_counts(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -430,6 +426,16 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> PeftModel:
     """Inject the adapter described by `peft_config` into `model` (in place) and return the PeftModel."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters of a module. The weights a quantized base layer stores as codes rather than
+    parameters count as frozen parameters (its `frozen_weight_numel`), as PEFT counts bitsandbytes' 4-bit ones."""
+    trainable = total = 0
+    for param in module.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total + sum(getattr(m, "frozen_weight_numel", 0) for m in module.modules())
 
 
 def _unwrapped(holder: AdapterHolder, keep_trained: bool) -> nn.Module:

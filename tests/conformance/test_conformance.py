@@ -15,21 +15,24 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.adapter_layer import AdapterHolder
+from lorakit.adapter_layer import AdapterHolder, AdapterLayer
+from lorakit.methods.quant import NF4Linear
 from lorakit.registry import registered_methods
 from lorakit.tuner import MERGEABLE, MIXED_BATCH
 
-LAYER_TARGETS = {"linear": "lin", "conv1d": "fused", "embedding": "emb", "conv2d": "conv"}
+LAYER_TARGETS = {"linear": "lin", "nf4_linear": "qlin", "conv1d": "fused", "embedding": "emb", "conv2d": "conv"}
 
 
 class ToyModel(nn.Module):
-    """Embedding -> Linear -> Conv1D (GPT-2 style) -> Conv2d -> head: one of each wrappable layer type."""
+    """Embedding -> Linear -> NF4Linear (quantized base, QLoRA) -> Conv1D (GPT-2 style) -> Conv2d -> head: one
+    of each wrappable layer type."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(50, 16)
         self.lin = nn.Linear(16, 16)
+        self.qlin = NF4Linear.from_linear(nn.Linear(16, 16), compute_dtype=torch.float32)
         self.fused = Conv1D(24, 16)  # weight (16, 24): stored transposed
         nn.init.normal_(self.fused.weight, std=0.2)
         self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1)
@@ -37,6 +40,7 @@ class ToyModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.lin(self.emb(input_ids)))  # (B, T, 16)
+        h = self.qlin(h)  # (B, T, 16)
         h = self.fused(h)  # (B, T, 24)
         b, t, _ = h.shape
         h = self.conv(h.view(b, t, 2, 12).permute(0, 2, 1, 3))  # (B, 3, T, 12)
@@ -119,24 +123,39 @@ def test_random_adapter_changes_output(case):
     assert not torch.allclose(model(input_ids=INPUT), ToyModel()(INPUT), atol=1e-4)
 
 
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """Copies of every wrapped base layer's tensors, its weight as a dense tensor (`dense_base_weight()`: a
+    quantized base is dequantized, and merging makes it dense)."""
+    out = {}
+    for path, layer in model.get_base_model().named_modules():
+        if isinstance(layer, AdapterLayer):
+            out[f"{path}.weight"] = layer.dense_base_weight().detach().clone()
+            out.update({f"{path}.{k}": v.detach().clone() for k, v in layer.base_layer.named_parameters()
+                        if k != "weight"})
+    return out
+
+
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.filterwarnings("ignore:merging into an NF4 layer")
 def test_merge_unmerge_restores_weights_and_outputs(case):
     needs(case, MERGEABLE)
     model = build(case)
-    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
+    before = base_weights(model)
     unmerged_out = model(input_ids=INPUT)
     model.merge_adapter()
-    merged_weights = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
+    merged_weights = base_weights(model)
+    assert merged_weights.keys() == before.keys()
     assert any(not torch.equal(before[k], merged_weights[k]) for k in before), "merge changed no weight"
     torch.testing.assert_close(model(input_ids=INPUT), unmerged_out, atol=1e-5, rtol=1e-5)
     model.unmerge_adapter()
-    after = {k: v for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
+    after = base_weights(model)
     for key in before:
         torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
     torch.testing.assert_close(model(input_ids=INPUT), unmerged_out, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.filterwarnings("ignore:merging into an NF4 layer")
 def test_merge_and_unload_gives_plain_model_with_same_output(case):
     needs(case, MERGEABLE)
     model = build(case)

@@ -60,6 +60,7 @@ CASES = {
     "lora with dropout (RNG restored)": (5, ("adapter.lora_dropout=0.3",)),
     "lora with gradient accumulation and LoRA+": (
         4, ("train.batch_size=2", "train.gradient_accumulation_steps=2", "train.loraplus_lr_ratio=4")),
+    "qlora (lora on an nf4 base)": (5, ("quantization=nf4",)),
     "full finetuning": (5, ("finetuning_type=full", "adapter=null", "train.learning_rate=1e-3")),
     "freeze with weight decay": (
         3, ("finetuning_type=freeze", "adapter=null", "train.freeze_trainable_layers=1", "train.weight_decay=0.1")),

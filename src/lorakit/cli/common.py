@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from lorakit.config import CONFIG_NAME
+from lorakit.methods.quant import QUANTIZERS
 from lorakit.models.loading import DTYPES
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.train.templates import TEMPLATES
@@ -30,6 +31,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool 
     group.add_argument("--allow-pickle", action="store_true",
                        help="read an adapter saved only as adapter_model.bin, a pickle file (read with "
                             "torch.load(weights_only=True)); only for files you trust")
+    group.add_argument("--quantization", choices=tuple(QUANTIZERS), default=None,
+                       help="store the base model's linear weights quantized (nf4: 4-bit NormalFloat, as QLoRA "
+                            "trains). Default: dense, also for an adapter trained on an NF4 base")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -142,8 +146,8 @@ def load_model(args: argparse.Namespace, task_type: str | None = None, label_nam
         raise ValueError(f"the adapter's classification head has {num_labels} classes but the data has "
                          f"{len(label_names)} ({', '.join(label_names)}); evaluate on data with the same labels")
     try:
-        model, tokenizer = load_model_and_tokenizer(name, task_type, num_labels=num_labels,
-                                                    label_names=label_names, dtype=args.dtype)
+        model, tokenizer = load_model_and_tokenizer(name, task_type, num_labels=num_labels, label_names=label_names,
+                                                    dtype=args.dtype, quantization=getattr(args, "quantization", None))
     except (OSError, ValueError) as err:
         if args.model:
             raise

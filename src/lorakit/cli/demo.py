@@ -24,6 +24,8 @@ DEMO_SYSTEM = "Parse the smart-home command."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.methods.quant import QUANTIZERS  # here, not at module level: importing a command stays cheap
+
     parser.add_argument("--output-dir", metavar="DIR",
                         help="where to write the run (default: runs/demo-<date>-<time>, never an existing run)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
@@ -31,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model (default: the embedded smollm2; the demo data is sized for it)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast: about 2x faster on CPUs with native bf16, slower on others")
+    parser.add_argument("--quantization", choices=tuple(QUANTIZERS), default=None,
+                        help="QLoRA: store the base model's linear weights in 4-bit NF4 (bf16 compute)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the adapter init and data order")
     parser.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
 
@@ -45,6 +49,7 @@ def demo_config(args: argparse.Namespace, output_dir: str):
     demo_dir = resources.files("lorakit") / "data" / "demo"
     return RunConfig(
         model=args.model, output_dir=output_dir, task_type="CAUSAL_LM", finetuning_type="adapter",
+        quantization=getattr(args, "quantization", None),
         adapter=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
         data=DataConfig(path=str(demo_dir / "train.jsonl"), val_path=str(demo_dir / "test.jsonl"), cutoff_len=128),
         train=TrainArgs(learning_rate=2e-3, lr_scheduler="cosine", warmup_steps=4, num_epochs=1, batch_size=8,
@@ -65,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     cfg = demo_config(args, output_dir)
     check_output_dir(cfg, args.overwrite)  # before minutes of work, not after
-    print(f"lorakit demo: LoRA on {args.model}, output in {output_dir}", flush=True)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, "CAUSAL_LM", dtype=cfg.dtype)
+    model_label = f"{args.model} in {cfg.quantization.upper()}" if cfg.quantization else args.model
+    print(f"lorakit demo: LoRA on {model_label}, output in {output_dir}", flush=True)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, "CAUSAL_LM", dtype=cfg.dtype, **cfg.quantization_kwargs)
     print(f"[{format_seconds(time.time() - started)}] model loaded; scoring the base model on the "
           "48 held-out requests", flush=True)
     prompts, base_answers, references = validation_answers(model, tokenizer, cfg)

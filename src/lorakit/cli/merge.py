@@ -8,6 +8,10 @@ a SEQ_CLS adapter), without lorakit, and gives the same outputs as base + adapte
 with it. The merge is done in the dtype the model is loaded in: float32 by default. With --dtype bfloat16
 or float16 the merged weights are rounded to that dtype: half the size on disk, but no longer exactly
 base + adapter.
+An adapter trained on an NF4-quantized base (QLoRA) is merged into the unquantized base weights by default:
+the full-precision model the adapter's base was quantized from. With --quantization nf4 it is merged into the
+dequantized NF4 weights instead (exactly the weights it was trained against); either way the result is a
+dense model (docs/qlora.md).
 OUT is written to a temporary sibling (OUT.tmp-<pid>) and renamed into place when complete, so an
 interrupted merge leaves no half-written model; the temporary directory of a merge that was killed is removed
 by the next merge into the same OUT. An existing non-empty OUT is replaced only with --overwrite, and only once
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import warnings
 
 from lorakit.cli.common import add_model_arguments, load_model
 
@@ -38,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out, args.overwrite)  # before the (slow) loading
     check_not_a_source(out, args)
     loaded = load_model(args)
-    merged = loaded.model.merge_and_unload(safe_merge=True)
+    with warnings.catch_warnings():  # --quantization nf4: the dense result is the point, not a surprise
+        warnings.filterwarnings("ignore", message="merging into an NF4 layer")
+        merged = loaded.model.merge_and_unload(safe_merge=True)
     temp = f"{out}.tmp-{os.getpid()}"
     with disk_full_says(f"the merged model {out!r}", parent, tensor_bytes(merged.state_dict()), cleanup=[temp],
                         advice="The adapter and any earlier OUT are untouched."):

@@ -16,11 +16,12 @@ from collections import Counter
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.inject import base_of, candidate_modules, output_head_names
+from lorakit.inject import base_of, candidate_modules, is_linear, output_head_names
+from lorakit.model import parameter_counts
 
 
 def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return parameter_counts(module)[1]  # quantized weights included
 
 
 # ---- the module tree ------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def describe(module: nn.Module) -> str:
 
 
 def layer_shape(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_linear(module) and hasattr(module, "in_features"):  # also NF4Linear
         return f"{module.in_features} -> {module.out_features}{', bias' if module.bias is not None else ''}"
     if isinstance(module, Conv1D):  # GPT-2 style: weight stored (in, out)
         return f"{module.weight.shape[0]} -> {module.weight.shape[1]}"

@@ -3,6 +3,7 @@
     model: smollm2                 # embedded alias, local directory or Hub id
     task_type: CAUSAL_LM
     finetuning_type: adapter       # adapter (or lora) | full | freeze
+    quantization: nf4              # optional: linear weights in 4-bit NF4, the adapter trains on top (QLoRA)
     adapter: {method: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
     data: {path: data/train.jsonl, val_size: 0.1, cutoff_len: 512}
     train: {learning_rate: 2.0e-4, num_epochs: 3, batch_size: 8}
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from lorakit.config import PeftConfig, check_choice, check_positive, check_range, suggest
+from lorakit.methods.quant import check_quantization, resolve_compute_dtype
 from lorakit.registry import get_method
 from lorakit.tasks import TRAINABLE_TASK_TYPES
 from lorakit.text_files import read_text
@@ -177,6 +179,13 @@ class RunConfig:
     finetuning_type: str = "adapter"
     # Model dtype: float32 (default), bfloat16, float16, auto (as saved).
     dtype: str | None = None
+    # Store the linear weights (all but the output head) quantized: nf4 (QLoRA's 4-bit NormalFloat), or
+    # unset for a dense model. Only with an adapter: 4-bit weights cannot be trained.
+    quantization: str | None = None
+    # NF4: quantize the per-block scales to 8 bits too (4.127 instead of 4.5 bits per weight).
+    double_quant: bool = True
+    # NF4: dtype of the dequantized weights and their matmuls: bfloat16 (default), float32, float16.
+    compute_dtype: str | None = None
     # The adapter: `method` (lora, vera, ...) plus that method's config fields, with PEFT's names
     # (e.g. {method: lora, r: 8, use_dora: true}).
     adapter: PeftConfig | None = None
@@ -191,6 +200,7 @@ class RunConfig:
         if self.train.distributed == "fsdp" and not self.uses_adapter:
             raise ValueError("config: train.distributed=fsdp shards a frozen base model and trains an adapter; "
                              f"use finetuning_type adapter (got {self.finetuning_type!r}) or train.distributed=ddp")
+        self._check_quantization()
         if self.uses_adapter and self.adapter is None:
             raise ValueError(f"config.adapter is required when finetuning_type is {self.finetuning_type}, e.g. "
                              "adapter: {method: lora, r: 8, target_modules: all-linear}")
@@ -203,6 +213,29 @@ class RunConfig:
         from lorakit.train.strategies import check_strategies  # here: the strategies import this module
 
         check_strategies(self)
+
+    def _check_quantization(self) -> None:
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"config.double_quant must be true or false, got {self.double_quant!r}")
+        if self.quantization is None:
+            if self.compute_dtype is not None:
+                raise ValueError(f"config.compute_dtype={self.compute_dtype!r} only applies to a quantized model; set "
+                                 "quantization: nf4 or remove compute_dtype")
+            return
+        check_quantization(self.quantization, "config.quantization")
+        resolve_compute_dtype(self.compute_dtype, "config.compute_dtype")
+        if not self.uses_adapter:
+            raise ValueError(f"config.quantization={self.quantization!r} cannot be used with finetuning_type "
+                             f"{self.finetuning_type!r}: quantized weights are frozen and cannot be trained. Train an "
+                             "adapter on top (finetuning_type: adapter), or remove quantization")
+
+    @property
+    def quantization_kwargs(self) -> dict:
+        """The quantization options as load_model_and_tokenizer / quantize_model take them ({} when dense)."""
+        if self.quantization is None:
+            return {}
+        return {"quantization": self.quantization, "double_quant": self.double_quant,
+                "compute_dtype": self.compute_dtype}
 
     @property
     def uses_adapter(self) -> bool:

@@ -28,6 +28,7 @@ from lorakit.atomic import disk_full_says, replace_directory, tensor_bytes
 from lorakit.config import write_json_atomic
 from lorakit.eval.metrics import summed_token_loss
 from lorakit.label_names import write_label_names
+from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
@@ -98,7 +99,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     if loaded is None:
         labels = load_splits(cfg.data).label_names if cfg.task_type == "SEQ_CLS" else None
         loaded = load_model_and_tokenizer(cfg.model, cfg.task_type, label_names=labels, dtype=cfg.dtype,
-                                          device=ctx.device)
+                                          device=ctx.device, **cfg.quantization_kwargs)
     base_model, tokenizer = loaded
     model_weights = weights_hash(base_model)  # before the adapter goes in: the base model, by content
     train_rows, val_rows, info = build_datasets(cfg.data, tokenizer, cfg.task_type)
@@ -117,7 +118,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     state_names = run_state_names(model, hooks)  # what checkpoints save: trainable + hook-changed base weights
     merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
     trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
     wrapped = wrap_model(model, ctx, args.distributed, blocks)
     optimizer = build_optimizer(model, args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.methods.quant import quantize_model
 from lorakit.model import get_peft_model
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.train.config import RunConfig
@@ -16,7 +17,11 @@ class RunError(RuntimeError):
 
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """Apply finetuning_type: inject the adapter, train everything (full), or the last N blocks (freeze)."""
+    """Apply finetuning_type: inject the adapter, train everything (full), or the last N blocks (freeze).
+    With `quantization`, the model's linear layers are quantized first (already done when it was loaded with
+    the run's options: quantize_model leaves quantized layers alone)."""
+    if cfg.quantization is not None:
+        quantize_model(model, **cfg.quantization_kwargs)
     if cfg.uses_adapter:
         peft_model = get_peft_model(model, cfg.adapter)
         peft_model.configure_training(cfg.train)  # the method's own trainer options (LoRA-FA)

@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.adapter_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.methods.quant import NF4Linear
 from lorakit.modules_to_save import is_trainable_copy
 from lorakit.registry import register_method
 from lorakit.state import adapter_holders
@@ -25,7 +26,9 @@ LORA_FA_FROZEN = ("lora_A.",)
 @register_method("lora")
 class LoraTuner(Tuner):
     config_cls = LoraConfig
-    layers = {nn.Linear: LoraLinear, Conv1D: LoraLinear, nn.Embedding: LoraEmbedding, nn.Conv2d: LoraConv2d}
+    # NF4Linear (QLoRA): a quantized linear base layer, wrapped like nn.Linear (its `weight` gives shape and dtype)
+    layers = {nn.Linear: LoraLinear, Conv1D: LoraLinear, NF4Linear: LoraLinear, nn.Embedding: LoraEmbedding,
+              nn.Conv2d: LoraConv2d}
     train_options = frozenset({"loraplus_lr_ratio", "lora_fa"})
 
     def __init__(self, host: nn.Module, config: LoraConfig, adapter_name: str) -> None:
