@@ -51,6 +51,7 @@ class Tuner:
     """
 
     name: ClassVar[str] = ""  # set by register_method
+    display_name: ClassVar[str] = ""  # how people write it ("LoRA", "VeRA"); the registered name when empty
     config_cls: ClassVar[type[PeftConfig]]
     # base layer type -> adapter layer class wrapping it (looked up along the base type's MRO)
     layers: ClassVar[dict[type[nn.Module], type[nn.Module]]] = {}
