@@ -7,7 +7,9 @@ The API follows HuggingFace PEFT, so a PEFT user changes one import:
 
 from lorakit import methods  # noqa: F401  (registers every method)
 from lorakit.config import PeftConfig
+from lorakit.methods.adalora import AdaLoraConfig
 from lorakit.methods.lora import LoraConfig
+from lorakit.methods.vera import VeraConfig
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.registry import get_method, register_method, registered_methods
 from lorakit.tasks import TaskType
@@ -21,7 +23,7 @@ PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFe
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
+    "LoraConfig", "VeraConfig", "AdaLoraConfig", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
     "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
 ]

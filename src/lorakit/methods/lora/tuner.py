@@ -5,12 +5,10 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapter_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.layer import LoraConv2d, LoraEmbedding, LoraLinear
-from lorakit.modules_to_save import is_trainable_copy
 from lorakit.registry import register_method
-from lorakit.tuner import Tuner, decay_groups
+from lorakit.tuner import Tuner, bias_parameter_names, decay_groups
 
 # Parameter-name parts of the B matrices, which LoRA+ trains with a larger learning rate.
 LORA_B_NAMES = (".lora_B.", ".lora_embedding_B.")
@@ -23,15 +21,7 @@ class LoraTuner(Tuner):
 
     def trainable_base_parameters(self) -> list[str]:
         """bias="all": every bias of the base model; "lora_only": the biases of layers holding this adapter."""
-        model, bias = self.model, self.config.bias
-        if bias == "all":
-            return [name for name, _ in model.named_parameters()
-                    if name.rsplit(".", 1)[-1] == "bias" and not is_trainable_copy(name)]
-        if bias == "lora_only":
-            return [f"{name}.base_layer.bias" for name, module in model.named_modules()
-                    if isinstance(module, AdapterLayer) and module.has_adapter(self.adapter_name)
-                    and getattr(module.base_layer, "bias", None) is not None]
-        return []
+        return bias_parameter_names(self.model, self.adapter_name, self.config.bias)
 
     def parameter_groups(self, named_params: dict[str, nn.Parameter], args) -> list[dict]:
         """LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): with `loraplus_lr_ratio`, the B matrices
