@@ -11,13 +11,13 @@ model, optimizer, schedule, RNGs and data position, so a resumed run matches an 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
 import signal
 import threading
 import time
-import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
