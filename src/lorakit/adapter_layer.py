@@ -20,6 +20,11 @@ from torch import nn
 BASE_ADAPTER = "__base__"  # the row name that means "no adapter" in a mixed batch
 
 
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 even on a half-precision base (PEFT's autocast_adapter_dtype default)."""
+    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
+
+
 class BatchRouting:
     """Which adapter each row of a batch uses: `names[i]` for row i (or `"__base__"`).
 

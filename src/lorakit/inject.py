@@ -103,16 +103,18 @@ def output_head_names(model: nn.Module, task_type: str | None) -> set[str]:
     return {name for name, m in model.named_modules() if head is not None and base_of(m) is head}
 
 
-def resolve_target_spec(model: nn.Module, config) -> str | list[str]:
+def resolve_target_spec(model: nn.Module, config, defaults: dict[str, list[str]] | None = None) -> str | list[str]:
+    """config.target_modules, or the architecture's entry of `defaults` (a method's own table; DEFAULT_TARGETS)."""
     if config.target_modules is not None:
         return config.target_modules
+    defaults = DEFAULT_TARGETS if defaults is None else defaults
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
+    if model_type not in defaults:
         raise ValueError(
             f"target_modules is not set and lorakit has no default targets for model type {model_type!r}; "
             f"set target_modules, e.g. 'all-linear' or some of: {', '.join(candidate_names(model))}"
         )
-    return DEFAULT_TARGETS[model_type]
+    return defaults[model_type]
 
 
 def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
@@ -124,7 +126,7 @@ def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
 
 def find_targets(model: nn.Module, config, method) -> list[str]:
     """Full names of the modules `config` targets in `model`; raises a clear error when none or a wrong type."""
-    spec = resolve_target_spec(model, config)
+    spec = resolve_target_spec(model, config, getattr(method, "default_target_modules", None))
     all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
     excluded_heads = output_head_names(model, config.task_type) if all_linear else set()
     targets = []
@@ -133,7 +135,8 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
             continue
         if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
             continue
-        if config.exclude_modules and name_matches(config.exclude_modules, name):
+        excluded = getattr(config, "exclude_modules", None)  # a field of most methods, not all (VeRA has none)
+        if excluded and name_matches(excluded, name):
             continue
         if all_linear:
             if not is_linear(base_of(module)):

@@ -59,7 +59,6 @@ class PeftModel(nn.Module):
         if isinstance(model, PeftModel):
             raise TypeError("this model already has adapters; use add_adapter() / load_adapter() on it")
         self.base_model = TunerModel(model)
-        self.peft_config: dict[str, PeftConfig] = {}
         self.tuners: dict[str, Tuner] = {}  # adapter name -> its method's lifecycle object (tuner.py)
         self._active: list[str] = []
         for param in model.parameters():
@@ -75,6 +74,12 @@ class PeftModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        """Adapter name -> its config. The tuners hold the configs, since a method may update its own during
+        training (AdaLoRA records the rank pattern it allocated), and a save writes the current one."""
+        return {name: tuner.config for name, tuner in self.tuners.items()}
 
     # ---- running ---------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -152,7 +157,6 @@ class PeftModel(nn.Module):
             self._remove_from_layers(adapter_name)
             tuner.remove()
             raise
-        self.peft_config[adapter_name] = peft_config
         self.tuners[adapter_name] = tuner
         self._apply_active()
 
@@ -257,7 +261,6 @@ class PeftModel(nn.Module):
         """Remove an adapter entirely: from the layers, its tuner's own state, and the bookkeeping."""
         self._remove_from_layers(adapter_name)
         self.tuners.pop(adapter_name).remove()
-        del self.peft_config[adapter_name]
 
     def _require(self, capability: str, adapter_names, what: str) -> None:
         """Refuse `what` for adapters whose method lacks `capability` (tuner.py)."""
@@ -352,9 +355,12 @@ class PeftModel(nn.Module):
             write_adapter(directory, config, tensors)
 
     def adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
-        """One adapter's tensors keyed as in PEFT files (adapter name removed). Sharded (FSDP) tensors are
-        gathered, so under FSDP every process must call this."""
-        return detached_copies(self.tuners[adapter_name].state_tensors())
+        """One adapter's tensors keyed as in PEFT files (adapter name removed), without those its method rebuilds
+        instead of saving (`Tuner.optional_state_keys`). Sharded (FSDP) tensors are gathered, so under FSDP every
+        process must call this."""
+        tuner = self.tuners[adapter_name]
+        rebuilt = tuner.optional_state_keys()
+        return detached_copies({k: v for k, v in tuner.state_tensors().items() if k not in rebuilt})
 
     def _load_state(self, adapter_name: str, weights: dict[str, torch.Tensor], source: str) -> None:
         tuner = self.tuners[adapter_name]

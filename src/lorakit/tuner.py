@@ -29,6 +29,7 @@ from torch import nn
 from lorakit.adapter_layer import AdapterLayer
 from lorakit.config import PeftConfig
 from lorakit.inject import inject_adapter
+from lorakit.modules_to_save import is_trainable_copy
 from lorakit.state import adapter_holders, live_adapter_tensors
 
 if TYPE_CHECKING:  # only for annotations: the trainer imports the engine, never the reverse
@@ -59,6 +60,8 @@ class Tuner:
     # trainer options (fields of train.TrainArgs) this method reads in configure_training / parameter_groups;
     # a run that sets another method's option is refused (train/config.py)
     train_options: ClassVar[frozenset[str]] = frozenset()
+    # model_type -> target_modules used when the config leaves target_modules unset; None: inject.DEFAULT_TARGETS
+    default_target_modules: ClassVar[dict[str, list[str]] | None] = None
 
     def __init__(self, host: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         self.host = host
@@ -116,8 +119,9 @@ class Tuner:
             params[name].requires_grad_(flag)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """File key -> live tensor for everything this adapter saves: the wrapped layers' tensors and
-        `modules_to_save` copies (state.py), trainable base parameters, plus `extra_state_tensors()`."""
+        """File key -> live tensor for everything an adapter file of this adapter holds: the wrapped layers' tensors
+        and `modules_to_save` copies (state.py), trainable base parameters, plus `extra_state_tensors()`. Saving
+        writes all but `optional_state_keys()`; loading copies the file's tensors into these."""
         return {**live_adapter_tensors(self.model, self.adapter_name, self.trainable_base_parameters()),
                 **self.extra_state_tensors()}
 
@@ -126,7 +130,9 @@ class Tuner:
         return {}
 
     def optional_state_keys(self) -> set[str]:
-        """Keys of state_tensors() a file may lack (VeRA without save_projection regenerates them)."""
+        """Keys of state_tensors() this adapter rebuilds instead of saving (VeRA without save_projection regenerates
+        its projections from the seed): save_pretrained leaves them out, a file may lack them, and a file that has
+        them (PEFT's, say) is loaded as usual."""
         return set()
 
     # ---- running -----------------------------------------------------------------------------------------
@@ -192,6 +198,20 @@ class Tuner:
         the trainable tensors of identity=False adapters, so a variant whose init is always the identity (PiSSA)
         is still exercised with a non-trivial adapter. Default: the one config of sample_config."""
         return {"plain": cls.sample_config(target_modules, identity)}
+
+
+def bias_parameter_names(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
+    """The base biases an adapter trains, by PEFT's `bias` rule: "all" every bias of the base model (not those inside
+    trainable copies), "<method>_only" ("lora_only", "vera_only") the biases of the layers holding this adapter,
+    "none" none."""
+    if bias == "all":
+        return [name for name, _ in model.named_parameters()
+                if name.rsplit(".", 1)[-1] == "bias" and not is_trainable_copy(name)]
+    if bias.endswith("_only"):
+        return [f"{name}.base_layer.bias" for name, module in model.named_modules()
+                if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name)
+                and getattr(module.base_layer, "bias", None) is not None]
+    return []
 
 
 def decay_groups(named_params: dict[str, nn.Parameter], lr: float, weight_decay: float,

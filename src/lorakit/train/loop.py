@@ -11,6 +11,7 @@ model, optimizer, schedule, RNGs and data position, so a resumed run matches an 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -105,6 +106,12 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     train_rows, val_rows, info = build_datasets(cfg.data, tokenizer, cfg.task_type)
     collate = make_collator(cfg.data, tokenizer)
 
+    global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
+    per_epoch = steps_per_epoch(len(train_rows), global_batch)
+    total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
+    if cfg.uses_adapter:  # fields the run decides (AdaLoRA's total_step), recorded in run_config.yaml and the adapter
+        cfg = dataclasses.replace(cfg, adapter=cfg.adapter.fill_from_run(total_steps))
+
     set_seed(args.seed)  # the adapter's initialisation depends on the seed only
     model = prepare_model(base_model, cfg).to(ctx.device)
     if args.gradient_checkpointing:
@@ -124,9 +131,6 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     optimizer = build_optimizer(model, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # after sharding: the live ones
 
-    global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
-    per_epoch = steps_per_epoch(len(train_rows), global_batch)
-    total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
     for hook in hooks:
         hook.check_run(total_steps)
     scheduler = build_scheduler(optimizer, args, total_steps, hooks)

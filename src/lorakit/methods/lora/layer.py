@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapter_layer import AdapterLayer
+from lorakit.adapter_layer import AdapterLayer, adapter_dtype
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.dora import DoraVariant
 from lorakit.methods.lora.init import (
@@ -39,11 +39,6 @@ from lorakit.methods.lora.init import (
 # config flag -> variant name; a layer type lists the variants it can run in `variants`
 VARIANT_FLAGS = {"use_dora": "dora"}
 VARIANTS = {"dora": DoraVariant}
-
-
-def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in fp32 even on a half-precision base (PEFT's autocast_adapter_dtype default)."""
-    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
 
 
 def requested_variant(config: LoraConfig) -> str | None:
@@ -195,7 +190,7 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def _create_tensors(self, name: str, r: int) -> None:
-        kwargs = dict(bias=False, device=self.base_weight.device, dtype=_adapter_dtype(self.base_weight))
+        kwargs = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         self.lora_A[name] = nn.Linear(self.in_features, r, **kwargs)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kwargs)
 
@@ -233,7 +228,7 @@ class LoraEmbedding(LoraLayer):
 
     def _create_tensors(self, name: str, r: int) -> None:
         num, dim = self.base_weight.shape
-        kwargs = dict(device=self.base_weight.device, dtype=_adapter_dtype(self.base_weight))
+        kwargs = dict(device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         # drawn from N(0, 1) as PEFT does (init_lora_weights=False keeps them), so a seed gives PEFT's values
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num, **kwargs))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kwargs))
@@ -280,7 +275,7 @@ class LoraConv2d(LoraLayer):
 
     def _create_tensors(self, name: str, r: int) -> None:
         base = self.base_layer
-        kwargs = dict(bias=False, device=self.base_weight.device, dtype=_adapter_dtype(self.base_weight))
+        kwargs = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                       base.dilation, padding_mode=base.padding_mode, **kwargs)
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), **kwargs)

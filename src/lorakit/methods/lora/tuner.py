@@ -7,14 +7,12 @@ import dataclasses
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapter_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.methods.quant import NF4Linear
-from lorakit.modules_to_save import is_trainable_copy
 from lorakit.registry import register_method
 from lorakit.state import adapter_holders
-from lorakit.tuner import Tuner, decay_groups
+from lorakit.tuner import Tuner, bias_parameter_names, decay_groups
 
 # Parameter-name parts of the B matrices, which LoRA+ trains with a larger learning rate.
 LORA_B_NAMES = (".lora_B.", ".lora_embedding_B.")
@@ -55,15 +53,7 @@ class LoraTuner(Tuner):
 
     def trainable_base_parameters(self) -> list[str]:
         """bias="all": every bias of the base model; "lora_only": the biases of layers holding this adapter."""
-        model, bias = self.model, self.config.bias
-        if bias == "all":
-            return [name for name, _ in model.named_parameters()
-                    if name.rsplit(".", 1)[-1] == "bias" and not is_trainable_copy(name)]
-        if bias == "lora_only":
-            return [f"{name}.base_layer.bias" for name, module in model.named_modules()
-                    if isinstance(module, AdapterLayer) and module.has_adapter(self.adapter_name)
-                    and getattr(module.base_layer, "bias", None) is not None]
-        return []
+        return bias_parameter_names(self.model, self.adapter_name, self.config.bias)
 
     def set_trainable(self, flag: bool) -> None:
         super().set_trainable(flag)
