@@ -23,7 +23,7 @@ def saved(tmp_path):
 
 def test_files_use_peft_names_and_layout(saved, tmp_path):
     model, directory = saved
-    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(directory)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     keys = sorted(load_file(directory / "adapter_model.safetensors"))
     assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" and len(keys) == 8
     config = json.loads((directory / "adapter_config.json").read_text())
@@ -129,5 +129,5 @@ def test_extra_or_missing_tensors_in_file(saved):
 def test_save_into_a_file_path_is_refused(saved, tmp_path):
     model, _ = saved
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(ValueError, match="should be a directory, not a file"):
         model.save_pretrained(str(tmp_path / "f"))

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from lorakit.config import PeftConfig, check_choice, check_positive, check_range
+from lorakit.config import PeftConfig, PeftType, check_choice, check_positive, check_range, unsupported
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -26,11 +26,48 @@ def pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-@dataclass(frozen=True)
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's per-run LoRA options (never saved). lorakit runs on what it is given: ephemeral GPU offload (moving
+    CPU-offloaded weights to the GPU for DoRA's initialisation) is not implemented and must stay False."""
+
+    ephemeral_gpu_offload: bool = False
+
+
+def _no_runtime_options(value) -> bool:
+    if isinstance(value, dict):
+        return not value.get("ephemeral_gpu_offload")
+    return not getattr(value, "ephemeral_gpu_offload", False)
+
+
+# PEFT's LoraConfig options lorakit does not implement, shared with the configs that extend LoRA's (AdaLoRA):
+# field -> (PEFT's default, what it does). Accepted at their neutral value, refused otherwise (config.unsupported).
+UNSUPPORTED_LORA_OPTIONS = {
+    "megatron_config": (None, "LoRA on Megatron-LM parallel layers"),
+    "trainable_token_indices": (None, "training selected token embeddings"),
+    "loftq_config": ({}, "LoftQ initialisation"),
+    "eva_config": (None, "EVA initialisation"),
+    "corda_config": (None, "CorDA initialisation"),
+    "lora_ga_config": (None, "LoRA-GA initialisation"),
+    "velora_config": (None, "VeLoRA activation compression"),
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
+    "use_qalora": (False, "QA-LoRA"),
+    "monteclora_config": (None, "MonteCLoRA"),
+    "layer_replication": (None, "layer replication"),
+    "lora_bias": (False, "a bias on lora_B"),
+    "target_parameters": (None, "LoRA on bare nn.Parameters"),
+    "use_bdlora": (None, "block-diagonal LoRA"),
+    "arrow_config": (None, "Arrow routing"),
+    "kasa_config": (None, "KaSA"),
+    "ensure_weight_tying": (False, "keeping tied weights tied in modules_to_save copies"),
+}
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """h = W0 x + s * B A dropout(x), with s = lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora)."""
 
-    peft_type: ClassVar[str] = "LORA"
+    peft_type: ClassVar[PeftType] = PeftType.LORA
 
     # Rank of the update B A.
     r: int = 8
@@ -67,9 +104,37 @@ class LoraConfig(PeftConfig):
     # DoRA (weight-decomposed LoRA): W' = m * (W0 + s B A) / ||W0 + s B A|| per output row, with a trained
     # magnitude vector m (`lora_magnitude_vector`) initialised to the row norms of W0.
     use_dora: bool = False
+    # Only used with PEFT's Megatron / QA-LoRA options (unsupported here): stored so that PEFT's files round-trip.
+    megatron_core: str | None = "megatron.core"
+    qalora_group_size: int = 16
+    # PEFT's per-run options (not saved); see LoraRuntimeConfig.
+    runtime_config: LoraRuntimeConfig = unsupported(None, "ephemeral GPU offload", neutral=_no_runtime_options)
+    # --- PEFT options lorakit does not implement: accepted at PEFT's default only (UNSUPPORTED_LORA_OPTIONS) ---
+    megatron_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["megatron_config"])
+    trainable_token_indices: list | dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["trainable_token_indices"])
+    loftq_config: dict = unsupported(*UNSUPPORTED_LORA_OPTIONS["loftq_config"])
+    eva_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["eva_config"])
+    corda_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["corda_config"])
+    lora_ga_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_ga_config"])
+    velora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["velora_config"])
+    alora_invocation_tokens: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["alora_invocation_tokens"])
+    use_qalora: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_qalora"])
+    monteclora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["monteclora_config"])
+    layer_replication: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["layer_replication"])
+    lora_bias: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_bias"])
+    target_parameters: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["target_parameters"])
+    use_bdlora: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_bdlora"])
+    arrow_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["arrow_config"])
+    kasa_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["kasa_config"])
+    ensure_weight_tying: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["ensure_weight_tying"])
 
     def __post_init__(self) -> None:
+        if self.runtime_config is None:
+            self.runtime_config = LoraRuntimeConfig()
         super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
         owner = "LoraConfig"
         check_positive(owner, "r", self.r, integer=True)
         check_positive(owner, "lora_alpha", self.lora_alpha)
@@ -110,7 +175,7 @@ class LoraConfig(PeftConfig):
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "layers_to_transform"):
             value = getattr(self, name)
             if isinstance(value, (tuple, set)):  # JSON has lists only
-                object.__setattr__(self, name, sorted(value) if isinstance(value, set) else list(value))
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
