@@ -129,7 +129,8 @@ def embedding_tensors(peft_model, adapter_name: str, save_embedding_layers) -> d
     for path, module in model.named_modules():
         wrapped = isinstance(module, AdapterLayer)
         inner = module.base_layer if wrapped else module
-        if any(inner is layer for layer in layers if layer is not None) and (wrapped or not targeted):
+        if any(layer is not None and (inner is layer or module is layer) for layer in layers) and \
+                (wrapped or not targeted):
             key = f"{path}.base_layer.weight" if wrapped else f"{path}.weight"
             out[f"{PREFIX}{key}"] = inner.weight.detach().clone()
     return out

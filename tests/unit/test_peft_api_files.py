@@ -1,0 +1,164 @@
+"""PEFT's loading and saving options: from_pretrained / load_adapter keyword arguments and results,
+save_embedding_layers, ignore_mismatched_sizes, safetensors only, the README model card, and PEFT's helper
+functions (state dicts, injection without a PeftModel, hot-swapping)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lorakit import (
+    LoraConfig,
+    PeftModel,
+    get_layer_status,
+    get_model_status,
+    get_peft_model,
+    get_peft_model_state_dict,
+    hotswap_adapter,
+    inject_adapter_in_model,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
+from tests.tiny import tiny_llama
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.drop, self.lin1 = nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.lin1(self.drop(torch.relu(self.lin0(x))))
+
+
+X = torch.randn(4, 6)
+
+
+def saved(tmp_path, r=4, seed=1, **kw):
+    torch.manual_seed(seed)
+    model = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], r=r, init_lora_weights=False, **kw))
+    model.save_pretrained(str(tmp_path))
+    return model
+
+
+def test_from_pretrained_leaves_the_model_in_eval_mode_unless_trainable(tmp_path):
+    saved(tmp_path, lora_dropout=0.3)
+    loaded = PeftModel.from_pretrained(MLP().train(), str(tmp_path))
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    assert torch.equal(loaded(X), loaded(X))
+    trainable = PeftModel.from_pretrained(MLP().train(), str(tmp_path), is_trainable=True)
+    assert trainable.training
+
+
+def test_from_pretrained_uses_the_given_config_object(tmp_path):
+    saved(tmp_path)
+    config = LoraConfig.from_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(MLP(), str(tmp_path), config=config)
+    assert loaded.peft_config["default"] is config and config.inference_mode is True
+    with pytest.raises(ValueError, match="must be a PeftConfig"):
+        PeftModel.from_pretrained(MLP(), str(tmp_path), config={"r": 4})
+
+
+def test_load_adapter_returns_the_load_result(tmp_path):
+    saved(tmp_path)
+    model = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], r=4))
+    result = model.load_adapter(str(tmp_path), "other")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert not model.training and "other" in model.peft_config
+
+
+def test_peft_loading_options_that_lorakit_lacks_are_refused(tmp_path):
+    saved(tmp_path)
+    with pytest.raises(ValueError, match="ephemeral_gpu_offload"):
+        PeftModel.from_pretrained(MLP(), str(tmp_path), ephemeral_gpu_offload=True)
+    with pytest.raises(ValueError, match="key_mapping"):
+        PeftModel.from_pretrained(MLP(), str(tmp_path), key_mapping={"a": "b"})
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        PeftModel.from_pretrained(MLP(), str(tmp_path), frobnicate=True)
+
+
+def test_safetensors_only(tmp_path):
+    model = saved(tmp_path)
+    with pytest.raises(ValueError, match="lorakit writes adapter weights as safetensors only"):
+        model.save_pretrained(str(tmp_path / "pickle"), safe_serialization=False)
+    assert not (tmp_path / "pickle").exists()
+
+
+def test_ignore_mismatched_sizes(tmp_path):
+    saved(tmp_path, r=4)
+    with pytest.raises(ValueError, match="has shape"):
+        PeftModel.from_pretrained(MLP(), str(tmp_path), config=LoraConfig(target_modules=["lin0"], r=2))
+    with pytest.warns(UserWarning, match="being ignored because you passed `ignore_mismatched_sizes=True`"):
+        model = PeftModel.from_pretrained(MLP(), str(tmp_path), config=LoraConfig(target_modules=["lin0"], r=2),
+                                          ignore_mismatched_sizes=True)
+    assert model.base_model.model.lin0.lora_A["default"].weight.shape == (2, 6)
+
+
+def test_readme_model_card(tmp_path):
+    saved(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n") and "LoRA" in card
+    (tmp_path / "README.md").write_text("mine")
+    saved(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "mine"
+
+
+def test_save_embedding_layers(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    with pytest.warns(UserWarning, match="Setting `save_embedding_layers` to `True`"):
+        model.save_pretrained(str(tmp_path / "auto"))
+    keys = load_file(str(tmp_path / "auto" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in keys
+    model.save_pretrained(str(tmp_path / "off"), save_embedding_layers=False)
+    assert not any("base_layer" in k for k in load_file(str(tmp_path / "off" / "adapter_model.safetensors")))
+    plain = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    plain.save_pretrained(str(tmp_path / "on"), save_embedding_layers=True)
+    keys = load_file(str(tmp_path / "on" / "adapter_model.safetensors"))
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(keys)
+    again = PeftModel.from_pretrained(tiny_llama(seed=3), str(tmp_path / "on"))
+    assert torch.equal(again.get_base_model().model.embed_tokens.weight, plain.get_base_model().model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="save_embedding_layers"):
+        plain.save_pretrained(str(tmp_path / "bad"), save_embedding_layers="yes")
+
+
+def test_state_dict_helpers_round_trip(tmp_path):
+    model = saved(tmp_path)
+    tensors = get_peft_model_state_dict(model)
+    assert set(tensors) == {"base_model.model.lin0.lora_A.weight", "base_model.model.lin0.lora_B.weight"}
+    other = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], r=4))
+    result = set_peft_model_state_dict(other, tensors)
+    assert result.missing_keys == [] and torch.allclose(other.eval()(X), model.eval()(X))
+    from_state = get_peft_model_state_dict(model, state_dict={k: v + 1 for k, v in model.state_dict().items()})
+    assert torch.equal(from_state["base_model.model.lin0.lora_A.weight"], tensors["base_model.model.lin0.lora_A.weight"] + 1)
+    assert set(load_peft_weights(str(tmp_path))) == set(tensors)
+
+
+def test_inject_adapter_in_model_without_a_peft_model():
+    model = inject_adapter_in_model(LoraConfig(target_modules=["lin1"], init_lora_weights=False), MLP())
+    assert isinstance(model, MLP) and set(model.peft_config) == {"default"}
+    tensors = get_peft_model_state_dict(model)
+    assert set(tensors) == {"lin1.lora_A.weight", "lin1.lora_B.weight"}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    fresh = inject_adapter_in_model(LoraConfig(target_modules=["lin0"]), MLP(), state_dict=tensors)
+    set_peft_model_state_dict(fresh, tensors)
+    assert torch.allclose(fresh.eval()(X), model.eval()(X))
+    assert [s.name for s in get_layer_status(fresh)] == ["lin1"]
+    assert get_model_status(fresh).base_model_type == "other"
+
+
+def test_hotswap_adapter(tmp_path):
+    first = saved(tmp_path / "one", seed=1)
+    second = saved(tmp_path / "two", seed=2, lora_alpha=16)
+    model = PeftModel.from_pretrained(MLP(), str(tmp_path / "one"))
+    tensor = model.base_model.model.lin0.lora_A["default"].weight
+    hotswap_adapter(model, str(tmp_path / "two"), adapter_name="default")
+    assert model.base_model.model.lin0.lora_A["default"].weight is tensor
+    assert torch.allclose(model(X), second.eval()(X)) and not torch.allclose(model(X), first.eval()(X))
+    saved(tmp_path / "dora", use_dora=True)
+    with pytest.raises(ValueError, match="Configs are incompatible: for use_dora"):
+        hotswap_adapter(model, str(tmp_path / "dora"), adapter_name="default")
+    assert json.loads(open(os.path.join(tmp_path, "two", "adapter_config.json")).read())["lora_alpha"] == 16
