@@ -100,6 +100,22 @@ class AdapterHolder(nn.Module):
                     out[f"{attr}.{key}"] = tensor
         return out
 
+    def move_adapter(self, name: str, device: torch.device | str, empty: bool = False) -> None:
+        """Put adapter `name`'s tensors on `device`; empty=True allocates them without copying values (to leave the
+        meta device, where low_cpu_mem_usage puts adapters whose weights are loaded afterwards)."""
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            item = container[name]
+            if isinstance(item, nn.Parameter):
+                data = torch.empty_like(item, device=device) if empty else item.data.to(device)
+                container[name] = nn.Parameter(data, requires_grad=item.requires_grad)
+            elif empty:
+                item.to_empty(device=device)
+            else:
+                item.to(device)
+
     def _rows_by_adapter(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         return self.routing.groups(x.shape[0], x.device)
 

@@ -143,17 +143,27 @@ def check_target_fields(owner: str, config) -> None:
     if isinstance(target, str):
         for name in ("layers_to_transform", "layers_pattern"):
             if getattr(config, name) is not None:
-                raise ValueError(f"{owner}.{name}={getattr(config, name)!r} cannot be used with target_modules="
-                                 f"{target!r} (a regex or 'all-linear'); list module names instead, or select layers "
-                                 "in the regex")
+                raise ValueError(f"`{name}` cannot be used when `target_modules` is a str. ({owner}.{name}="
+                                 f"{getattr(config, name)!r} with target_modules={target!r}, a regex or 'all-linear': "
+                                 "list module names instead, or select layers in the regex)")
     if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError(f"{owner}.layers_pattern={config.layers_pattern!r} needs layers_to_transform (the layer "
-                         "indices to adapt)")
+        raise ValueError(f"When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                         f"({owner}.layers_pattern={config.layers_pattern!r}: give the layer indices to adapt)")
     layers = config.layers_to_transform
     if layers is not None and not (isinstance(layers, int) or (
             isinstance(layers, (list, tuple)) and all(isinstance(i, int) for i in layers))):
         raise ValueError(f"{owner}.layers_to_transform must be an int or a list of ints, got {layers!r}")
-    for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "layers_to_transform"):
+    normalise_target_fields(config)
+
+
+def normalise_target_fields(config) -> None:
+    """As PEFT: a list of target_modules / exclude_modules becomes a set (the order never matters, and PEFT code
+    compares sets); the other list fields stay lists (JSON writes every set as a sorted list)."""
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, name, set(value))
+    for name in ("modules_to_save", "layers_pattern", "layers_to_transform"):
         value = getattr(config, name, None)
         if isinstance(value, (tuple, set)):
             setattr(config, name, sorted(value) if isinstance(value, set) else list(value))
@@ -169,7 +179,9 @@ def suggest(word: str, options) -> str:
 class PeftConfig:
     """Fields every adapter config shares. Subclasses set `peft_type` (a PeftType) and extend `validate`."""
 
-    peft_type: ClassVar[PeftType | str] = ""
+    # The method: each config class sets its own default (LoraConfig: PeftType.LORA); a value given to the
+    # constructor is replaced by it, as in PEFT. On the class, `LoraConfig.peft_type` is that default.
+    peft_type: PeftType | str | None = None
     # peft_type -> config class; filled as config classes are defined, so reading a config needs no registry
     _classes: ClassVar[dict[str, type["PeftConfig"]]] = {}
 
@@ -201,9 +213,13 @@ class PeftConfig:
         (strings to enums, tuples to lists). Runs when the config is built and again whenever it is used, since
         fields may be assigned after construction. Subclasses extend it (calling super().validate() first)."""
         owner = type(self).__name__
+        self.peft_type = type(self).peft_type_default()
         if self.task_type is not None:
-            check_choice(owner, "task_type", str(getattr(self.task_type, "value", self.task_type)), TASK_TYPES)
-            self.task_type = TaskType(str(getattr(self.task_type, "value", self.task_type)))
+            name = str(getattr(self.task_type, "value", self.task_type))
+            if name not in TASK_TYPES:
+                raise ValueError(f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                                 f"{', '.join(TASK_TYPES)}. ({owner}.task_type)")
+            self.task_type = TaskType(name)
         if not isinstance(self.inference_mode, bool):
             raise ValueError(f"{owner}.inference_mode must be True or False, got {self.inference_mode!r}")
         for f in dataclasses.fields(self):
@@ -217,6 +233,12 @@ class PeftConfig:
                 raise ValueError(f"{owner}.{f.name}={value!r}: lorakit does not implement this PEFT option "
                                  f"({feature}); leave it at its default ({default!r})")
 
+    @classmethod
+    def peft_type_default(cls):
+        """The PeftType of this config class (its peft_type field's default)."""
+        field_ = cls.__dataclass_fields__.get("peft_type")
+        return field_.default if field_ is not None else cls.__dict__.get("peft_type")
+
     def fill_from_run(self, total_steps: int) -> "PeftConfig":
         """This config with the fields a training run decides filled in, where the user left them unset (AdaLoRA's
         total_step = the run's optimizer steps). The trainer calls it before building the model. Default: unchanged."""
@@ -227,6 +249,8 @@ class PeftConfig:
         """The adapter_config.json content: every field, enums as their names, sets as sorted lists."""
         out = {"peft_type": str(getattr(self.peft_type, "value", self.peft_type))}
         for f in dataclasses.fields(self):
+            if f.name == "peft_type":
+                continue
             if f.name in RUNTIME_ONLY_KEYS:
                 continue
             value = getattr(self, f.name)
@@ -244,8 +268,12 @@ class PeftConfig:
         newer PEFT version: they are ignored with a warning, as PEFT does.
         """
         data = dict(data)
-        peft_type = str(data.pop("peft_type", cls.peft_type))
-        if peft_type.upper() != str(cls.peft_type):
+        if "peft_type" not in data:
+            raise TypeError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                            "{'peft_type'}.")
+        raw = data.pop("peft_type")
+        peft_type = str(getattr(raw, "value", raw))
+        if peft_type.upper() != str(cls.peft_type_default()):
             raise ValueError(f"{cls.__name__} cannot read a config of peft_type {peft_type!r}")
         for key in RUNTIME_ONLY_KEYS:
             data.pop(key, None)
@@ -253,8 +281,9 @@ class PeftConfig:
         unknown = sorted(k for k in data if k not in known)
         if unknown:
             hints = "".join(suggest(k, known) for k in unknown if suggest(k, known))
-            warnings.warn(f"{cls.__name__}: ignoring keys lorakit does not know: {', '.join(unknown)}{hints}. They "
-                          "probably come from a newer PEFT version; check that the adapter does not rely on them.",
+            warnings.warn(f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. This "
+                          f"probably means that the configuration was saved by a newer PEFT version{hints}; lorakit "
+                          "ignores keys it does not know, so check that the adapter does not rely on them.",
                           UserWarning, stacklevel=3)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -278,6 +307,9 @@ class PeftConfig:
         if subfolder:
             directory = os.path.join(directory, subfolder)
         data = read_config_json(directory)
+        if "peft_type" not in data:
+            raise TypeError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                            f"{{'peft_type'}}. ({os.path.join(directory, CONFIG_NAME)} is not an adapter config)")
         fields = {f.name for f in dataclasses.fields(config_class_for(data.get("peft_type", cls.peft_type)))}
         data.update({k: v for k, v in kwargs.items() if k in fields})
         config = config_from_json(data, os.path.join(directory, CONFIG_NAME))
@@ -287,8 +319,13 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path_json_file: str) -> dict:
-        """The raw dict of a config JSON file (as PEFT's)."""
-        return read_config_json(os.path.dirname(path_json_file) or ".", os.path.basename(path_json_file))
+        """The dict of a config JSON file, without run-only keys (as PEFT's)."""
+        data = read_config_json(os.path.dirname(path_json_file) or ".", os.path.basename(path_json_file))
+        for key in RUNTIME_ONLY_KEYS & set(data):
+            warnings.warn(f"The configuration file contains a `{key}` key. This is ignored. Runtime configurations "
+                          "are only valid at runtime.", UserWarning, stacklevel=2)
+            del data[key]
+        return data
 
     @property
     def is_prompt_learning(self) -> bool:

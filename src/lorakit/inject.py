@@ -155,7 +155,8 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
         targets.append(name)
     if not targets:
         raise ValueError(
-            f"target_modules={spec!r} matched no module of {type(model).__name__}"
+            f"target_modules={sorted(spec) if isinstance(spec, set) else spec!r} matched no module of "
+            f"{type(model).__name__}"
             f"{_filters_note(config)}. Candidate module names: {', '.join(candidate_names(model))}. "
             "Use a name or dotted suffix (e.g. 'q_proj'), a regex over full names, or 'all-linear'."
         )

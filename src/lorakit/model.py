@@ -35,8 +35,9 @@ class PeftModel(nn.Module):
     """A model with adapters. Build with `get_peft_model(model, config)` or `PeftModel.from_pretrained`.
 
     autocast_adapter_dtype: adapters on a float16/bfloat16 base are kept in float32 (stable training), as in PEFT;
-    False keeps them in the base layer's dtype. low_cpu_mem_usage: accepted for PEFT compatibility; lorakit
-    allocates adapter weights directly (the result is the same).
+    False keeps them in the base layer's dtype. low_cpu_mem_usage: the adapter's layer tensors are created on the
+    meta device (no memory, no values), to be filled by loading weights (set_peft_model_state_dict), as in PEFT;
+    loading methods (from_pretrained, load_adapter) accept it and load directly.
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER,
@@ -175,6 +176,10 @@ class PeftModel(nn.Module):
         self.tuners[adapter_name] = tuner
         if not autocast_adapter_dtype:
             self._cast_to_base_dtype(adapter_name)
+        if low_cpu_mem_usage:  # no memory for weights that will be loaded anyway (set_peft_model_state_dict)
+            for _, holder in self._holders():
+                if isinstance(holder, AdapterLayer) and holder.has_adapter(adapter_name):
+                    holder.move_adapter(adapter_name, "meta")
         for _, holder in self._holders():
             holder.active_adapters = list(self._active)
         tuner.set_trainable(False)
@@ -450,6 +455,8 @@ class PeftModel(nn.Module):
         except Exception:
             peft_model.unload()  # give the caller back the model exactly as it was
             raise
+        if kwargs.get("device_map") is not None:
+            peft_model.to(model_files.single_device(kwargs["device_map"]))
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -474,8 +481,9 @@ class PeftModel(nn.Module):
             if created:
                 self._forget(adapter_name)
             raise
-        if torch_device is not None:
-            self.to(torch_device)
+        device = torch_device or model_files.single_device(kwargs.get("device_map"))
+        if device is not None:
+            self.to(device)
         if not is_trainable:
             self.eval()
         return result

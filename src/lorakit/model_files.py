@@ -14,6 +14,8 @@ import warnings
 from typing import NamedTuple
 
 import torch
+import yaml
+from transformers import PreTrainedModel
 
 from lorakit.adapter_files import read_adapter_config, read_adapter_weights, resolve_adapter_dir, write_adapter
 from lorakit.adapter_layer import AdapterLayer
@@ -84,22 +86,29 @@ def _base_model_name(model) -> str | None:
 
 
 def write_model_card(directory: str, peft_model) -> None:
-    """A README.md for the adapter directory, as PEFT writes one; an existing README is kept. The one home of the
-    card's content (base model, method, library tags), to be extended with training details."""
+    """A README.md model card for the adapter directory, as PEFT writes one (front matter: library_name "peft", the
+    base model's name as its transformers config records it, tags with the method); an existing README is kept.
+    The one home of the card's content, to be extended with training details."""
     path = os.path.join(directory, README_NAME)
     if os.path.exists(path):
         return
-    config = next(iter(peft_model.peft_config.values()))
-    base = config.base_model_name_or_path or _base_model_name(peft_model.get_base_model())
-    methods = sorted({peft_model.tuners[n].display_name or peft_model.tuners[n].name for n in peft_model.tuners})
-    front = ["---", "library_name: peft"] + ([f"base_model: {base}"] if base else []) + \
-        ["tags:", "- lorakit"] + [f"- {m.lower()}" for m in methods] + ["---", ""]
-    body = [f"# {', '.join(methods)} adapter", "",
-            f"Adapter for `{base}`, trained with lorakit; loads with lorakit or PEFT "
-            "(`PeftModel.from_pretrained(base_model, this_directory)`)." if base else
-            "Adapter trained with lorakit; loads with lorakit or PEFT.", ""]
+    model = peft_model.get_base_model()
+    methods = sorted({t.display_name or t.name for t in peft_model.tuners.values()})
+    data: dict = {"library_name": "peft"}
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "to_dict"):
+        data["base_model"] = model_config.to_dict().get("_name_or_path", "")
+    tags = {m.lower() for m in methods} | {"lorakit"}
+    if isinstance(model, PreTrainedModel):
+        tags.add("transformers")
+    data["tags"] = sorted(tags)
+    if any(c.task_type == "CAUSAL_LM" for c in peft_model.peft_config.values()):
+        data["pipeline_tag"] = "text-generation"
+    base = data.get("base_model") or "a custom model"
+    body = (f"# {', '.join(methods)} adapter\n\nAdapter for {base}, made with lorakit. It loads with lorakit or PEFT: "
+            "`PeftModel.from_pretrained(base_model, this_directory)`.\n")
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(front + body))
+        fh.write("---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n\n" + body)
 
 
 def embedding_tensors(peft_model, adapter_name: str, save_embedding_layers) -> dict[str, torch.Tensor]:
@@ -175,10 +184,23 @@ def check_load_options(kwargs: dict, ephemeral_gpu_offload: bool = False, key_ma
     if key_mapping:
         raise ValueError("key_mapping is not supported by lorakit: the adapter's keys must match the model's "
                          "parameter names")
+    device_map = kwargs.get("device_map")
+    if device_map is not None and single_device(device_map) is None:
+        raise ValueError(f"device_map={device_map!r}: lorakit loads an adapter onto one device; give one device "
+                         "(device_map='cpu' or {'': 'cuda:0'}), or place the model yourself before loading")
     unknown = sorted(k for k in kwargs if k not in HUB_KWARGS and k not in ("ignore_mismatched_sizes", "allow_pickle",
-                                                                            "torch_device"))
+                                                                            "torch_device", "device_map"))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}")
+
+
+def single_device(device_map):
+    """The one device a PEFT/accelerate device_map names ("cpu", {"": "cuda:0"}), else None."""
+    if isinstance(device_map, (str, torch.device)):
+        return device_map
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        return device_map[""]
+    return None
 
 
 def load_into(peft_model, adapter_name: str, directory: str, ignore_mismatched_sizes: bool = False,
@@ -190,6 +212,9 @@ def load_into(peft_model, adapter_name: str, directory: str, ignore_mismatched_s
 
 def load_state(peft_model, adapter_name: str, weights: dict, source: str,
                ignore_mismatched_sizes: bool = False) -> LoadResult:
+    for _, holder in peft_model._holders():  # adapters created on the meta device get real (empty) tensors first
+        if isinstance(holder, AdapterLayer) and any(t.is_meta for t in holder.adapter_tensors(adapter_name).values()):
+            holder.move_adapter(adapter_name, holder.dense_base_weight().device, empty=True)
     tuner = peft_model.tuners[adapter_name]
     live = tuner.state_tensors()
     kept = _drop_mismatched(peft_model, live, weights) if ignore_mismatched_sizes else weights

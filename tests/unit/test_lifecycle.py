@@ -27,7 +27,7 @@ from tests.train_fixtures import one_torch_thread, tiny_run_config  # noqa: F401
 
 @dataclass
 class ToyScaleConfig(PeftConfig):
-    peft_type: ClassVar[str] = "TOY_SCALE"
+    peft_type: str | None = "TOY_SCALE"
     target_modules: list[str] | str | None = None
     init_value: float = 1.0
     modules_to_save: list[str] | None = None

@@ -10,7 +10,6 @@ import dataclasses
 import re
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
 
 from lorakit.config import PeftConfig, PeftType, check_choice, check_positive, check_range, check_target_fields, unsupported
 from lorakit.methods.lora.config import UNSUPPORTED_LORA_OPTIONS, LoraRuntimeConfig, _no_runtime_options
@@ -31,7 +30,7 @@ class AdaLoraConfig(PeftConfig):
     steps train with it.
     """
 
-    peft_type: ClassVar[PeftType] = PeftType.ADALORA
+    peft_type: PeftType | str | None = PeftType.ADALORA
 
     # Average rank per layer at the end of the budget schedule.
     target_r: int = 8

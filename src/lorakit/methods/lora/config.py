@@ -10,9 +10,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
 
-from lorakit.config import PeftConfig, PeftType, check_choice, check_positive, check_range, unsupported
+from lorakit.config import (
+    PeftConfig,
+    PeftType,
+    check_choice,
+    check_positive,
+    check_range,
+    check_target_fields,
+    unsupported,
+)
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -67,7 +74,7 @@ UNSUPPORTED_LORA_OPTIONS = {
 class LoraConfig(PeftConfig):
     """h = W0 x + s * B A dropout(x), with s = lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora)."""
 
-    peft_type: ClassVar[PeftType] = PeftType.LORA
+    peft_type: PeftType | str | None = PeftType.LORA
 
     # Rank of the update B A.
     r: int = 8
@@ -150,32 +157,13 @@ class LoraConfig(PeftConfig):
                              f"{init!r}{note}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-            _check_names(owner, name, getattr(self, name))
-        if isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:
-            raise ValueError("LoraConfig.target_modules is empty; name at least one module, or use 'all-linear'")
         for name in ("rank_pattern", "alpha_pattern"):
             patterns = getattr(self, name)
             if not isinstance(patterns, dict):
                 raise ValueError(f"LoraConfig.{name} must be a dict {{pattern: value}}, got {patterns!r}")
             for key, value in patterns.items():
                 check_positive(owner, f"{name}[{key!r}]", value, integer=(name == "rank_pattern"))
-        if isinstance(self.target_modules, str):
-            for name in ("layers_to_transform", "layers_pattern"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"LoraConfig.{name}={getattr(self, name)!r} cannot be used with target_modules="
-                                     f"{self.target_modules!r} (a regex or 'all-linear'); list module names instead, "
-                                     "or select layers in the regex")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError(f"LoraConfig.layers_pattern={self.layers_pattern!r} needs layers_to_transform "
-                             "(the layer indices to adapt)")
-        layers = self.layers_to_transform
-        if layers is not None and not (isinstance(layers, int) or all(isinstance(i, int) for i in layers)):
-            raise ValueError(f"LoraConfig.layers_to_transform must be an int or a list of ints, got {layers!r}")
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "layers_to_transform"):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set)):  # JSON has lists only
-                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
+        check_target_fields(owner, self)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -187,9 +175,3 @@ class LoraConfig(PeftConfig):
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-
-def _check_names(owner: str, name: str, value) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{owner}.{name} must be a string or a list of strings, got {value!r}")

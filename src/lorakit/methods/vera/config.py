@@ -6,7 +6,6 @@ VeRA: Kopiczko et al. 2023, https://arxiv.org/abs/2310.11454.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from lorakit.config import PeftConfig, PeftType, check_choice, check_positive, check_range, check_target_fields
 
@@ -18,7 +17,7 @@ class VeraConfig(PeftConfig):
     """h = W0 x + diag(b) B diag(d) A dropout(x): A (r, d_in), B (d_out, r) frozen, random and shared by every
     layer; d (r) and b (d_out) trained per layer."""
 
-    peft_type: ClassVar[PeftType] = PeftType.VERA
+    peft_type: PeftType | str | None = PeftType.VERA
 
     # Rank of the shared projections. Larger than LoRA ranks: VeRA trains only r + d_out values per layer.
     r: int = 256
