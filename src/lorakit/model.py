@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import MutableMapping
 import warnings
 import weakref
 
@@ -21,6 +22,7 @@ from torch import nn
 from lorakit import model_files, model_merging, model_status
 from lorakit.adapter_layer import BASE_ADAPTER, AdapterHolder, AdapterLayer, BatchRouting
 from lorakit.config import PeftConfig
+from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.registry import method_for_config
 from lorakit.state import adapter_holders, detached_copies
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
@@ -71,10 +73,11 @@ class PeftModel(nn.Module):
         self.base_model.__dict__["_owner"] = weakref.ref(self)
 
     @property
-    def peft_config(self) -> dict[str, PeftConfig]:
-        """Adapter name -> its config. The tuners hold the configs, since a method may update its own during
-        training (AdaLoRA records the rank pattern it allocated), and a save writes the current one."""
-        return {name: tuner.config for name, tuner in self.tuners.items()}
+    def peft_config(self) -> "AdapterConfigs":
+        """Adapter name -> its config: a live view (it follows adds and deletes, as PEFT's dict does). The tuners
+        hold the configs, since a method may update its own during training (AdaLoRA records the rank pattern it
+        allocated), and a save writes the current one."""
+        return AdapterConfigs(self.tuners)
 
     @property
     def peft_type(self):
@@ -180,8 +183,7 @@ class PeftModel(nn.Module):
             for _, holder in self._holders():
                 if isinstance(holder, AdapterLayer) and holder.has_adapter(adapter_name):
                     holder.move_adapter(adapter_name, "meta")
-        for _, holder in self._holders():
-            holder.active_adapters = list(self._active)
+        self._push_active(self._active)
         tuner.set_trainable(False)
 
     def _cast_to_base_dtype(self, adapter_name: str) -> None:
@@ -200,6 +202,7 @@ class PeftModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"Adapter {', '.join(missing)} not found; this model has {sorted(self.peft_config)}")
+        self._push_active(names)  # refuses before anything changes
         if any(layer.merged_adapters for _, layer in model_merging.adapter_layers(self)):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning,
                           stacklevel=2)
@@ -358,13 +361,25 @@ class PeftModel(nn.Module):
     def _apply_active(self, inference_mode: bool = False) -> None:
         """Push the active list to every layer and make exactly the active adapters' tensors trainable (none with
         inference_mode)."""
-        for _, holder in self._holders():
-            holder.active_adapters = list(self._active)
+        self._push_active(self._active)
         for param in self.parameters():  # also tensors tuners keep outside the model (on base_model)
             param.requires_grad_(False)
         if not inference_mode:
             for name in self._active:
                 self.tuners[name].set_trainable(True)
+
+    def _push_active(self, names: list[str]) -> None:
+        """Give every layer the active list (checked first, so a refusal changes nothing). A modules_to_save
+        wrapper's copy replaces its module, so it gets only its own adapters, and only one of them can be active."""
+        holders = self._holders()
+        for path, holder in holders:
+            own = [a for a in names if holder.has_adapter(a)]
+            if isinstance(holder, ModulesToSaveWrapper) and len(own) > 1:
+                raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper: {path} has a "
+                                 f"trained copy for each of {own}, which cannot all be active")
+        for _, holder in holders:
+            wrapper = isinstance(holder, ModulesToSaveWrapper)
+            holder.active_adapters = [a for a in names if not wrapper or holder.has_adapter(a)]
 
     def _forget(self, adapter_name: str) -> None:
         """Remove an adapter entirely: from the layers, its tuner's own state, and the bookkeeping."""
@@ -536,6 +551,37 @@ class PeftModel(nn.Module):
 
     def _method_name(self) -> str | None:
         return next(iter(self.tuners.values())).name if self.tuners else None
+
+
+class AdapterConfigs(MutableMapping):
+    """PeftModel.peft_config: adapter name -> config, read from (and written to) the adapters' tuners."""
+
+    def __init__(self, tuners: dict[str, Tuner]) -> None:
+        self._tuners = tuners
+
+    def __getitem__(self, name: str) -> PeftConfig:
+        return self._tuners[name].config
+
+    def __setitem__(self, name: str, config: PeftConfig) -> None:
+        if name not in self._tuners:
+            raise KeyError(f"no adapter named {name!r}; add adapters with add_adapter()")
+        if type(config) is not type(self._tuners[name].config):
+            raise TypeError(f"adapter {name!r} is a {type(self._tuners[name].config).__name__} adapter; its config "
+                            f"cannot be replaced by a {type(config).__name__}")
+        config.validate()
+        self._tuners[name].config = config
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"use delete_adapter({name!r}) to remove an adapter")
+
+    def __iter__(self):
+        return iter(list(self._tuners))
+
+    def __len__(self) -> int:
+        return len(self._tuners)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER,
