@@ -41,8 +41,8 @@ class BatchRouting:
         key = (batch_size, device)
         if key not in self._cache:
             if batch_size % len(self.names):
-                raise ValueError(f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
-                                 "give one adapter name per input row")
+                raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                                 f"{len(self.names)} and {batch_size} respectively (one adapter name per input row)")
             repeat = batch_size // len(self.names)
             rows: dict[str, list[int]] = {}
             for i, name in enumerate(self.names):

@@ -111,8 +111,9 @@ def resolve_target_spec(model: nn.Module, config, defaults: dict[str, list[str]]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in defaults:
         raise ValueError(
-            f"target_modules is not set and lorakit has no default targets for model type {model_type!r}; "
-            f"set target_modules, e.g. 'all-linear' or some of: {', '.join(candidate_names(model))}"
+            f"Please specify `target_modules` in `peft_config`: it is not set and lorakit has no default targets for "
+            f"model type {model_type!r}; set target_modules, e.g. 'all-linear' or some of: "
+            f"{', '.join(candidate_names(model))}"
         )
     return defaults[model_type]
 

@@ -346,11 +346,18 @@ class PeftModel(nn.Module):
         self._set_enabled(True)
 
     def _set_enabled(self, enabled: bool) -> None:
+        """Switch adapters off (unmerged, frozen: nothing trains while they do nothing) or on again (the active
+        adapters train again), as PEFT does."""
         if not enabled:
             model_merging.unmerge(self, warn=False)
         for _, holder in self._holders():
             holder.disabled = not enabled
         self._disabled = not enabled
+        if enabled:
+            self._apply_active()
+        else:
+            for tuner in self.tuners.values():
+                tuner.set_trainable(False)
 
     _disabled = False  # adapters switched off: no tuner rewrites inputs or outputs
 
@@ -540,17 +547,14 @@ class PeftModel(nn.Module):
 
     def get_layer_status(self) -> list[model_status.TunerLayerStatus]:
         """The status of each adapter layer (model_status.TunerLayerStatus)."""
-        return model_status.layer_status(self._holders(), self._method_name())
+        return model_status.layer_status(self._holders())
 
     def get_model_status(self) -> model_status.TunerModelStatus:
         """The status of the adapters over the whole model (model_status.TunerModelStatus)."""
         peft_types = {name: str(getattr(c.peft_type, "value", c.peft_type)) for name, c in self.peft_config.items()}
         kind = type(next(iter(self.peft_config.values()))).__name__.replace("Config", "Model") if self.tuners else "None"
         return model_status.model_status(self.get_base_model(), self._holders(), peft_types, kind,
-                                         self.get_nb_trainable_parameters(), self._method_name())
-
-    def _method_name(self) -> str | None:
-        return next(iter(self.tuners.values())).name if self.tuners else None
+                                         self.get_nb_trainable_parameters())
 
 
 class AdapterConfigs(MutableMapping):

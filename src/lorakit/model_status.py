@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from lorakit.adapter_layer import AdapterHolder, AdapterLayer
+from lorakit.adapter_layer import AdapterHolder
 
 Irregular = Literal["irregular"]
 
@@ -57,14 +57,7 @@ def _all_or_irregular(values) -> bool | Irregular:
     return "irregular"
 
 
-def _module_type(holder: AdapterHolder, method_name: str | None) -> str:
-    if not isinstance(holder, AdapterLayer):
-        return type(holder).__name__
-    kind = type(holder.base_layer).__name__
-    return f"{method_name}.{kind}" if method_name else type(holder).__name__
-
-
-def layer_status(holders: list[tuple[str, AdapterHolder]], method_name: str | None = None) -> list[TunerLayerStatus]:
+def layer_status(holders: list[tuple[str, AdapterHolder]]) -> list[TunerLayerStatus]:
     """The status of each adapter-bearing module; ValueError when there is none."""
     out = []
     for name, holder in holders:
@@ -73,7 +66,7 @@ def layer_status(holders: list[tuple[str, AdapterHolder]], method_name: str | No
         backend = getattr(getattr(holder, "base_layer", None), "quantization_backend", None)
         out.append(TunerLayerStatus(
             name=name,
-            module_type=_module_type(holder, method_name),
+            module_type=holder._get_name(),  # as repr() names it ("lora.Linear")
             enabled=not holder.disabled,
             active_adapters=[a for a in holder.active_adapters if holder.has_adapter(a)] or list(holder.active_adapters),
             merged_adapters=list(getattr(holder, "merged_adapters", [])),
@@ -89,9 +82,9 @@ def layer_status(holders: list[tuple[str, AdapterHolder]], method_name: str | No
 
 
 def model_status(model: nn.Module, holders, peft_types: dict[str, str], adapter_model_type: str,
-                 counts: tuple[int, int], method_name: str | None = None) -> TunerModelStatus:
+                 counts: tuple[int, int]) -> TunerModelStatus:
     """Sum up layer_status over the model (see TunerModelStatus)."""
-    layers = layer_status(holders, method_name)
+    layers = layer_status(holders)
     enabled = {s.enabled for s in layers}
     active = {tuple(s.active_adapters) for s in layers}
     merged_anywhere = {a for s in layers for a in s.merged_adapters}

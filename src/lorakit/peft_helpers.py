@@ -130,8 +130,7 @@ def get_layer_status(model: nn.Module) -> list[model_status.TunerLayerStatus]:
     """get_layer_status of a PeftModel, or of any model holding adapter layers."""
     if isinstance(model, PeftModel):
         return model.get_layer_status()
-    injected = model.__dict__.get(_INJECTED)
-    return model_status.layer_status(adapter_holders(model), injected._method_name() if injected else None)
+    return model_status.layer_status(adapter_holders(model))
 
 
 def get_model_status(model: nn.Module) -> model_status.TunerModelStatus:
@@ -139,10 +138,7 @@ def get_model_status(model: nn.Module) -> model_status.TunerModelStatus:
     that is not a transformers model, adapter_model_type "None", as PEFT reports them)."""
     if isinstance(model, PeftModel):
         return model.get_model_status()
-    injected = model.__dict__.get(_INJECTED)
-    peft_types = {}
-    status = model_status.model_status(model, adapter_holders(model), peft_types, "None", parameter_counts(model),
-                                       injected._method_name() if injected else None)
+    status = model_status.model_status(model, adapter_holders(model), {}, "None", parameter_counts(model))
     if not hasattr(model, "config") or not hasattr(model, "can_generate"):
         status.base_model_type = "other"
     return status

@@ -65,6 +65,10 @@ class LoraLayer(AdapterLayer):
         self.lora_variant: dict[str, DoraVariant] = {}  # adapter name -> variant strategy (absent: plain LoRA)
         self.base_rewritten: dict[str, bool] = {}  # adapters whose init turned the base weight into a residual
 
+    def _get_name(self) -> str:
+        """PEFT's spelling in repr() and status reports: "lora.Linear", "lora.Embedding", "lora.Conv2d"."""
+        return "lora." + type(self).__name__.removeprefix("Lora")
+
     # ---- building -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         if self.has_adapter(name):
