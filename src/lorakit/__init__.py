@@ -18,11 +18,13 @@ from lorakit.methods.quant import NF4Linear, NF4Tensor, quantize_model, quantize
 from lorakit.methods.vera import VeraConfig
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.peft_helpers import (
+    get_base_model_state_dict,
     get_layer_status,
     get_model_status,
     get_peft_model_state_dict,
     inject_adapter_in_model,
     load_peft_weights,
+    set_base_model_state_dict,
     set_peft_model_state_dict,
 )
 from lorakit.registry import get_method, register_method, registered_methods
@@ -42,5 +44,6 @@ __all__ = [
     "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "PeftType", "LoraRuntimeConfig", "get_peft_model_state_dict", "set_peft_model_state_dict", "inject_adapter_in_model",
-    "hotswap_adapter", "load_peft_weights", "get_model_status", "get_layer_status",
+    "hotswap_adapter", "load_peft_weights", "get_model_status", "get_layer_status", "get_base_model_state_dict",
+    "set_base_model_state_dict",
 ]

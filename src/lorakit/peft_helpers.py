@@ -65,7 +65,13 @@ def _modules_in_state_dict(config: PeftConfig, state_dict: dict) -> list[str]:
 
 
 def _peft_model_of(model: nn.Module) -> tuple[PeftModel, bool]:
-    """(the PeftModel managing `model`'s adapters, whether keys carry the "base_model.model." prefix)."""
+    """(the PeftModel managing `model`'s adapters, whether keys carry the "base_model.model." prefix). A wrapper
+    around a PeftModel (FSDP, DDP: `.module`; torch.compile: `._orig_mod`) is looked through."""
+    while not isinstance(model, PeftModel):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or model.__dict__.get(_INJECTED) is not None:
+            break
+        model = inner
     if isinstance(model, PeftModel):
         return model, True
     injected = model.__dict__.get(_INJECTED)
@@ -143,3 +149,50 @@ def get_model_status(model: nn.Module) -> model_status.TunerModelStatus:
         status.base_model_type = "other"
     return status
 
+
+
+def _original_keys(peft_model: PeftModel) -> dict[str, str]:
+    """Base model state dict key (as the model holds it now) -> the key without adapters, for every tensor that is
+    not an adapter's: `<layer>.base_layer.weight` -> `<layer>.weight`, `<head>.original_module.weight` ->
+    `<head>.weight`."""
+    model = peft_model.get_base_model()
+    holders = adapter_holders(model)
+    mapping = {}
+    for key in model.state_dict():
+        original = key
+        for path, holder in holders:
+            prefix = f"{path}."
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            attr = rest.split(".", 1)[0]
+            if attr in holder.adapter_param_names or attr in holder.adapter_meta_names:
+                original = None
+            elif attr in ("base_layer", "original_module"):
+                original = prefix + rest.split(".", 1)[1]
+            break
+        if original is not None:
+            mapping[key] = original
+    return mapping
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original keys, without any adapter tensor (PEFT's helper): what the
+    model's state_dict() was before adapters were injected (merged adapters stay merged in)."""
+    peft_model, _ = _peft_model_of(model)
+    state = peft_model.get_base_model().state_dict()
+    return {original: state[key] for key, original in _original_keys(peft_model).items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
+    """Load a state dict with the base model's original keys into a model holding adapters (the inverse of
+    get_base_model_state_dict); strict: missing or unexpected keys are an error."""
+    peft_model, _ = _peft_model_of(model)
+    by_original = {original: key for key, original in _original_keys(peft_model).items()}
+    unexpected = [k for k in state_dict if k not in by_original]
+    missing = [k for k in by_original if k not in state_dict]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    peft_model.get_base_model().load_state_dict({by_original[k]: v for k, v in state_dict.items() if k in by_original},
+                                                strict=False)
+    return LoadResult(missing, unexpected)

@@ -162,3 +162,23 @@ def test_hotswap_adapter(tmp_path):
     with pytest.raises(ValueError, match="Configs are incompatible: for use_dora"):
         hotswap_adapter(model, str(tmp_path / "dora"), adapter_name="default")
     assert json.loads(open(os.path.join(tmp_path, "two", "adapter_config.json")).read())["lora_alpha"] == 16
+
+
+def test_base_model_state_dict_has_the_original_keys_and_loads_back():
+    from lorakit import get_base_model_state_dict, set_base_model_state_dict
+    plain = MLP()
+    expected = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = get_peft_model(plain, LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+    base = get_base_model_state_dict(model)
+    assert set(base) == set(expected) and all(torch.equal(base[k], expected[k]) for k in expected)
+    changed = {k: v + 1 for k, v in base.items()}
+    result = set_base_model_state_dict(model, changed)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(model.base_model.model.lin0.base_layer.weight, expected["lin0.weight"] + 1)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        set_base_model_state_dict(model, {"lin0.weight": expected["lin0.weight"]})
+
+
+def test_rslora_with_patterns_and_pissa_warns_when_built():
+    with pytest.warns(UserWarning, match="Rank-Stabilized LoRA"):
+        LoraConfig(target_modules=["lin0"], use_rslora=True, rank_pattern={"lin0": 2}, init_lora_weights="pissa")

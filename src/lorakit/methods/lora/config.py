@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from lorakit.config import (
@@ -139,6 +140,14 @@ class LoraConfig(PeftConfig):
         if self.runtime_config is None:
             self.runtime_config = LoraRuntimeConfig()
         super().__post_init__()
+        init = str(self.init_lora_weights).lower()
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and init.startswith(("pissa", "olora")):
+            # once, when built; as PEFT, a warning only: the user may never convert the adapter
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights (PiSSA/OLoRA) means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights; if you intend to do this, please ensure not to use rslora or "
+                          "rank_pattern/alpha_pattern.", UserWarning, stacklevel=3)
 
     def validate(self) -> None:
         super().validate()
