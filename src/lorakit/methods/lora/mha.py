@@ -111,10 +111,12 @@ class LoraMultiheadAttention(LoraLayer):
     # ---- running -----------------------------------------------------------------------------------------------
     def _pending(self, names: list[str]) -> list[tuple[str, LoraLayer, list[str]]]:
         """(parameter name in the base module, the layer holding its adapters, those of `names` it holds and has
-        not merged) for each weight some of `names` change."""
+        not merged) for each weight some of `names` change. Only adapters of this layer count: one that "all-linear"
+        put on out_proj alone has no effect, as in PEFT (nn.MultiheadAttention never calls out_proj)."""
         out = []
         for key, layer in (("in_proj_weight", self), ("out_proj.base_layer.weight", self.out_proj_layer)):
-            pending = [n for n in names if layer.has_adapter(n) and n not in layer.merged_adapters]
+            pending = [n for n in names
+                       if self.has_adapter(n) and layer.has_adapter(n) and n not in layer.merged_adapters]
             if pending:
                 out.append((key, layer, pending))
         return out
