@@ -306,3 +306,19 @@ def test_no_warning_for_ungrouped_convs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         one_layer(nn.Conv2d(4, 4, 3))
+
+
+def test_strategies_that_write_the_base_find_attention_s_weight_and_refuse_grouped_convs():
+    """ReLoRA and Delta-LoRA write the weight adapters change: in_proj_weight for attention (its out_proj is a
+    layer of its own); a grouped convolution's update fits no base weight."""
+    from lorakit.train.strategies.adapters import adapter_layers, base_weight_names, check_dense_base
+
+    model = attention_model()
+    layers = adapter_layers(model)
+    check_dense_base(layers, "ReLoRA")
+    assert base_weight_names(model, layers) == ["base_model.model.mha.base_layer.in_proj_weight",
+                                                "base_model.model.mha.base_layer.out_proj.base_layer.weight"]
+    grouped = one_layer(nn.Conv2d(4, 8, 3, groups=2))
+    with pytest.raises(ValueError, match="Delta-LoRA changes the base weights by the adapter's update, but 0: LoRA "
+                                         "on a grouped Conv2d"):
+        check_dense_base(adapter_layers(grouped), "Delta-LoRA")
