@@ -65,9 +65,9 @@ CONFIGS = {
                 bias="lora_only", modules_to_save=["head"]),
     "all-rslora-bias": dict(target_modules=ALL, use_rslora=True, bias="all"),
     "dora-convs": dict(target_modules=CONVS + ["proj"], use_dora=True),
+    "dora-ungrouped": dict(target_modules=["conv1d", "conv3d"], use_dora=True, lora_alpha=4),
 }
 MERGEABLE = ["mha", "conv1d-conv3d", "dora-ungrouped"]  # no grouped convolution: those merge in neither library
-CONFIGS["dora-ungrouped"] = dict(target_modules=["conv1d", "conv3d"], use_dora=True, lora_alpha=4)
 
 
 def peft_out_proj_once(model: peft.PeftModel) -> peft.PeftModel:

@@ -16,6 +16,7 @@ from lorakit.adapter_layer import UnsupportedLayerError
 from lorakit.methods.lora.conv import LoraConv
 from lorakit.methods.lora.layer import LoraLinear
 from lorakit.methods.lora.mha import LoraMultiheadAttention
+from lorakit.train.strategies.adapters import adapter_layers, base_weight_names, check_dense_base
 
 pytestmark = pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
 
@@ -311,8 +312,6 @@ def test_no_warning_for_ungrouped_convs():
 def test_strategies_that_write_the_base_find_attention_s_weight_and_refuse_grouped_convs():
     """ReLoRA and Delta-LoRA write the weight adapters change: in_proj_weight for attention (its out_proj is a
     layer of its own); a grouped convolution's update fits no base weight."""
-    from lorakit.train.strategies.adapters import adapter_layers, base_weight_names, check_dense_base
-
     model = attention_model()
     layers = adapter_layers(model)
     check_dense_base(layers, "ReLoRA")

@@ -1,7 +1,6 @@
 """Which modules a config targets, and the errors when it targets nothing or the wrong thing."""
 
 import pytest
-import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
