@@ -403,7 +403,7 @@ class PeftModel(nn.Module):
     def _remove_from_layers(self, adapter_name: str) -> None:
         """Delete the adapter from every layer; layers left without adapters go back to their base module."""
         model = self.get_base_model()
-        for path, holder in self._holders():
+        for path, holder in reversed(self._holders()):  # innermost first: nested layers (MHA's out_proj) unwrap cleanly
             holder.delete_adapter(adapter_name)
             if not holder.adapter_names:
                 model.set_submodule(path, model_merging.unwrapped(holder, keep_trained=False))

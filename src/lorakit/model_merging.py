@@ -42,6 +42,9 @@ def merge(peft_model, adapter_names=None, safe_merge: bool = False) -> None:
     names = checked_adapter_names(peft_model, adapter_names)
     peft_model._require(MERGEABLE, names, "merges")
     layers = adapter_layers(peft_model)
+    for path, layer in layers:  # refuse before anything is merged
+        if any(layer.has_adapter(n) for n in names) and (reason := layer.merge_refusal()):
+            raise NotImplementedError(f"{path}: {reason}. Nothing was merged.")
     _warn_already_merged(layers, names)
     if safe_merge:
         for path, layer in layers:
@@ -81,7 +84,7 @@ def unwrap_all(peft_model, keep_trained: bool) -> nn.Module:
     """Replace every adapter layer by its base layer and every modules_to_save wrapper by the module to keep;
     returns the transformers model."""
     model = peft_model.get_base_model()
-    for path, holder in peft_model._holders():
+    for path, holder in reversed(peft_model._holders()):  # innermost first: nested layers (MHA's out_proj)
         model.set_submodule(path, unwrapped(holder, keep_trained))
     return model
 
