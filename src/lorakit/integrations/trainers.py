@@ -29,8 +29,9 @@ here do for a lorakit model:
   `lorakit train` for those);
 - `peft_config=<a lorakit config>` (TRL's argument, which otherwise takes only PEFT's configs) wraps the model.
 
-Tested with transformers 5.23 and TRL 1.16 in one process (CPU or one GPU) and DDP; under FSDP or DeepSpeed the
-trainers' own sharded checkpoints take over.
+Tested with transformers 5.23 and TRL 1.16 in one process. Under DDP every process trains and the main one writes,
+as for any model. FSDP and DeepSpeed shard the model and save it their own way: refused here (`lorakit train`
+trains adapters under FSDP: train.distributed=fsdp).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class AdapterTrainerMixin:
 
     def _adopt(self, peft_model) -> None:
         """Train `peft_model`, now that construction has seen (and set up) the transformers model it wraps."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("lorakit.integrations trainers do not support FSDP or DeepSpeed (they shard the model and "
+                             "checkpoint it their own way); train in one process or with DDP, or use `lorakit train` "
+                             "with train.distributed=fsdp")
         hooks = peft_model.training_hooks()
         if hooks and self.args.load_best_model_at_end:
             raise ValueError(f"load_best_model_at_end is not supported for {_methods(peft_model)} adapters: their "
