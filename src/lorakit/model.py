@@ -22,6 +22,9 @@ from torch import nn
 from lorakit import model_files, model_merging, model_status
 from lorakit.adapter_layer import BASE_ADAPTER, AdapterHolder, AdapterLayer, BatchRouting
 from lorakit.config import PeftConfig
+from lorakit.integrations.hub import push_adapter
+from lorakit.integrations.model_card import training_info_from_run
+from lorakit.integrations.signature import forward_with_model_signature
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.registry import method_for_config
 from lorakit.state import adapter_holders, detached_copies
@@ -90,6 +93,7 @@ class PeftModel(nn.Module):
         return next(iter(self.tuners.values())).prefix if self.tuners else ""
 
     # ---- running ---------------------------------------------------------------------------------
+    @forward_with_model_signature  # trainers see the wrapped model's inputs and labels (integrations/signature.py)
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward. adapter_names: one adapter name (or "__base__") per input row."""
         tuners = self._running_tuners()
@@ -360,6 +364,9 @@ class PeftModel(nn.Module):
                 tuner.set_trainable(False)
 
     _disabled = False  # adapters switched off: no tuner rewrites inputs or outputs
+    # How the adapter was trained, for its model card (integrations/model_card.py): set by from_pretrained for a
+    # `lorakit train` run's adapter and by the Trainer integration; None: unknown.
+    training_info = None
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _holders(self) -> list[tuple[str, AdapterHolder]]:
@@ -477,6 +484,7 @@ class PeftModel(nn.Module):
         except Exception:
             peft_model.unload()  # give the caller back the model exactly as it was
             raise
+        peft_model.training_info = training_info_from_run(directory)
         if kwargs.get("device_map") is not None:
             peft_model.to(model_files.single_device(kwargs["device_map"]))
         if not is_trainable:
@@ -509,6 +517,12 @@ class PeftModel(nn.Module):
         if not is_trainable:
             self.eval()
         return result
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapter files and a model card (README.md) to the Hub repository `repo_id`, and nothing of
+        the base model. Keyword arguments as transformers' push_to_hub (commit_message, private, token, revision,
+        create_pr, tags, ...) plus selected_adapters; see lorakit.integrations.hub."""
+        return push_adapter(self, repo_id, **kwargs)
 
     # ---- training ---------------------------------------------------------------------------------
     def configure_training(self, args) -> None:

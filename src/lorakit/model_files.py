@@ -2,7 +2,7 @@
 
 An adapter directory holds adapter_config.json + adapter_model.safetensors ("default" in the directory itself,
 any other adapter in <directory>/<name>). lorakit writes safetensors only (`safe_serialization=False` is refused:
-pickle files can run code when read) and a README.md model card (`write_model_card`).
+pickle files can run code when read) and a README.md model card (lorakit.integrations.model_card).
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ import warnings
 from typing import NamedTuple
 
 import torch
-import yaml
-from transformers import PreTrainedModel
 
 from lorakit.adapter_files import read_adapter_config, read_adapter_weights, resolve_adapter_dir, write_adapter
 from lorakit.adapter_layer import AdapterLayer
 from lorakit.config import PeftConfig
+from lorakit.integrations.model_card import facts_from_model, write_model_card
 from lorakit.state import PREFIX, load_adapter_state_dict
 
 DEFAULT_ADAPTER = "default"
-README_NAME = "README.md"
 # PEFT's names for embedding layers whose full weights "auto" saves when they are targeted (resized vocabularies)
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 # keyword arguments of PEFT's loading functions that only steer Hub downloads
@@ -76,39 +74,13 @@ def save_adapters(peft_model, save_directory, selected_adapters=None, safe_seria
     if not is_main_process:
         return
     os.makedirs(save_directory, exist_ok=True)
-    write_model_card(save_directory, peft_model)
+    write_model_card(save_directory, facts_from_model(peft_model, names))  # README.md (integrations/model_card.py)
     for directory, config, tensors in files:
         write_adapter(directory, config, tensors)
 
 
 def _base_model_name(model) -> str | None:
     return model.__dict__.get("name_or_path") or getattr(getattr(model, "config", None), "name_or_path", None) or None
-
-
-def write_model_card(directory: str, peft_model) -> None:
-    """A README.md model card for the adapter directory, as PEFT writes one (front matter: library_name "peft", the
-    base model's name as its transformers config records it, tags with the method); an existing README is kept.
-    The one home of the card's content, to be extended with training details."""
-    path = os.path.join(directory, README_NAME)
-    if os.path.exists(path):
-        return
-    model = peft_model.get_base_model()
-    methods = sorted({t.display_name or t.name for t in peft_model.tuners.values()})
-    data: dict = {"library_name": "peft"}
-    model_config = getattr(model, "config", None)
-    if model_config is not None and hasattr(model_config, "to_dict"):
-        data["base_model"] = model_config.to_dict().get("_name_or_path", "")
-    tags = {m.lower() for m in methods} | {"lorakit"}
-    if isinstance(model, PreTrainedModel):
-        tags.add("transformers")
-    data["tags"] = sorted(tags)
-    if any(c.task_type == "CAUSAL_LM" for c in peft_model.peft_config.values()):
-        data["pipeline_tag"] = "text-generation"
-    base = data.get("base_model") or "a custom model"
-    body = (f"# {', '.join(methods)} adapter\n\nAdapter for {base}, made with lorakit. It loads with lorakit or PEFT: "
-            "`PeftModel.from_pretrained(base_model, this_directory)`.\n")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n\n" + body)
 
 
 def embedding_tensors(peft_model, adapter_name: str, save_embedding_layers) -> dict[str, torch.Tensor]:
@@ -165,15 +137,11 @@ def _vocab_resized(model, config: PeftConfig) -> bool:
 # ---- loading -----------------------------------------------------------------------------------------------------
 def adapter_directory(model_id, kwargs: dict) -> str:
     """The local adapter directory for model_id (a directory, a run's output_dir, or a Hub id), with PEFT's
-    `subfolder=`."""
+    `subfolder=` and Hub options."""
     hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
-    subfolder = hub.pop("subfolder", None)
-    path = os.fspath(model_id)
-    if subfolder and os.path.isdir(os.path.join(path, subfolder)):
-        return resolve_adapter_dir(os.path.join(path, subfolder))
-    if subfolder:
-        hub["subfolder"] = subfolder
-    return resolve_adapter_dir(path, **hub)
+    if "use_auth_token" in hub:  # transformers' old name
+        hub.setdefault("token", hub.pop("use_auth_token"))
+    return resolve_adapter_dir(os.fspath(model_id), **hub)
 
 
 def check_load_options(kwargs: dict, ephemeral_gpu_offload: bool = False, key_mapping=None) -> None:

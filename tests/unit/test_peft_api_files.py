@@ -104,7 +104,8 @@ def test_readme_model_card(tmp_path):
     assert card.startswith("---\nlibrary_name: peft\n") and "LoRA" in card
     (tmp_path / "README.md").write_text("mine")
     saved(tmp_path)
-    assert (tmp_path / "README.md").read_text() == "mine"
+    kept = (tmp_path / "README.md").read_text()  # the user's text stays; only PEFT's metadata is added
+    assert kept.endswith("mine") and "library_name: peft" in kept
 
 
 def test_save_embedding_layers(tmp_path):
