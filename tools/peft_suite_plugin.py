@@ -58,8 +58,12 @@ PEFT_CONFIG_NAMES: set[str] = set()
 
 
 # ---- the swap ---------------------------------------------------------------------------------------------------
-def swap_peft_names() -> list[str]:
-    """Replace on the `peft` package every name lorakit also exports; returns the names swapped."""
+def swap_peft_names(tests_dir: str | None = None) -> list[str]:
+    """Replace on the `peft` package every name lorakit also exports; returns the names swapped. Names the tests
+    import from a PEFT submodule (`from peft.utils.hotswap import hotswap_adapter`) are swapped there too, in
+    exactly the modules the tests import them from (PEFT's other modules keep PEFT's objects)."""
+    import importlib
+
     import lorakit
     import peft
 
@@ -68,7 +72,33 @@ def swap_peft_names() -> list[str]:
         if hasattr(peft, name) and not isinstance(getattr(lorakit, name), types.ModuleType):
             setattr(peft, name, getattr(lorakit, name))
             swapped.append(name)
+    for module_name, names in sorted(submodule_imports(tests_dir).items()):
+        module = importlib.import_module(module_name)
+        for name in sorted(names):
+            if name in lorakit.__all__ and hasattr(module, name):
+                setattr(module, name, getattr(lorakit, name))
+                swapped.append(f"{module_name}.{name}")
     return swapped
+
+
+IMPORT_FROM = re.compile(r"^\s*from\s+(peft(?:\.\w+)+)\s+import\s+(\([^)]*\)|[^\n]*)", re.MULTILINE)
+
+
+def submodule_imports(tests_dir: str | None) -> dict[str, set[str]]:
+    """{PEFT submodule: names} of every `from peft.<submodule> import <names>` in the test files."""
+    found: dict[str, set[str]] = {}
+    if not tests_dir or not os.path.isdir(tests_dir):
+        return found
+    for file_name in sorted(os.listdir(tests_dir)):
+        if not file_name.endswith(".py"):
+            continue
+        with open(os.path.join(tests_dir, file_name), encoding="utf-8") as fh:
+            source = fh.read()
+        for module_name, names in IMPORT_FROM.findall(source):
+            names = re.sub(r"#[^\n]*", "", names).strip("()")
+            found.setdefault(module_name, set()).update(
+                part.split()[0] for part in names.split(",") if part.split())  # "x as y": x
+    return found
 
 
 # ---- selection --------------------------------------------------------------------------------------------------
@@ -191,7 +221,7 @@ def pytest_configure(config) -> None:
     _no_hub()
     PEFT_CONFIG_NAMES.update(_peft_config_names())  # before the swap: PEFT's own classes
     if os.environ.get("PEFT_SUITE_MODE") == "lorakit":
-        config._peft_suite_swapped = swap_peft_names()
+        config._peft_suite_swapped = swap_peft_names(os.path.join(str(config.rootpath), "tests"))
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

@@ -13,7 +13,7 @@ from lorakit.config import PeftConfig, PeftType
 from lorakit.methods.adalora import AdaLoraConfig
 from lorakit.methods.lora import LoraConfig, enable_lora_fa
 from lorakit.methods.lora.config import LoraRuntimeConfig
-from lorakit.methods.lora.hotswap import hotswap_adapter
+from lorakit.methods.lora.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from lorakit.methods.quant import NF4Linear, NF4Tensor, quantize_model, quantize_nf4
 from lorakit.methods.vera import VeraConfig
 from lorakit.model import PeftModel, get_peft_model
@@ -44,6 +44,6 @@ __all__ = [
     "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "PeftType", "LoraRuntimeConfig", "get_peft_model_state_dict", "set_peft_model_state_dict", "inject_adapter_in_model",
-    "hotswap_adapter", "load_peft_weights", "get_model_status", "get_layer_status", "get_base_model_state_dict",
+    "hotswap_adapter", "prepare_model_for_compiled_hotswap", "load_peft_weights", "get_model_status", "get_layer_status", "get_base_model_state_dict",
     "set_base_model_state_dict",
 ]

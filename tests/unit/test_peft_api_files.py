@@ -183,3 +183,26 @@ def test_base_model_state_dict_has_the_original_keys_and_loads_back():
 def test_rslora_with_patterns_and_pissa_warns_when_built():
     with pytest.warns(UserWarning, match="Rank-Stabilized LoRA"):
         LoraConfig(target_modules=["lin0"], use_rslora=True, rank_pattern={"lin0": 2}, init_lora_weights="pissa")
+
+
+def test_compiled_hotswap_preparation_pads_ranks_and_keeps_tensors(tmp_path):
+    from lorakit import prepare_model_for_compiled_hotswap
+    saved(tmp_path / "small", r=2, seed=1)
+    large = saved(tmp_path / "large", r=6, seed=2, lora_alpha=12)
+    model = PeftModel.from_pretrained(MLP(), str(tmp_path / "small"))
+    before = model(X)
+    prepare_model_for_compiled_hotswap(model, target_rank=6, config=model.peft_config)
+    layer = model.base_model.model.lin0
+    assert layer.lora_A["default"].weight.shape == (6, 6) and layer.lora_B["default"].weight.shape == (8, 6)
+    assert isinstance(layer.scaling["default"], torch.Tensor) and model.peft_config["default"].r == 6
+    assert torch.allclose(model(X), before, atol=1e-6)  # zero padding changes nothing
+    tensors = (layer.lora_A["default"].weight, layer.scaling["default"])
+    hotswap_adapter(model, str(tmp_path / "large"), adapter_name="default")
+    assert layer.lora_A["default"].weight is tensors[0] and layer.scaling["default"] is tensors[1]
+    assert torch.allclose(model(X), large.eval()(X), atol=1e-6)
+    hotswap_adapter(model, str(tmp_path / "small"), adapter_name="default")  # a smaller rank: zero-padded in
+    assert torch.allclose(model(X), before, atol=1e-6)
+    with pytest.raises(ValueError, match="original rank is larger"):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+    with pytest.raises(ValueError, match="No adapter layers found"):
+        prepare_model_for_compiled_hotswap(MLP())
