@@ -10,6 +10,7 @@ from lorakit.cli import startup as _startup  # first: Ctrl-C while the `lorakit`
 _startup.install()
 from lorakit import methods  # noqa: F401  (registers every method)
 from lorakit.config import PeftConfig, PeftType
+from lorakit.errors import NoMatchingPeftModuleError, PeftError
 from lorakit.methods.adalora import AdaLoraConfig
 from lorakit.methods.lora import LoraConfig, enable_lora_fa
 from lorakit.methods.lora.config import LoraRuntimeConfig
@@ -45,5 +46,5 @@ __all__ = [
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
     "PeftType", "LoraRuntimeConfig", "get_peft_model_state_dict", "set_peft_model_state_dict", "inject_adapter_in_model",
     "hotswap_adapter", "prepare_model_for_compiled_hotswap", "load_peft_weights", "get_model_status", "get_layer_status", "get_base_model_state_dict",
-    "set_base_model_state_dict",
+    "set_base_model_state_dict", "PeftError", "NoMatchingPeftModuleError",
 ]

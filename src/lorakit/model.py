@@ -296,9 +296,9 @@ class PeftModel(nn.Module):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """Names of the modules the adapters wrap, in the model's order (PEFT's attribute of its tuner models)."""
-        targets = {t for tuner in self.tuners.values() for t in tuner.targets}
-        return [name for name, _ in self.get_base_model().named_modules() if name in targets]
+        """Names of the modules the adapters wrap, each once: the first adapter's in the order it found them, then
+        each further adapter's new ones (PEFT's attribute of its tuner models)."""
+        return list(dict.fromkeys(t for tuner in self.tuners.values() for t in tuner.targets))
 
     @property
     def targeted_parameter_names(self) -> list[str]:

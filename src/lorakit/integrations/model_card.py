@@ -270,7 +270,19 @@ def render_model_card(facts: CardFacts) -> str:
     if facts.training is not None:
         lines += _training_section(facts.training)
     lines += _loading_section(facts, task, hub_base)
+    lines += _versions_section()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _versions_section() -> list[str]:
+    """The library versions that wrote the files (as PEFT's card lists its version)."""
+    import torch
+    import transformers
+
+    from lorakit import __version__
+
+    return ["## Framework versions", "", f"- lorakit {__version__} (PEFT's adapter format)",
+            f"- PyTorch {torch.__version__}", f"- Transformers {transformers.__version__}", ""]
 
 
 def _summary(facts: CardFacts, method: str, task: str | None, base: str | None, hub_base: str | None) -> list[str]:

@@ -98,9 +98,10 @@ class LoraLayer(AdapterLayer):
         if variant is not None and variant not in self.variants:
             flag = next(f for f, v in VARIANT_FLAGS.items() if v == variant)
             raise UnsupportedLayerError(
-                f"LoraConfig.{flag}=True: {VARIANTS[variant].label} cannot run on {module_name}, a "
-                f"{type(self.base_layer).__name__} ({type(self).__name__}); exclude this module (exclude_modules) or "
-                f"set {flag}=False")
+                f"{type(self.base_layer).__name__} does not support {VARIANTS[variant].label} (yet), please set "
+                f"{flag} to False (LoraConfig.{flag}=True: {VARIANTS[variant].label} cannot run on {module_name}, a "
+                f"{type(self.base_layer).__name__} ({type(self).__name__}); or exclude this module with "
+                "exclude_modules)")
         return variant
 
     def _init_fn(self, config: LoraConfig, module_name: str):
