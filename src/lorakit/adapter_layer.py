@@ -74,6 +74,11 @@ class AdapterHolder(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.adapter_param_names[0]).keys())
 
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """PEFT's name for adapter_param_names (its adapter layers have both attributes' meaning under this one)."""
+        return self.adapter_param_names
+
     def has_adapter(self, name: str) -> bool:
         return name in getattr(self, self.adapter_param_names[0])
 

@@ -222,6 +222,9 @@ def inject_adapter(model: nn.Module, config, adapter_name: str, method) -> list[
     return targets
 
 
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
 def add_trainable_copies(model: nn.Module, names: list[str], adapter_name: str, task_type: str | None) -> None:
     """Give the adapter a trainable copy of each module whose name ends with an entry of `names`. As in PEFT
     (peft.utils.other._set_trainable) the ending need not start at a dot: "norm" also takes "input_layernorm"."""
@@ -233,6 +236,9 @@ def add_trainable_copies(model: nn.Module, names: list[str], adapter_name: str, 
                              f"candidates: {', '.join(candidate_names(model))}")
         for name in found:
             module = model.get_submodule(name)
+            if isinstance(module, CONTAINERS):  # no forward of their own: a copy could not stand in for them
+                raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({name!r} is a "
+                                "container; name the modules inside it instead)")
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module)
                 model.set_submodule(name, module)

@@ -156,21 +156,22 @@ def _original_keys(peft_model: PeftModel) -> dict[str, str]:
     not an adapter's: `<layer>.base_layer.weight` -> `<layer>.weight`, `<head>.original_module.weight` ->
     `<head>.weight`."""
     model = peft_model.get_base_model()
-    holders = adapter_holders(model)
+    # innermost first: a layer nested in another's base layer (MHA's out_proj) is unwrapped before its parent
+    holders = sorted(adapter_holders(model), key=lambda item: -len(item[0]))
     mapping = {}
     for key in model.state_dict():
         original = key
         for path, holder in holders:
             prefix = f"{path}."
-            if not key.startswith(prefix):
+            if not original.startswith(prefix):
                 continue
-            rest = key[len(prefix):]
+            rest = original[len(prefix):]
             attr = rest.split(".", 1)[0]
             if attr in holder.adapter_param_names or attr in holder.adapter_meta_names:
                 original = None
-            elif attr in ("base_layer", "original_module"):
+                break
+            if attr in ("base_layer", "original_module"):
                 original = prefix + rest.split(".", 1)[1]
-            break
         if original is not None:
             mapping[key] = original
     return mapping
