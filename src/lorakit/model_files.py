@@ -103,8 +103,11 @@ def embedding_tensors(peft_model, adapter_name: str, save_embedding_layers) -> d
             save_embedding_layers = False
     if not save_embedding_layers:
         return {}
-    if not hasattr(model, "get_input_embeddings"):
-        raise ValueError("save_embedding_layers=True needs a model with get_input_embeddings() (a transformers model)")
+    if not hasattr(model, "get_input_embeddings"):  # PEFT warns and saves the adapter without them
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model. "
+                      "(save_embedding_layers=True needs get_input_embeddings(); the adapter is saved without the "
+                      "embedding weights.)", UserWarning, stacklevel=4)
+        return {}
     out = {}
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     for path, module in model.named_modules():

@@ -69,7 +69,10 @@ class LoraLayer(AdapterLayer):
 
     def _get_name(self) -> str:
         """PEFT's spelling in repr() and status reports: "lora.Linear", "lora.Embedding", "lora.Conv2d"."""
-        return "lora." + type(self).__name__.removeprefix("Lora")
+        name = type(self).__name__.removeprefix("Lora")
+        if name == "Conv":  # one class for every dimension: PEFT names the dimension (its class per dimension)
+            name = type(self.base_layer).__name__
+        return "lora." + name
 
     # ---- building -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
