@@ -560,8 +560,9 @@ class PeftModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     def get_layer_status(self) -> list[model_status.TunerLayerStatus]:
-        """The status of each adapter layer (model_status.TunerLayerStatus)."""
-        return model_status.layer_status(self._holders())
+        """The status of each adapter layer (model_status.TunerLayerStatus), named as PEFT names them: by their path
+        in base_model ("model.<path in the transformers model>")."""
+        return model_status.layer_status([(f"model.{path}", holder) for path, holder in self._holders()])
 
     def get_model_status(self) -> model_status.TunerModelStatus:
         """The status of the adapters over the whole model (model_status.TunerModelStatus)."""

@@ -176,7 +176,7 @@ def test_set_requires_grad(two):
 
 def test_status_reports(two):
     layers = two.get_layer_status()
-    assert [s.name for s in layers] == ["lin0", "lin1"] and all(isinstance(s, TunerLayerStatus) for s in layers)
+    assert [s.name for s in layers] == ["model.lin0", "model.lin1"] and all(isinstance(s, TunerLayerStatus) for s in layers)
     assert layers[0].module_type == "lora.Linear" and layers[0].available_adapters == ["a", "b"]
     assert layers[0].requires_grad == {"a": True, "b": False}
     status = two.get_model_status()
