@@ -145,6 +145,8 @@ def params_reason(params: dict) -> tuple[bool, str] | None:
     name none."""
     saw_config = False
     for value in _walk(list(params.values())):
+        if isinstance(value, type) and OTHER_MODEL_WORDS.fullmatch(value.__name__):
+            return False, f"model class {value.__name__}"
         if _is_config_class(value):
             saw_config = True
             if value.__name__ not in LORA_CONFIG_NAMES:
@@ -191,10 +193,12 @@ def plain_lora_reason(item) -> tuple[bool, str]:
         if verdict is not None:
             return verdict
     function = getattr(item, "function", None)
-    key = getattr(function, "__code__", None) or id(function)
+    # the test's own code: tests under one decorator (functools.wraps) share the wrapper's __code__
+    unwrapped = inspect.unwrap(function) if callable(function) else function
+    key = getattr(unwrapped, "__code__", None) or id(function)
     if key not in _SOURCE_VERDICTS:
         try:
-            _SOURCE_VERDICTS[key] = source_reason(inspect.getsource(function))
+            _SOURCE_VERDICTS[key] = source_reason(inspect.getsource(unwrapped))
         except (OSError, TypeError):
             _SOURCE_VERDICTS[key] = (False, "no source")
     return _SOURCE_VERDICTS[key]

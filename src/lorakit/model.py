@@ -614,6 +614,13 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     PeftModel."""
     if not isinstance(mixed, bool):
         raise TypeError(f"mixed must be True or False, got {mixed!r}")
+    # as PEFT: the config names the model it is applied to (transformers' name_or_path; "" is no name)
+    old_name, new_name = peft_config.base_model_name_or_path, model.__dict__.get("name_or_path") or None
+    peft_config.base_model_name_or_path = new_name
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.", UserWarning,
+                      stacklevel=2)
     if any(isinstance(m, AdapterHolder) for m in model.modules()):
         warnings.warn("You are trying to modify a model with PEFT for a second time. If you want to reload the model "
                       "with a different config, make sure to call `.unload()` before.", UserWarning, stacklevel=2)
