@@ -76,8 +76,13 @@ class AdapterHolder(nn.Module):
 
     @property
     def adapter_layer_names(self) -> tuple[str, ...]:
-        """PEFT's name for adapter_param_names (its adapter layers have both attributes' meaning under this one)."""
+        """PEFT's name for adapter_param_names."""
         return self.adapter_param_names
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """PEFT's name for adapter_meta_names."""
+        return self.adapter_meta_names
 
     def has_adapter(self, name: str) -> bool:
         return name in getattr(self, self.adapter_param_names[0])
