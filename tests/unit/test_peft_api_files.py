@@ -206,3 +206,24 @@ def test_compiled_hotswap_preparation_pads_ranks_and_keeps_tensors(tmp_path):
         prepare_model_for_compiled_hotswap(model, target_rank=4)
     with pytest.raises(ValueError, match="No adapter layers found"):
         prepare_model_for_compiled_hotswap(MLP())
+
+
+def test_save_embedding_layers_on_a_plain_module_warns_and_saves_without_them(tmp_path):
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin0 = nn.Embedding(10, 6), nn.Linear(6, 2)
+
+    model = get_peft_model(WithEmbedding(), LoraConfig(target_modules=["emb", "lin0"]))
+    with pytest.warns(UserWarning, match="not a 🤗 transformers model"):
+        model.save_pretrained(str(tmp_path), save_embedding_layers=True)
+    assert not any("base_layer" in k for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+
+
+def test_a_size_mismatch_is_a_value_and_a_runtime_error(tmp_path):
+    saved(tmp_path, r=4)
+    config = LoraConfig(target_modules=["lin0"], r=2)
+    model = get_peft_model(MLP(), config)
+    for error in (ValueError, RuntimeError):
+        with pytest.raises(error, match="size mismatch"):
+            model.load_adapter(str(tmp_path), adapter_name="default")

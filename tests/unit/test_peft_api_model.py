@@ -200,3 +200,70 @@ def test_a_copy_is_independent(two):
     other = copy.deepcopy(two)
     other.base_model.set_adapter("b")
     assert two.active_adapters == ["a"] and other.active_adapters == ["b"]
+
+
+def test_no_matching_module_errors_use_peft_classes_and_sentences():
+    from lorakit import NoMatchingPeftModuleError, PeftError
+    with pytest.raises(NoMatchingPeftModuleError, match="Target modules .* not found in the base model"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="All modules were excluded"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["lin0", "lin1", "lin2"], exclude_modules=["lin0", "lin1", "lin2"]))
+    with pytest.raises(PeftError, match="No modules were targeted for adaptation"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["lin0", "nope"], exclude_modules=["lin0"]))
+    with pytest.warns(UserWarning, match="no modules were excluded"):
+        get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], exclude_modules=["nope"]))
+
+
+def test_targeted_module_names_follow_the_adapters_order():
+    model = get_peft_model(MLP(), LoraConfig(target_modules=["lin1"]))
+    model.add_adapter("other", LoraConfig(target_modules=["lin0", "lin1"]))
+    assert model.base_model.targeted_module_names == ["lin1", "lin0"]
+
+
+def test_modules_to_save_refuses_containers():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.heads = nn.Linear(6, 8), nn.ModuleList([nn.Linear(8, 2)])
+
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+        get_peft_model(Holder(), LoraConfig(target_modules=["lin0"], modules_to_save=["heads"]))
+
+
+def test_get_peft_model_names_the_model_it_adapts():
+    config = LoraConfig(target_modules=["lin0"], base_model_name_or_path="mine")
+    with pytest.warns(UserWarning, match="was renamed from 'mine' to 'None'"):
+        get_peft_model(MLP(), config)
+    assert config.base_model_name_or_path is None
+    named = MLP()
+    named.name_or_path = "org/model"
+    assert get_peft_model(named, LoraConfig(target_modules=["lin0"])).peft_config["default"].base_model_name_or_path \
+        == "org/model"
+
+
+def test_layers_answer_to_peft_attribute_names(two):
+    layer = two.base_model.model.lin0
+    assert {"lora_A", "lora_B"} <= set(layer.adapter_layer_names)
+    assert "scaling" in layer.other_param_names and "r" in layer.other_param_names
+    two.delete_adapter("b")
+    assert all("b" not in getattr(layer, attr) for attr in layer.adapter_layer_names + layer.other_param_names)
+
+
+def test_convolution_layers_are_named_by_their_dimension():
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert repr(get_peft_model(conv, LoraConfig(target_modules=["0"])).base_model.model[0]).startswith("lora.Conv2d(")
+
+
+def test_a_mixed_batch_through_a_copy_returning_a_tuple_is_refused():
+    class WithGru(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.gru = nn.Linear(6, 6), nn.GRU(6, 6, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.lin0(x))[0]
+
+    model = get_peft_model(WithGru(), LoraConfig(target_modules=["lin0"], modules_to_save=["gru"]), "a").eval()
+    model.add_adapter("b", LoraConfig(target_modules=["lin0"], modules_to_save=["gru"]))
+    with pytest.raises(TypeError, match="Mixed batching is only supported for the following modules"):
+        model(torch.randn(2, 3, 6), adapter_names=["a", "b"])
