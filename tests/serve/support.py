@@ -56,7 +56,8 @@ def make_adapter(directory: str, seed: int = 0, **lora) -> str:
 
 
 def make_adapters(root: str, specs: dict = ADAPTER_SPECS) -> dict[str, str]:
-    return {name: make_adapter(os.path.join(root, name), seed=i, **spec) for i, (name, spec) in enumerate(specs.items())}
+    return {name: make_adapter(os.path.join(root, name), seed=i, **spec)
+            for i, (name, spec) in enumerate(specs.items())}
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

@@ -53,6 +53,7 @@ def test_lora_variants_load_with_scaling_folded_in(adapter_dirs, layers):
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # raised inside HF PEFT
 def test_an_adapter_written_by_peft_serves_as_peft_runs_it(tmp_path):
     torch.manual_seed(3)
     model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],

@@ -90,6 +90,7 @@ def test_serve_runs_until_interrupted(model_and_adapter):
         process.stderr.close()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # HF PEFT, the one-at-a-time baseline, uses a deprecated API
 def test_bench_serve_smoke(capsys, model_and_adapter, tmp_path):
     model_dir, _ = model_and_adapter
     code, out, err = run_cli(capsys, "bench", "serve", "--quick", "--model", model_dir, "--adapters", "3",

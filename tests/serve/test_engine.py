@@ -5,11 +5,12 @@ from __future__ import annotations
 import queue
 
 import pytest
+import torch
 
 from lorakit.serve.engine import Engine, EngineSettings, Sequence
 from lorakit.serve.sampling import SamplingParams
 from tests.serve.support import chat_ids, raw_ids, tiny_model
-from tests.tiny import tiny_tokenizer
+from tests.tiny import tiny_gpt2, tiny_tokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -52,6 +53,9 @@ def test_a_mixed_stream_with_paging_equals_each_adapter_alone(engine_factory, re
     """Nine models (8 adapters + base), 3 compute slots, 4 host copies, 5 cache rows, prompts prefilled in chunks of
     4 tokens: sequences wait for rows and slots, adapters are evicted and brought back; answers do not change."""
     engine = engine_factory(max_batch=5, max_loras=3, max_cpu_loras=4, prefill_chunk=4, prefill_tokens=8)
+    moves = []
+    move_row = engine.kv.move_row
+    engine.kv.move_row = lambda *args: moves.append(args) or move_row(*args)  # rows are repacked as sequences end
     tokenizer = tiny_tokenizer()
     models = [None, *references.adapter_dirs]
     jobs = []
@@ -67,7 +71,35 @@ def test_a_mixed_stream_with_paging_equals_each_adapter_alone(engine_factory, re
     metrics = engine.metrics
     assert metrics.adapter_evictions.value(tier="compute") > 0 and metrics.adapter_evictions.value(tier="host") > 0
     assert engine.adapters.stats()["compute"] <= 3
-    assert engine.running == 0 and engine.waiting == 0
+    assert engine.running == 0 and engine.waiting == 0 and moves
+
+
+def test_gpt2_conv1d_layers_and_absolute_positions(tmp_path):
+    """GPT-2: LoRA on Conv1D (weights stored transposed) and learned absolute position embeddings."""
+    from lorakit import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_gpt2().double(), LoraConfig(r=4, target_modules=["c_attn", "c_proj"],
+                                                                 init_lora_weights=False))
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data.normal_(0, 0.5)
+    peft_model.save_pretrained(str(tmp_path / "gpt2"))
+    engine = Engine(tiny_gpt2().double(), tiny_tokenizer(), EngineSettings(max_model_len=100, prefill_chunk=3)).start()
+    try:
+        engine.adapters.register("gpt2", str(tmp_path / "gpt2"))
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        prompt = raw_ids(tiny_tokenizer(), "hello world, hello")
+        jobs = [(name, submit(engine, prompt, name, params)) for name in ("gpt2", None, "gpt2")]
+        for name, outputs in jobs:
+            reference = PeftModel.from_pretrained(tiny_gpt2().double(), str(tmp_path / "gpt2")) if name else \
+                tiny_gpt2().double()
+            ids = torch.tensor([prompt])
+            expected = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                          min_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(prompt):]
+            assert collect(outputs)[0] == expected.tolist(), name
+    finally:
+        engine.stop()
 
 
 def test_sequences_join_and_leave_a_running_batch(engine_factory, references):

@@ -136,8 +136,8 @@ def test_a_client_that_disconnects_frees_its_slot(own):
     # a non-streamed request whose client leaves is cancelled too
     parsed = urllib.parse.urlsplit(own.url)
     connection = http_client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
-    connection.request("POST", "/v1/completions", json.dumps({"model": "o-r3", "prompt": "x", "max_tokens": 400,
-                                                              "ignore_eos": True}), {"content-type": "application/json"})
+    body = {"model": "o-r3", "prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
     assert engine.wait_for(lambda: engine.running == 1, timeout=60)
     connection.sock.close()
     assert engine.wait_for(lambda: engine.running == 0, timeout=60)

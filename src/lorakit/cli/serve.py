@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--api-key", metavar="KEY", default=None,
                         help="require this bearer token (default: $LORAKIT_API_KEY, else no key)")
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences generated at once (default 32)")
+    limits.add_argument("--max-batch", type=int, default=32, metavar="N",
+                        help="sequences generated at once (default 32)")
     limits.add_argument("--max-model-len", type=int, default=None, metavar="N",
                         help="prompt + answer tokens per sequence (default: the model's context, at most 2048)")
     limits.add_argument("--max-tokens", type=int, default=1024, metavar="N",
@@ -71,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body; larger gets 413 (default 1000000)")
     limits.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                         help="prompt tokens per sequence per step; longer prompts are split (default 256)")
-    limits.add_argument("--kernel", choices=("gathered", "segmented"), default="gathered",
-                        help="batched LoRA kernel (default gathered; `lorakit bench serve --kernel` compares)")
+    limits.add_argument("--kernel", choices=("auto", "segmented", "gathered"), default="auto",
+                        help="batched LoRA kernel (default auto: segmented to decode, gathered to prefill)")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

@@ -128,7 +128,8 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(ApiKeyCheck, api_key=settings.api_key)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AccessLog, metrics=engine.metrics)
+    routes = frozenset(route.path for route in app.routes if not route.path.startswith("/static"))
+    app.add_middleware(AccessLog, metrics=engine.metrics, routes=routes)
     return app
 
 

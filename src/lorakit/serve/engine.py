@@ -35,7 +35,7 @@ from lorakit.eval.generation import stop_token_ids
 from lorakit.serve.adapter_cache import AdapterCache
 from lorakit.serve.adapter_weights import ModelLayers, ServingAdapter
 from lorakit.serve.kv_cache import RowWork, SlotKVCache, build_layout
-from lorakit.serve.lora_ops import BASE_SLOT, LORA_KERNELS, BatchAdapters, ServingLoraLinear, wrap_linear
+from lorakit.serve.lora_ops import BASE_SLOT, KERNEL_CHOICES, BatchAdapters, ServingLoraLinear, wrap_linear
 from lorakit.serve.metrics import Metrics
 from lorakit.serve.sampling import SamplingParams, sample_rows
 
@@ -55,8 +55,8 @@ class EngineSettings:
     # Compute slots for adapters (S-LoRA's GPU budget) and host copies (its CPU budget).
     max_loras: int = 8
     max_cpu_loras: int = 64
-    # The batched LoRA kernel (lora_ops.LORA_KERNELS).
-    kernel: str = "gathered"
+    # The batched LoRA kernel (lora_ops.py): "auto" (per pass), "segmented" or "gathered".
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_model_len", "prefill_chunk", "prefill_tokens", "max_loras", "max_cpu_loras"):
@@ -65,8 +65,8 @@ class EngineSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.prefill_tokens < self.prefill_chunk:
             raise ValueError(f"prefill_tokens ({self.prefill_tokens}) must be >= prefill_chunk ({self.prefill_chunk})")
-        if self.kernel not in LORA_KERNELS:
-            raise ValueError(f"kernel must be one of {sorted(LORA_KERNELS)}, got {self.kernel!r}")
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {self.kernel!r}")
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Engine:
         self.layers = ModelLayers(model)  # before any layer is wrapped
         self.adapters = AdapterCache(self.layers, settings.max_loras, settings.max_cpu_loras, self.metrics)
         self.adapters.slot_writer = self._write_slot
-        self.batch = BatchAdapters()
+        self.batch = BatchAdapters(settings.kernel)
         self.serving_layers: dict[str, ServingLoraLinear] = {}
         self.kv = SlotKVCache(settings.max_batch, settings.max_model_len)
         self._free_rows = list(range(settings.max_batch))
@@ -224,7 +224,12 @@ class Engine:
         for seq in list(self._waiting):
             if not self._free_rows or (blocked is not None and blocked.blocked_rounds > self.settings.max_batch):
                 break
-            slot = BASE_SLOT if seq.adapter is None else self.adapters.acquire_slot(seq.adapter, may_load=blocked is None)
+            try:
+                slot = BASE_SLOT if seq.adapter is None else self.adapters.acquire_slot(seq.adapter, blocked is None)
+            except Exception as err:  # noqa: BLE001 - this sequence cannot run; the others can
+                log.exception("putting adapter %s into a compute slot failed", seq.adapter)
+                self._finish(seq, "error", error=f"adapter {seq.adapter!r} could not be made resident: {err}")
+                continue
             if slot is None:
                 seq.blocked_rounds += 1
                 blocked = blocked or seq
@@ -269,7 +274,7 @@ class Engine:
         layout = build_layout(work, self.pad_id, self.kv.scratch_row, self.dtype, self.device)
         self.kv.ensure_capacity(layout.kv_len)
         self.kv.layout = layout
-        self.batch.set(slots, self.device)
+        self.batch.set(slots, layout.input_ids.shape[1], self.device)
         try:
             out = self.model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
                              position_ids=layout.position_ids, past_key_values=self.kv, use_cache=True,
@@ -299,8 +304,7 @@ class Engine:
         """Take the sequence out of the engine, return its row, slot and lease, and tell its owner."""
         if seq in self._running:
             self._running.remove(seq)
-            self._free_rows.append(seq.row)
-            self._free_rows.sort()  # lowest rows first keeps the running rows consecutive
+            self._free_row(seq.row)
             if seq.adapter is not None:
                 self.adapters.release_slot(seq.adapter)
         elif seq in self._waiting:
@@ -316,12 +320,22 @@ class Engine:
         except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
             log.exception("delivering the end of sequence %d failed", seq.id)
 
+    def _free_row(self, row: int) -> None:
+        """Return a cache row, moving the sequence in the highest row into it: running sequences stay in rows
+        0..n-1, so passes read the cache as views (copying one row now is far cheaper than copying every
+        row's keys and values at every step)."""
+        last = max(self._running, key=lambda s: s.row, default=None)
+        if last is not None and last.row > row:
+            self.kv.move_row(last.row, row, last.cached)
+            row, last.row = last.row, row
+        self._free_rows.append(row)
+        self._free_rows.sort()
+
     # ---- adapter slots (called by the adapter cache, on this thread) --------------------------------------------
     def _write_slot(self, slot: int, adapter: ServingAdapter) -> None:
         for name in adapter.modules:
             if name not in self.serving_layers:
-                self.serving_layers[name] = wrap_linear(self.model, name, self.adapters.num_slots, self.batch,
-                                                        self.settings.kernel)
+                self.serving_layers[name] = wrap_linear(self.model, name, self.adapters.num_slots, self.batch)
         for name, layer in self.serving_layers.items():
             layer.write_slot(slot, *adapter.modules.get(name, (None, None)))
 

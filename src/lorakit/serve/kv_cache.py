@@ -10,7 +10,9 @@ input_ids (n, T); `position_ids` (n, T) continue each row where it stopped; the 
 tokens are written at those positions of the row, and attention reads columns [0, kv_len) of the rows
 under an explicit 4D mask (n, 1, T, kv_len) that lets a token see only its own row's earlier positions.
 Padding tokens write into a scratch row (the last one) that no sequence reads, so they never touch real
-entries. Sequences join and leave between forward passes without moving anyone else's cache.
+entries. Sequences join and leave between forward passes; the engine keeps the running rows packed at the
+front (`move_row` when one leaves), so a pass over rows [a, b) reads its keys and values as views of the
+cache, without copying them.
 
 The capacity starts small and doubles (up to the longest sequence allowed) as sequences grow, so memory
 follows the workload. `SlotKVCache` is a transformers `Cache`: attention layers call `update()` as they
@@ -102,6 +104,12 @@ class SlotKVCache(Cache):
                 new[:, :, :self.capacity] = old
                 store[layer] = new
         self.capacity = capacity
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of row `source` into row `target` (compaction, see the engine)."""
+        for store in (self.keys, self.values):
+            for cache in store.values():
+                cache[target, :, :length] = cache[source, :, :length]
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())

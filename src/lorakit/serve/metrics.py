@@ -143,8 +143,10 @@ class AccessLog:
     """ASGI middleware: one JSON line per HTTP request when its response has been sent in full (after the last
     streamed event), with what the handler put into `request.state.log` (model, token counts, ...)."""
 
-    def __init__(self, app, metrics: Metrics, logger: logging.Logger | None = None) -> None:
+    def __init__(self, app, metrics: Metrics, routes: frozenset[str] = frozenset(),
+                 logger: logging.Logger | None = None) -> None:
         self.app, self.metrics = app, metrics
+        self.routes = routes  # metric labels: these paths, every other path counts as "other"
         self.logger = logger or logging.getLogger(ACCESS_LOG)
 
     async def __call__(self, scope, receive, send):
@@ -165,8 +167,7 @@ class AccessLog:
             record = {"ts": round(time.time(), 3), "method": scope.get("method"), "path": path,
                       "status": status["code"], "duration_ms": round((time.perf_counter() - start) * 1000, 1),
                       "client": (scope.get("client") or ("", 0))[0], **state["log"]}
-            self.metrics.requests.inc(endpoint=path if path.startswith("/v1/") else "other",
-                                      status=status["code"])
+            self.metrics.requests.inc(endpoint=path if path in self.routes else "other", status=status["code"])
             self.logger.info(json.dumps(record, ensure_ascii=False))
 
         async def logging_send(message):

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 UNSUPPORTED_OPTIONS = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}), "suffix": (None, ""),
-    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"), "response_format": (None,),
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
 }
 MAX_STOP_STRINGS = 4  # as OpenAI
