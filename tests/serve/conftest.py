@@ -5,8 +5,19 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from tests.serve.support import ADAPTER_SPECS, References, make_adapters, start_server
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread_for_tiny_models():
+    """One torch thread for every serving test (the engine threads included): on a busy 2-core machine, two
+    threads spinning on each tiny op make a tiny model's step ten times slower (see tests/train_fixtures.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,7 @@ def test_a_client_that_disconnects_frees_its_slot(own):
 
 def test_unloading_an_adapter_in_use_waits_for_its_requests(own):
     engine = own.engine
-    stream = Stream(own.url, "/v1/completions", {"model": "qv-r4", "prompt": "keep going", "max_tokens": 150,
+    stream = Stream(own.url, "/v1/completions", {"model": "qv-r4", "prompt": "keep going", "max_tokens": 400,
                                                  "ignore_eos": True})
     stream.next_event()
     result = {}
@@ -169,7 +169,7 @@ def test_unloading_an_adapter_in_use_waits_for_its_requests(own):
 
 @pytest.mark.server_settings(unload_timeout=0)
 def test_an_unload_that_cannot_wait_is_refused_clearly(own):
-    stream = Stream(own.url, "/v1/completions", {"model": "o-r3", "prompt": "busy", "max_tokens": 60,
+    stream = Stream(own.url, "/v1/completions", {"model": "o-r3", "prompt": "busy", "max_tokens": 400,
                                                  "ignore_eos": True})
     stream.next_event()
     status, body = http(f"{own.url}/v1/unload_lora_adapter", "POST", {"lora_name": "o-r3"})

@@ -106,7 +106,7 @@ def test_api_key(adapter_dirs):
 
 def test_request_limits_are_answered_with_4xx(adapter_dirs):
     running, thread = start_server(None, settings={"max_body_bytes": 2000, "max_concurrent_requests": 1,
-                                                   "max_tokens": 50, "max_prompt_tokens": 100})
+                                                   "max_prompt_tokens": 100})
     try:
         url = running.url
         status, body = http(f"{url}/v1/chat/completions", "POST",
@@ -116,11 +116,11 @@ def test_request_limits_are_answered_with_4xx(adapter_dirs):
         status, body = http(f"{url}/v1/chat/completions", "POST",
                             {"model": BASE_NAME, "messages": [{"role": "user", "content": "y" * 150}]})
         assert status == 400 and body["error"]["code"] == "context_length_exceeded"
-        # one request in flight (a stream held open) -> the next one gets 429
+        # one request in flight (a long stream, its first event read) -> the next one gets 429
         parsed = urllib.parse.urlsplit(url)
         connection = http_client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
         connection.request("POST", "/v1/completions", json.dumps(
-            {"model": BASE_NAME, "prompt": "hold", "max_tokens": 50, "stream": True, "ignore_eos": True}),
+            {"model": BASE_NAME, "prompt": "hold", "max_tokens": 400, "stream": True, "ignore_eos": True}),
             {"content-type": "application/json"})
         stream = connection.getresponse()
         assert stream.status == 200 and stream.readline().startswith(b"data: ")

@@ -3,6 +3,8 @@ each answer equal to that adapter alone (lorakit's PeftModel + generate, greedy)
 
 from __future__ import annotations
 
+import os
+
 import openai
 import pytest
 import torch
@@ -17,6 +19,15 @@ from lorakit.serve.server import ServerThread, build_server
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 PROMPTS = ["Turn on the kitchen lights.", "What is the capital of France?"]
 MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def all_torch_threads():
+    """The real model gains from both cores (the other serving tests use one thread for their tiny models)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

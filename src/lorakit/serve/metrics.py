@@ -140,8 +140,8 @@ class Metrics:
 
 
 class AccessLog:
-    """ASGI middleware: one JSON line per HTTP request when its response has been sent in full (after the last
-    streamed event), with what the handler put into `request.state.log` (model, token counts, ...)."""
+    """ASGI middleware: one JSON line per HTTP request when its response is complete (after the last streamed
+    event), with what the handler put into `request.state.log` (model, token counts, ...)."""
 
     def __init__(self, app, metrics: Metrics, routes: frozenset[str] = frozenset(),
                  logger: logging.Logger | None = None) -> None:
@@ -173,9 +173,9 @@ class AccessLog:
         async def logging_send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                write()
+                write()  # before the last bytes go out: a client holding its whole answer finds the line written
+            await send(message)
 
         try:
             await self.app(scope, receive, logging_send)
