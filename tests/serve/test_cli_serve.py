@@ -95,11 +95,12 @@ def test_bench_serve_smoke(capsys, model_and_adapter, tmp_path):
     model_dir, _ = model_and_adapter
     code, out, err = run_cli(capsys, "bench", "serve", "--quick", "--model", model_dir, "--adapters", "3",
                              "--requests", "6", "--max-tokens", "4", "--peft-requests", "2", "--ranks", "2,4",
-                             "--output", tmp_path / "bench.json")
+                             "--ways", "mixed,base,peft,http", "--output", tmp_path / "bench.json")
     assert code == 0, err
     assert "mixed / base =" in out and "mixed / peft one at a time =" in out
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert set(results["results"]) == {"mixed", "base", "peft"}
+    assert set(results["results"]) == {"mixed", "base", "peft", "http"}
     assert results["results"]["mixed"]["tokens"] == results["results"]["base"]["tokens"] == 6 * 4
+    assert results["results"]["http"]["tokens"] == 6 * 4
     assert results["results"]["peft"]["tokens"] == 2 * 4
     assert results["ratios"]["mixed_over_base"] > 0

@@ -13,6 +13,8 @@ sequence ignored, so every way does the same work) are served three ways:
   peft    one request at a time, activating its adapter first (set_adapter + generate), as a PEFT user
           does today: HuggingFace PEFT when installed, else lorakit's PeftModel (on --peft-requests of
           the requests: one at a time, the rate does not depend on how many)
+  http    (not run by default) `mixed` through `lorakit serve` on a loopback port: streamed completions,
+          one client thread per request, times taken by the client
 
 Requests arrive all at once (--rate 0) or as a Poisson stream of --rate per second. Reported: generated
 tokens per second (every token / time from the first arrival to the last token), time to first token
@@ -36,6 +38,7 @@ from functools import partial
 from importlib import resources
 
 TARGET_BASE_RATIO, TARGET_PEFT_RATIO = 0.8, 4.0
+WAYS = ("mixed", "base", "peft", "http")
 FULL_DEFAULTS = {"requests": 64, "max_tokens": 64, "peft_requests": 16, "repeats": 3}
 QUICK_DEFAULTS = {"requests": 16, "max_tokens": 16, "peft_requests": 4, "repeats": 1}
 
@@ -58,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests served one at a time for the peft baseline (default 16; --quick 4)")
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="runs per way, the median is reported (default 3; --quick 1)")
-    parser.add_argument("--ways", default="mixed,base,peft", metavar="W,W", help="which ways to run")
+    parser.add_argument("--ways", default="mixed,base,peft", metavar="W,W",
+                        help=f"which ways to run, of {', '.join(WAYS)} (default mixed,base,peft)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: smaller defaults (see above)")
     parser.add_argument("--seed", type=int, default=0, help="adapter weights, arrival times, adapter choice")
     parser.add_argument("--output", metavar="FILE", help="also write the results as JSON")
@@ -103,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
-    unknown = sorted(set(ways) - {"mixed", "base", "peft"})
+    unknown = sorted(set(ways) - set(WAYS))
     if unknown:
-        raise ValueError(f"--ways: unknown {unknown}; choose from mixed, base, peft")
+        raise ValueError(f"--ways: unknown {unknown}; choose from {', '.join(WAYS)}")
     ranks = [int(r) for r in args.ranks.split(",")]
     random.seed(args.seed)
     print(f"lorakit bench serve: {args.model}, {args.adapters} adapters (r {args.ranks} on {args.target_modules}), "
@@ -123,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
                 if way == "peft":
                     count = min(args.peft_requests, len(setup.prompts))
                     result = _run_peft(args, setup, setup.prompts[:count], assigned[:count], arrivals[:count])
+                elif way == "http":
+                    result = _run_http(args, setup, assigned, arrivals)
                 else:
                     adapters = assigned if way == "mixed" else [None] * len(assigned)
                     result = _run_engine(args, setup, way, adapters, arrivals)
@@ -192,7 +198,7 @@ def _run_engine(args, setup: Setup, way: str, adapters: list[str | None], arriva
     try:
         for name in sorted({a for a in adapters if a is not None}):
             engine.adapters.load_now(name, setup.adapter_dirs[name])
-        warm = adapters[:4]
+        warm = sorted(set(adapters), key=str)  # every adapter once: in its compute slot, its first-use costs paid
         _drive(engine, Sequence, SamplingParams, setup.prompts[:len(warm)], warm, [0.0] * len(warm), 4)
         batches = engine.metrics.batch_size
         count0, sum0 = batches.count, batches.sum
@@ -233,6 +239,74 @@ def _drive(engine, sequence_cls, params_cls, prompts, adapters, arrivals, max_to
         finished.acquire()
     return RunResult("", sum(tokens), max(done) - min(arrived), [f - a for f, a in zip(first, arrived)],
                      [d - a for d, a in zip(done, arrived)], os.getloadavg()[0])
+
+
+def _run_http(args, setup: Setup, adapters: list[str], arrivals: list[float]) -> RunResult:
+    """`mixed` as clients see it: the server on a loopback port, one streamed request per client thread."""
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.serve.app import ServerSettings
+    from lorakit.serve.engine import EngineSettings
+    from lorakit.serve.server import ServerThread, build_server
+
+    model, tokenizer = load_model_and_tokenizer(setup.model_name)
+    engine_settings = EngineSettings(max_batch=args.max_batch, max_model_len=max(map(len, setup.prompts)) +
+                                     args.max_tokens, max_loras=args.adapters, max_cpu_loras=args.adapters,
+                                     kernel=args.kernel)
+    used = {name: setup.adapter_dirs[name] for name in sorted(set(adapters))}
+    server = build_server(model, tokenizer, ServerSettings("base", max_concurrent_requests=len(adapters) + 1,
+                                                           max_tokens=args.max_tokens), engine_settings, used)
+    n = len(adapters)
+    arrived, first, done, tokens = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+
+    def client(i: int, url: str, start: float) -> None:
+        delay = start + arrivals[i] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        arrived[i] = time.perf_counter()
+        events = _stream_completion(url, {"model": adapters[i], "prompt": setup.prompts[i], "max_tokens":
+                                          args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                                          "stream_options": {"include_usage": True}})
+        for event in events:
+            if not first[i] and event.get("choices") and event["choices"][0]["text"]:
+                first[i] = time.perf_counter()
+            if event.get("usage"):
+                tokens[i] = event["usage"]["completion_tokens"]
+        done[i] = time.perf_counter()
+
+    try:
+        with ServerThread(server.app) as url:
+            for name in used:  # warm-up, as for `mixed`
+                list(_stream_completion(url, {"model": name, "prompt": setup.prompts[0], "max_tokens": 4,
+                                              "stream": True}))
+            start = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(i, url, start)) for i in range(n)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        server.close()
+    return RunResult("http", sum(tokens), max(done) - min(arrived), [f - a for f, a in zip(first, arrived)],
+                     [d - a for d, a in zip(done, arrived)], os.getloadavg()[0])
+
+
+def _stream_completion(url: str, body: dict):
+    """The JSON events of one streamed completion (stdlib HTTP: the benchmark needs no client library)."""
+    import http.client
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=600)
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {response.read()[:300]!r}")
+        for line in response:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                yield json.loads(line[6:])
+    finally:
+        connection.close()
 
 
 def _run_peft(args, setup: Setup, prompts, adapters, arrivals) -> RunResult:
@@ -316,10 +390,12 @@ def _report(results: dict[str, RunResult], runs: dict[str, list[RunResult]]) -> 
     # ratios of runs made one after the other (same machine load), the median over repeats
     ratios = {}
     for other, target, label in (("base", TARGET_BASE_RATIO, "mixed / base"),
-                                 ("peft", TARGET_PEFT_RATIO, "mixed / peft one at a time")):
+                                 ("peft", TARGET_PEFT_RATIO, "mixed / peft one at a time"),
+                                 ("http", 0, "mixed / http (the HTTP layer's cost)")):
         if "mixed" in runs and other in runs:
             paired = sorted(m.tokens_per_second / o.tokens_per_second for m, o in zip(runs["mixed"], runs[other]))
             ratios[f"mixed_over_{other}"] = round(paired[len(paired) // 2], 3)
             each = ", ".join(f"{r:.2f}" for r in paired)
-            print(f"{label} = {ratios[f'mixed_over_{other}']:.2f} (target >= {target:g}; each repeat: {each})")
+            goal = f"target >= {target:g}; " if target else ""
+            print(f"{label} = {ratios[f'mixed_over_{other}']:.2f} ({goal}each repeat: {each})")
     return {"results": rows, "ratios": ratios, "raw": {way: [asdict(r) for r in rs] for way, rs in runs.items()}}
