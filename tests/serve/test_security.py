@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import http.client as http_client
 import json
 import os
@@ -11,7 +12,8 @@ import urllib.parse
 import openai
 import pytest
 
-from lorakit.serve.security import PathRefused, confined_adapter_dir, discover_adapters
+from lorakit.serve import security
+from lorakit.serve.security import ApiKeyCheck, PathRefused, confined_adapter_dir, discover_adapters
 from tests.serve.support import BASE_NAME, http, start_server
 
 USER = [{"role": "user", "content": "hi"}]
@@ -102,6 +104,21 @@ def test_api_key(adapter_dirs):
     finally:
         thread.stop()
         running.server.close()
+
+
+def test_every_key_check_is_a_constant_time_comparison(monkeypatch):
+    """Each request's token (missing, wrong scheme or wrong key included) goes through hmac.compare_digest,
+    whose time does not depend on where the bytes differ; no early exit before it."""
+    calls, compare = [], hmac.compare_digest
+    monkeypatch.setattr(security.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or compare(a, b))
+    check = ApiKeyCheck(app=None, api_key="s3cret")
+    assert check.allowed([(b"authorization", b"Bearer s3cret")])
+    assert not check.allowed([(b"authorization", b"Bearer s3creX")])
+    assert not check.allowed([(b"authorization", b"Basic s3cret")])
+    assert not check.allowed([])
+    assert calls == [(b"s3cret", b"s3cret"), (b"s3creX", b"s3cret"), (b"s3cret", b"s3cret"), (b"", b"s3cret")]
+    with pytest.raises(ValueError, match="empty"):
+        ApiKeyCheck(app=None, api_key="")
 
 
 def test_request_limits_are_answered_with_4xx(adapter_dirs):

@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"which ways to run, of {', '.join(WAYS)} (default mixed,base,peft)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: smaller defaults (see above)")
     parser.add_argument("--seed", type=int, default=0, help="adapter weights, arrival times, adapter choice")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads for every way (default: torch's default, one per core); on a busy "
+                             "machine 1 avoids threads spinning while waiting for each other")
     parser.add_argument("--output", metavar="FILE", help="also write the results as JSON")
 
 
@@ -106,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("adapters", "requests", "max_tokens", "max_batch", "peft_requests", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     unknown = sorted(set(ways) - set(WAYS))
     if unknown:
