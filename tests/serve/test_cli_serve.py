@@ -103,4 +103,5 @@ def test_bench_serve_smoke(capsys, model_and_adapter, tmp_path):
     assert results["results"]["mixed"]["tokens"] == results["results"]["base"]["tokens"] == 6 * 4
     assert results["results"]["http"]["tokens"] == 6 * 4
     assert results["results"]["peft"]["tokens"] == 2 * 4
-    assert results["ratios"]["mixed_over_base"] > 0
+    assert results["ratios"]["mixed_over_base"] > 0 and results["ratios"]["mixed_over_peft_cpu"] > 0
+    assert all(row["cpu_seconds"] > 0 for row in results["results"].values())

@@ -1,6 +1,6 @@
 """Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API, batched together.
 
-    lorakit serve --adapter demo=runs/demo                       # the embedded SmolLM2 + one adapter
+    lorakit serve --adapter demo=runs/demo-20261122-153000       # the embedded SmolLM2 + `lorakit demo`'s adapter
     lorakit serve --model ./my-base --adapter-dir adapters/ --max-loras 8 --port 8000
     LORAKIT_API_KEY=secret lorakit serve --adapter a=runs/a --adapter b=runs/b --host 0.0.0.0
 
