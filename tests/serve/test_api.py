@@ -64,8 +64,14 @@ def test_completions_take_several_prompts_and_n(client, references):
     tokens = client.completions.create(model=BASE_NAME, prompt=raw_ids(TOKENIZER, "ids"), max_tokens=4,
                                        temperature=0)
     assert tokens.choices[0].text == references.text(None, raw_ids(TOKENIZER, "ids"), 4)
-    streamed = client.completions.create(model="mlp-r2", prompt=prompts[0], max_tokens=8, temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
+    streamed = list(client.completions.create(model="mlp-r2", prompt=prompts[0], max_tokens=8, temperature=0, n=2,
+                                              stream=True, stream_options={"include_usage": True}))
+    for index in range(2):  # the n choices stream interleaved, told apart by their index
+        assert "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == index) == \
+            answer.choices[0].text
+    expected = references.ids("mlp-r2", raw_ids(TOKENIZER, prompts[0]), 8)
+    assert streamed[-1].choices == [] and streamed[-1].usage.prompt_tokens == len(raw_ids(TOKENIZER, prompts[0]))
+    assert streamed[-1].usage.completion_tokens == 2 * (len(expected) + (len(expected) < 8))  # a stop token counts
 
 
 def test_stop_strings_cut_the_answer(client, references):
