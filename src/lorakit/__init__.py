@@ -5,9 +5,15 @@ The API follows HuggingFace PEFT, so a PEFT user changes one import:
     from lorakit import LoraConfig, get_peft_model, PeftModel, TaskType
 """
 
+from lorakit.cli import startup as _startup  # first: Ctrl-C while the `lorakit` command imports exits quietly
+
+_startup.install()
 from lorakit import methods  # noqa: F401  (registers every method)
 from lorakit.config import PeftConfig
-from lorakit.methods.lora import LoraConfig
+from lorakit.methods.adalora import AdaLoraConfig
+from lorakit.methods.lora import LoraConfig, enable_lora_fa
+from lorakit.methods.quant import NF4Linear, NF4Tensor, quantize_model, quantize_nf4
+from lorakit.methods.vera import VeraConfig
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.registry import get_method, register_method, registered_methods
 from lorakit.tasks import TaskType
@@ -21,7 +27,8 @@ PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFe
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
+    "LoraConfig", "VeraConfig", "AdaLoraConfig", "enable_lora_fa", "NF4Linear", "NF4Tensor", "PeftConfig",
+    "quantize_model", "quantize_nf4", "PeftModel", "TaskType", "get_peft_model", "get_method", "register_method",
     "registered_methods", "Tuner", "TrainingHook", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
 ]

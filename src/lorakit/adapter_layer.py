@@ -20,6 +20,16 @@ from torch import nn
 BASE_ADAPTER = "__base__"  # the row name that means "no adapter" in a mixed batch
 
 
+class UnsupportedLayerError(TypeError, ValueError):
+    """A targeted layer an adapter cannot wrap, or a variant it cannot run there. Both a TypeError (what lorakit
+    raised first) and a ValueError (what PEFT raises), so code written against either library catches it."""
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 even on a half-precision base (PEFT's autocast_adapter_dtype default)."""
+    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
+
+
 class BatchRouting:
     """Which adapter each row of a batch uses: `names[i]` for row i (or `"__base__"`).
 
@@ -119,6 +129,24 @@ class AdapterLayer(AdapterHolder):
         """delta(x) for the rows in x; `base_out` is base_layer(x) for the same rows."""
         raise NotImplementedError
 
+    def reset_adapter(self, name: str, config, module_name: str) -> None:
+        """Re-initialise adapter `name` in place (the same tensor objects, so an optimizer keeps them), as
+        add_adapter(name, config, module_name) initialised it. Trainer strategies that restart an adapter
+        (ReLoRA) call it through `Tuner.reset_adapter`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-initialise an adapter (no reset_adapter)")
+
+    @classmethod
+    def wrap_refusal(cls, base_layer: nn.Module) -> str | None:
+        """None when this class can wrap `base_layer`; otherwise why not, although the base layer's type is one it
+        is registered for (AdaLoRA on a grouped convolution). Completes "target module 'x' is a Conv2d, ...";
+        `Tuner.layer_class_for` is None for such a layer, so the conformance suite skips it too."""
+        return None
+
+    def merge_refusal(self) -> str | None:
+        """None when adapters can be folded into the base weight; otherwise why not (LoRA on a grouped
+        convolution: its update is a full kernel, which the grouped kernel cannot hold)."""
+        return None
+
     # ---- shared behaviour ----------------------------------------------------------------------
     @property
     def base_weight(self) -> nn.Parameter:
@@ -175,16 +203,19 @@ class AdapterLayer(AdapterHolder):
 
     def write_base_weight(self, weight: torch.Tensor) -> None:
         """Store a merged or unmerged weight into the base layer. A quantized base layer provides
-        `store_dense_weight(weight)` (it may stop being quantized: merging into 4 bits would lose precision)."""
+        `store_dense_weight(weight)`, which returns the dense layer that takes its place (merging into 4 bits
+        would lose precision), so from then on the base layer is dense."""
         base = self.base_layer
         if hasattr(base, "store_dense_weight"):
-            base.store_dense_weight(weight)
+            self.base_layer = base.store_dense_weight(weight)
         else:
             base.weight.data.copy_(weight)
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
         """W <- merge_weight(W) for each named adapter this layer holds and has not merged yet."""
+        if any(self.has_adapter(n) for n in names) and (reason := self.merge_refusal()):
+            raise NotImplementedError(reason)
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue

@@ -41,6 +41,37 @@ def check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{owner}.{name} must be one of {allowed}; got {value!r}")
 
 
+def check_target_fields(owner: str, config) -> None:
+    """The targeting fields layer methods share with PEFT (target_modules, exclude_modules where the method has it,
+    modules_to_save, layers_to_transform, layers_pattern): types, combinations, and tuples/sets stored as lists
+    (JSON has lists)."""
+    for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        value = getattr(config, name, None)
+        if value is not None and not isinstance(value, str) and (
+                not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{owner}.{name} must be a string or a list of strings, got {value!r}")
+    target = config.target_modules
+    if isinstance(target, (list, tuple, set)) and not target:
+        raise ValueError(f"{owner}.target_modules is empty; name at least one module, or use 'all-linear'")
+    if isinstance(target, str):
+        for name in ("layers_to_transform", "layers_pattern"):
+            if getattr(config, name) is not None:
+                raise ValueError(f"{owner}.{name}={getattr(config, name)!r} cannot be used with target_modules="
+                                 f"{target!r} (a regex or 'all-linear'); list module names instead, or select layers "
+                                 "in the regex")
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"{owner}.layers_pattern={config.layers_pattern!r} needs layers_to_transform (the layer "
+                         "indices to adapt)")
+    layers = config.layers_to_transform
+    if layers is not None and not (isinstance(layers, int) or (
+            isinstance(layers, (list, tuple)) and all(isinstance(i, int) for i in layers))):
+        raise ValueError(f"{owner}.layers_to_transform must be an int or a list of ints, got {layers!r}")
+    for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "layers_to_transform"):
+        value = getattr(config, name, None)
+        if isinstance(value, (tuple, set)):
+            object.__setattr__(config, name, sorted(value) if isinstance(value, set) else list(value))
+
+
 def suggest(word: str, options) -> str:
     """' (did you mean X?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(word, list(options), n=1)
@@ -71,6 +102,11 @@ class PeftConfig:
         if self.task_type is not None:
             check_choice(type(self).__name__, "task_type", str(self.task_type), TASK_TYPES)
             object.__setattr__(self, "task_type", str(self.task_type))
+
+    def fill_from_run(self, total_steps: int) -> "PeftConfig":
+        """This config with the fields a training run decides filled in, where the user left them unset (AdaLoRA's
+        total_step = the run's optimizer steps). The trainer calls it before building the model. Default: unchanged."""
+        return self
 
     # ---- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:

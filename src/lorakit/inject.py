@@ -3,23 +3,32 @@
 Matching follows HuggingFace PEFT, so the same config selects the same modules:
 - a list of names: a module matches when its full name equals an entry or ends with "." + entry;
 - a string: a regex that must match the full module name (re.fullmatch);
-- "all-linear": every nn.Linear / Conv1D except the output head (lm_head, or the classifier for SEQ_CLS);
+- "all-linear": every linear-like layer (LINEAR_TYPES: nn.Linear, Conv1D, and the types other packages add,
+  e.g. methods/quant's NF4Linear) except the output head (lm_head, or the classifier for SEQ_CLS);
 - None: the architecture's default (query and value projections), see DEFAULT_TARGETS.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapter_layer import AdapterHolder, AdapterLayer
+from lorakit.adapter_layer import AdapterHolder, AdapterLayer, UnsupportedLayerError
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 
 ALL_LINEAR = "all-linear"
+# Base layer types that "all-linear" targets. A package defining another linear layer (a quantized one) adds
+# its type with register_linear_type; the methods that can wrap it list it in their `layers`.
+LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, Conv1D]
+# Checks run on every targeted base layer before it is wrapped: each returns None, or why no adapter may wrap
+# the layer although its type looks wrappable (e.g. a layer quantized by another library that subclasses
+# nn.Linear but holds packed weights). Added with register_base_layer_check.
+BASE_LAYER_CHECKS: list[Callable[[nn.Module], str | None]] = []
 # Default targets when target_modules is None (as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
@@ -30,6 +39,20 @@ DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "bert": ["query", "value"], "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
 }
+
+
+def register_linear_type(layer_type: type[nn.Module]) -> None:
+    if layer_type not in LINEAR_TYPES:
+        LINEAR_TYPES.append(layer_type)
+
+
+def register_base_layer_check(check: Callable[[nn.Module], str | None]) -> None:
+    if check not in BASE_LAYER_CHECKS:
+        BASE_LAYER_CHECKS.append(check)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, tuple(LINEAR_TYPES))
 
 
 def name_matches(spec: str | list[str], name: str) -> bool:
@@ -80,28 +103,30 @@ def output_head_names(model: nn.Module, task_type: str | None) -> set[str]:
     return {name for name, m in model.named_modules() if head is not None and base_of(m) is head}
 
 
-def resolve_target_spec(model: nn.Module, config) -> str | list[str]:
+def resolve_target_spec(model: nn.Module, config, defaults: dict[str, list[str]] | None = None) -> str | list[str]:
+    """config.target_modules, or the architecture's entry of `defaults` (a method's own table; DEFAULT_TARGETS)."""
     if config.target_modules is not None:
         return config.target_modules
+    defaults = DEFAULT_TARGETS if defaults is None else defaults
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
+    if model_type not in defaults:
         raise ValueError(
             f"target_modules is not set and lorakit has no default targets for model type {model_type!r}; "
             f"set target_modules, e.g. 'all-linear' or some of: {', '.join(candidate_names(model))}"
         )
-    return DEFAULT_TARGETS[model_type]
+    return defaults[model_type]
 
 
 def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
-    """Short names (last name component) of linear-like, embedding and conv modules, for error messages."""
-    kinds = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
+    """Short names (last name component) of linear-like, embedding, conv and attention modules, for error messages."""
+    kinds = (*LINEAR_TYPES, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
     names = sorted({n.rsplit(".", 1)[-1] for n, m in candidate_modules(model) if n and isinstance(base_of(m), kinds)})
     return names[:limit] + (["..."] if len(names) > limit else [])
 
 
 def find_targets(model: nn.Module, config, method) -> list[str]:
     """Full names of the modules `config` targets in `model`; raises a clear error when none or a wrong type."""
-    spec = resolve_target_spec(model, config)
+    spec = resolve_target_spec(model, config, getattr(method, "default_target_modules", None))
     all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
     excluded_heads = output_head_names(model, config.task_type) if all_linear else set()
     targets = []
@@ -110,19 +135,23 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
             continue
         if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
             continue
-        if config.exclude_modules and name_matches(config.exclude_modules, name):
+        excluded = getattr(config, "exclude_modules", None)  # a field of most methods, not all (VeRA has none)
+        if excluded and name_matches(excluded, name):
             continue
         if all_linear:
-            if not isinstance(base_of(module), (nn.Linear, Conv1D)):
+            if not is_linear(base_of(module)):
                 continue
         elif not name_matches(spec, name):
             continue
         if not _in_selected_layers(name, spec, config):
             continue
-        if method.layer_class_for(base_of(module)) is None:
-            supported = ", ".join(sorted(t.__name__ for t in method.layers))
-            raise TypeError(f"target module {name!r} is a {type(base_of(module)).__name__}, which {method.name} "
-                            f"cannot wrap (supported: {supported}). Choose other target_modules.")
+        problem = next((p for check in BASE_LAYER_CHECKS if (p := check(base_of(module)))), None)
+        if problem:
+            raise TypeError(f"target module {name!r} is {problem}. Or leave it out of target_modules.")
+        refusal = method.wrap_refusal(base_of(module))
+        if refusal:
+            raise UnsupportedLayerError(f"target module {name!r} is a {type(base_of(module)).__name__}, {refusal}. "
+                                        "Choose other target_modules.")
         targets.append(name)
     if not targets:
         raise ValueError(

@@ -22,6 +22,9 @@ from lorakit.adapter_files import (
 )
 from lorakit.adapter_layer import BASE_ADAPTER, AdapterHolder, AdapterLayer, BatchRouting
 from lorakit.config import PeftConfig
+from lorakit.integrations.hub import push_adapter
+from lorakit.integrations.model_card import facts_from_model, training_info_from_run, write_model_card
+from lorakit.integrations.signature import forward_with_model_signature
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.registry import method_for_config
 from lorakit.state import adapter_holders, detached_copies, load_adapter_state_dict
@@ -59,7 +62,6 @@ class PeftModel(nn.Module):
         if isinstance(model, PeftModel):
             raise TypeError("this model already has adapters; use add_adapter() / load_adapter() on it")
         self.base_model = TunerModel(model)
-        self.peft_config: dict[str, PeftConfig] = {}
         self.tuners: dict[str, Tuner] = {}  # adapter name -> its method's lifecycle object (tuner.py)
         self._active: list[str] = []
         for param in model.parameters():
@@ -76,7 +78,14 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        """Adapter name -> its config. The tuners hold the configs, since a method may update its own during
+        training (AdaLoRA records the rank pattern it allocated), and a save writes the current one."""
+        return {name: tuner.config for name, tuner in self.tuners.items()}
+
     # ---- running ---------------------------------------------------------------------------------
+    @forward_with_model_signature  # trainers see the wrapped model's inputs and labels (integrations/signature.py)
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward. adapter_names: one adapter name (or "__base__") per input row."""
         tuners = self._running_tuners()
@@ -152,7 +161,6 @@ class PeftModel(nn.Module):
             self._remove_from_layers(adapter_name)
             tuner.remove()
             raise
-        self.peft_config[adapter_name] = peft_config
         self.tuners[adapter_name] = tuner
         self._apply_active()
 
@@ -171,6 +179,41 @@ class PeftModel(nn.Module):
         if adapter_name in self._active:
             raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it")
         self._forget(adapter_name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add `adapter_name` as a weighted combination of existing adapters (PEFT's signature and combination
+        types: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd,
+        magnitude_prune, magnitude_prune_svd). The new adapter is inactive until set_adapter, and saves, loads
+        and deletes like any other. The adapters' method does the arithmetic (Tuner.combine_adapters)."""
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"no adapter named {missing}; this model has {sorted(self.peft_config)}")
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"adapters lists an adapter twice: {list(adapters)}; give each once with its weight")
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) != len(adapters):
+            raise ValueError(f"weights must give one number per adapter ({len(adapters)}), got {weights!r}")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise ValueError(f"weights must be numbers, got {list(weights)!r}")
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) "
+                             "first or choose another name")
+        method = type(self.tuners[adapters[0]])
+        try:
+            method.combine_adapters(self, list(adapters), [float(w) for w in weights], adapter_name,
+                                    combination_type=combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                                    svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
+                                    majority_sign_method=majority_sign_method)
+        except Exception:
+            if adapter_name in self.peft_config:
+                self._forget(adapter_name)
+            raise
 
     @property
     def active_adapters(self) -> list[str]:
@@ -204,13 +247,15 @@ class PeftModel(nn.Module):
                     holder.merge(merged[path])
 
     _disabled = False  # inside disable_adapter(): no tuner rewrites inputs or outputs
+    # How the adapter was trained, for its model card (integrations/model_card.py): set by from_pretrained for a
+    # `lorakit train` run's adapter and by the Trainer integration; None: unknown.
+    training_info = None
 
     def _holders(self) -> list[tuple[str, AdapterHolder]]:
         return adapter_holders(self.get_base_model())
 
     def _apply_active(self) -> None:
         """Push the active list to every layer and make exactly the active adapters' tensors trainable."""
-        model = self.get_base_model()
         for _, holder in self._holders():
             holder.active_adapters = list(self._active)
         for param in self.parameters():  # also tensors tuners keep outside the model (on base_model)
@@ -223,7 +268,6 @@ class PeftModel(nn.Module):
         """Remove an adapter entirely: from the layers, its tuner's own state, and the bookkeeping."""
         self._remove_from_layers(adapter_name)
         self.tuners.pop(adapter_name).remove()
-        del self.peft_config[adapter_name]
 
     def _require(self, capability: str, adapter_names, what: str) -> None:
         """Refuse `what` for adapters whose method lacks `capability` (tuner.py)."""
@@ -235,7 +279,7 @@ class PeftModel(nn.Module):
     def _remove_from_layers(self, adapter_name: str) -> None:
         """Delete the adapter from every layer; layers left without adapters go back to their base module."""
         model = self.get_base_model()
-        for path, holder in self._holders():
+        for path, holder in reversed(self._holders()):  # innermost first: nested layers (MHA's out_proj) unwrap cleanly
             holder.delete_adapter(adapter_name)
             if not holder.adapter_names:
                 model.set_submodule(path, _unwrapped(holder, keep_trained=False))
@@ -247,6 +291,9 @@ class PeftModel(nn.Module):
         names = self._names_or_active(adapter_names)
         self._require(MERGEABLE, names, "merges")
         layers = [(p, m) for p, m in self._holders() if isinstance(m, AdapterLayer)]
+        for path, layer in layers:  # refuse before anything is merged
+            if any(layer.has_adapter(n) for n in names) and (reason := layer.merge_refusal()):
+                raise NotImplementedError(f"{path}: {reason}. Nothing was merged.")
         if safe_merge:
             for path, layer in layers:
                 for name in names:
@@ -277,7 +324,7 @@ class PeftModel(nn.Module):
 
     def _unwrap_all(self, keep_trained: bool) -> nn.Module:
         model = self.get_base_model()
-        for path, holder in self._holders():
+        for path, holder in reversed(self._holders()):  # innermost first, as in _remove_from_layers
             model.set_submodule(path, _unwrapped(holder, keep_trained))
         return model
 
@@ -290,29 +337,43 @@ class PeftModel(nn.Module):
 
     # ---- files -----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | None = None, **kwargs) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors in PEFT's format: "default"
         in save_directory, any other adapter in save_directory/<name>. Under FSDP call it on every process
-        with is_main_process=(rank == 0): the shards are gathered, rank 0 writes."""
+        with is_main_process=(rank == 0): the shards are gathered, rank 0 writes.
+
+        path_initial_model_for_weight_conversion: the directory of the adapter as saved right after its
+        initialisation. For a method whose init rewrites the base weights (PiSSA, OLoRA) the adapter is then
+        written in a form for the original, unmodified base model (Tuner.convert_for_initial_model)."""
         if not safe_serialization:
             raise ValueError("lorakit writes safetensors only (safe_serialization=False is not supported)")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; give a directory")
         base_name = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
-        for name in self._names_or_active(selected_adapters or list(self.peft_config)):
+        names = self._names_or_active(selected_adapters or list(self.peft_config))
+        for name in names:
             tensors = self.adapter_state_dict(name)  # on every process: sharded tensors are gathered
             if not is_main_process:
                 continue
             config = self.peft_config[name]
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, config = self.tuners[name].convert_for_initial_model(
+                    tensors, config, os.fspath(path_initial_model_for_weight_conversion))
             config = dataclasses.replace(config, inference_mode=True,
                                          base_model_name_or_path=config.base_model_name_or_path or base_name)
             directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
             write_adapter(directory, config, tensors)
+        if is_main_process:  # README.md, as PEFT writes one; a README lorakit did not write is kept
+            write_model_card(save_directory, facts_from_model(self, names))
 
     def adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
-        """One adapter's tensors keyed as in PEFT files (adapter name removed). Sharded (FSDP) tensors are
-        gathered, so under FSDP every process must call this."""
-        return detached_copies(self.tuners[adapter_name].state_tensors())
+        """One adapter's tensors keyed as in PEFT files (adapter name removed), without those its method rebuilds
+        instead of saving (`Tuner.optional_state_keys`). Sharded (FSDP) tensors are gathered, so under FSDP every
+        process must call this."""
+        tuner = self.tuners[adapter_name]
+        rebuilt = tuner.optional_state_keys()
+        return detached_copies({k: v for k, v in tuner.state_tensors().items() if k not in rebuilt})
 
     def _load_state(self, adapter_name: str, weights: dict[str, torch.Tensor], source: str) -> None:
         tuner = self.tuners[adapter_name]
@@ -334,6 +395,7 @@ class PeftModel(nn.Module):
         except Exception:
             peft_model.unload()  # give the caller back the model exactly as it was
             raise
+        peft_model.training_info = training_info_from_run(directory)
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
@@ -349,7 +411,20 @@ class PeftModel(nn.Module):
             self._forget(adapter_name)
             raise
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapter files and a model card (README.md) to the Hub repository `repo_id`, and nothing of
+        the base model. Keyword arguments as transformers' push_to_hub (commit_message, private, token, revision,
+        create_pr, tags, ...) plus selected_adapters; see lorakit.integrations.hub."""
+        return push_adapter(self, repo_id, **kwargs)
+
     # ---- training ---------------------------------------------------------------------------------
+    def configure_training(self, args) -> None:
+        """Let the active adapters' methods read their trainer options (`args`: the trainer's TrainArgs), e.g.
+        LoRA-FA; then re-apply which tensors train."""
+        for name in self._active:
+            self.tuners[name].configure_training(args)
+        self._apply_active()
+
     def parameter_groups(self, args) -> list[dict]:
         """Optimizer groups over the trainable parameters, as the active adapter's method wants them (LoRA+
         gives B a larger learning rate). `args`: the trainer's TrainArgs."""
@@ -365,12 +440,8 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters), counting adapters, as PEFT does."""
-        trainable = total = 0
-        for param in self.parameters():
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
-        return trainable, total
+        """(trainable parameters, all parameters), counting adapters (and quantized weights), as PEFT does."""
+        return parameter_counts(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -383,6 +454,16 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     return PeftModel(model, peft_config, adapter_name)
 
 
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters of a module. The weights a quantized base layer stores as codes rather than
+    parameters count as frozen parameters (its `frozen_weight_numel`), as PEFT counts bitsandbytes' 4-bit ones."""
+    trainable = total = 0
+    for param in module.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total + sum(getattr(m, "frozen_weight_numel", 0) for m in module.modules())
+
+
 def _unwrapped(holder: AdapterHolder, keep_trained: bool) -> nn.Module:
     if isinstance(holder, ModulesToSaveWrapper):
         return holder.active_copy() if keep_trained else holder.original_module
@@ -393,6 +474,9 @@ def _check_adapter_name(name) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == BASE_ADAPTER:
         raise ValueError(f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' "
                          f"(not {BASE_ADAPTER!r}); it becomes part of parameter names and folder names")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is not allowed: adapters are kept in torch ModuleDicts, where "
+                         f"{name!r} is already a method or attribute; choose another name")
 
 
 def _batch_size(args, kwargs) -> int | None:

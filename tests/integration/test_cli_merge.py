@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit import LoraConfig, PeftModel, get_peft_model, quantize_model
 from tests.integration.cli_support import make_adapter, make_model_dir, run_cli
 from tests.tiny import tiny_bert_classifier, tiny_tokenizer
 
@@ -40,6 +40,22 @@ def test_merged_model_loads_with_transformers_and_matches(setup, capsys, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer("hi")["input_ids"] == AutoTokenizer.from_pretrained(model_dir)("hi")["input_ids"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary directory left behind
+
+
+def test_merge_into_the_dequantized_nf4_base(setup, capsys, tmp_path):
+    """--quantization nf4: the adapter is merged into the NF4 weights it was trained against (dequantized), not
+    into the original ones; the result is a dense model all the same."""
+    model_dir, adapter = setup
+    out = tmp_path / "merged"
+    code, _, stderr = run_cli(capsys, "merge", "--model", model_dir, "--adapter", adapter, "--output", out,
+                              "--quantization", "nf4")
+    assert code == 0, stderr
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    nf4_base = quantize_model(AutoModelForCausalLM.from_pretrained(model_dir), compute_dtype="float32")
+    on_nf4 = PeftModel.from_pretrained(nf4_base, str(adapter)).eval()
+    on_dense = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter)).eval()
+    assert torch.allclose(logits(merged), logits(on_nf4), atol=1e-5)
+    assert not torch.allclose(logits(merged), logits(on_dense), atol=1e-3)
 
 
 def test_classifier_adapter_on_a_headless_encoder(capsys, tmp_path):

@@ -82,32 +82,50 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
 
 
 RESUME_MISMATCH = {
-    "another adapter rank": (("adapter.r=8",), r"trainable: checkpoint '\w+' vs this run '\w+'"),
-    "another target set": (("adapter.target_modules=[q_proj]",), r"trainable:"),
-    "another batch size": (("train.batch_size=2",), r"global_batch: checkpoint 4 vs this run 2"),
-    "another finetuning type": (("finetuning_type=full",), r"finetuning_type: checkpoint 'adapter' vs this run 'full'"),
+    "another adapter rank": (("adapter.r=8",), r"adapter\.r is 4 in the checkpoint and 8 now"),
+    "another target set": (("adapter.target_modules=[q_proj]",),
+                           r"adapter\.target_modules is \"all-linear\" in the checkpoint and \[\"q_proj\"\] now"),
+    "another batch size": (("train.batch_size=2",),
+                           r"global batch: 4 in the checkpoint, 2 now \(train\.batch_size is 4 in the checkpoint and 2"),
+    "another finetuning type": (("finetuning_type=full", "adapter=null"),
+                                r"finetuning_type is \"adapter\" in the checkpoint and \"full\" now"),
+    "another seed": (("train.seed=7",), r"train\.seed is 42 in the checkpoint and 7 now"),
+    "another cutoff_len": (("data.cutoff_len=31",), r"data: the training examples differ from the checkpoint's "
+                                                    r"\(data\.cutoff_len is 1024 in the checkpoint and 31 now"),
 }
 
 
 @pytest.mark.parametrize("overrides, message", RESUME_MISMATCH.values(), ids=RESUME_MISMATCH.keys())
 def test_resuming_a_checkpoint_of_another_run_is_refused(tmp_path, earlier_run, overrides, message):
     cfg = tiny_run_config(tmp_path, "train.resume_from_checkpoint=latest", *overrides)
-    with pytest.raises(RunError, match=rf"checkpoint .*checkpoint-2 was made by a different run \(.*{message}"):
+    with pytest.raises(RunError, match=rf"cannot resume .*checkpoint-2: it was made by a different run \(.*{message}"):
         run_training(cfg, show_progress=False)
     assert tree_bytes(tmp_path / "run") == earlier_run
 
 
 def test_resuming_onto_another_model_is_refused(tmp_path, earlier_run):
-    other = save_tiny_llama(tmp_path / "other-model", hidden_size=64, intermediate_size=128)
+    other = save_tiny_llama(tmp_path / "other-model", seed=1)  # same architecture and shapes, other weights
     cfg = tiny_run_config(tmp_path, "train.resume_from_checkpoint=latest", model=other)
-    with pytest.raises(RunError, match=r"model: checkpoint '.*model' vs this run '.*other-model'.*same model"):
+    with pytest.raises(RunError, match=r"model: the checkpoint was trained on '.*model' and this run loads "
+                                       r"'.*other-model', whose weights differ"):
         run_training(cfg, show_progress=False)
     assert tree_bytes(tmp_path / "run") == earlier_run
 
 
+def test_resuming_with_other_data_of_the_same_size_is_refused(tmp_path, earlier_run):
+    rows = format_rows("alpaca", 24)
+    rows[5] = {**rows[5], "output": "a different answer"}
+    write_rows(tmp_path / "train.json", rows)  # the same path, the same number of records
+    cfg = tiny_run_config(tmp_path, "train.resume_from_checkpoint=latest")
+    with pytest.raises(RunError, match=r"data: the training examples differ from the checkpoint's \(same data "
+                                       r"settings, so the content of '.*train\.json' or the tokenizer changed\)"):
+        run_training(cfg, show_progress=False)
+
+
 def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
     run_training(tiny_run_config(tmp_path, "train.max_steps=1"), show_progress=False)  # no save_steps
-    with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint=latest, but .*run' holds no complete"):
+    with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint=latest, but .*run' holds no complete "
+                                                r"checkpoint.*--overwrite"):
         run_training(tiny_run_config(tmp_path, "train.resume_from_checkpoint=latest"), show_progress=False)
 
 

@@ -6,10 +6,12 @@ step; `StopAtStep(k)` answers True at the k-th read, as if Ctrl-C had been press
 signal is exercised in test_ctrl_c.py.
 """
 
+import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lorakit.train import loop
 from lorakit.train.loop import run_training
@@ -21,6 +23,8 @@ from tests.train_fixtures import (
 # 24 records, batch 4: 6 steps per epoch, 2 epochs = 12 steps, with warm-up then cosine decay.
 SCHEDULE = ("train.max_steps=null", "train.num_epochs=2", "train.warmup_steps=2", "train.save_steps=2",
             "train.save_total_limit=null")
+ADALORA = ("adapter={method: adalora, init_r: 6, target_r: 2, tinit: 2, tfinal: 3, deltaT: 2, lora_dropout: 0.1, "
+           "target_modules: all-linear}")
 
 
 class StopAtStep(loop._StopOnCtrlC):
@@ -60,6 +64,11 @@ CASES = {
     "lora with dropout (RNG restored)": (5, ("adapter.lora_dropout=0.3",)),
     "lora with gradient accumulation and LoRA+": (
         4, ("train.batch_size=2", "train.gradient_accumulation_steps=2", "train.loraplus_lr_ratio=4")),
+    "qlora (lora on an nf4 base)": (5, ("quantization=nf4",)),
+    "vera with dropout": (5, ("adapter={method: vera, r: 16, target_modules: all-linear, vera_dropout: 0.2}",)),
+    # total_step = the run's 12 steps: budget phase 3..9 (masks at even steps), final pattern at 9, then 10..12
+    "adalora mid-schedule (importance EMAs restored)": (5, (ADALORA,)),
+    "adalora in the final phase (rank pattern restored)": (10, (ADALORA,)),
     "full finetuning": (5, ("finetuning_type=full", "adapter=null", "train.learning_rate=1e-3")),
     "freeze with weight decay": (
         3, ("finetuning_type=freeze", "adapter=null", "train.freeze_trainable_layers=1", "train.weight_decay=0.1")),
@@ -136,3 +145,19 @@ def test_resume_after_a_kill_that_cut_the_metrics_file_mid_line(tmp_path, monkey
                                            output="interrupted"), show_progress=False)
     assert_same_tensors(trained_weights(resumed.model), trained_weights(straight.model))
     assert train_losses(tmp_path / "interrupted") == train_losses(tmp_path / "straight")
+
+
+def test_resumed_adalora_run_allocates_the_same_ranks(tmp_path, monkeypatch):
+    """Beyond the weights: the saved rank pattern and the allocation state of the resumed run are the uninterrupted
+    run's (the pattern was allocated at step 9, after the resume at step 7)."""
+    run_training(tiny_run_config(tmp_path, *SCHEDULE, ADALORA, output="straight"), show_progress=False)
+    interrupt_and_resume(tmp_path, monkeypatch, 7, ADALORA)
+    for name in ("adapter/adapter_config.json", "checkpoint-8/hooks.json", "checkpoint-12/hooks.json"):
+        straight = json.loads((tmp_path / "straight" / name).read_text())
+        resumed = json.loads((tmp_path / "interrupted" / name).read_text())
+        assert straight == resumed, name
+    pattern = json.loads((tmp_path / "straight" / "adapter/adapter_config.json").read_text())["rank_pattern"]
+    assert sum(sum(kept) for kept in pattern.values()) == 2 * len(pattern)
+    straight_emas = load_file(tmp_path / "straight" / "checkpoint-8" / "hooks.safetensors")
+    resumed_emas = load_file(tmp_path / "interrupted" / "checkpoint-8" / "hooks.safetensors")
+    assert_same_tensors(resumed_emas, straight_emas)

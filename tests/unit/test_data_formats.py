@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from lorakit.train.data import DataConfig, load_splits, split_validation
+from lorakit.train.data import DataConfig, load_splits, split_indices
 from lorakit.train.data_formats import Chat, Completion, Labelled, Text
 
 ALPACA = [
@@ -259,11 +259,12 @@ def test_val_split_is_seeded_disjoint_and_complete(tmp_path):
 
 
 def test_val_size_count_fraction_and_too_large():
-    records = list(range(10))
-    assert len(split_validation(records, 3, 0)[1]) == 3
-    assert len(split_validation(records, 0.01, 0)[1]) == 1  # ceil: a tiny fraction still gives one record
+    assert len(split_indices(10, 3, 0)[1]) == 3
+    assert len(split_indices(10, 0.01, 0)[1]) == 1  # ceil: a tiny fraction still gives one record
+    train, val = split_indices(10, 4, 0)
+    assert train == sorted(train) and sorted(train + val) == list(range(10))  # training keeps the file order
     with pytest.raises(ValueError, match="leaves none to train on"):
-        split_validation(records, 10, 0)
+        split_indices(10, 10, 0)
 
 
 def test_val_path_and_max_samples(tmp_path):

@@ -158,7 +158,7 @@ def test_text_label_ids_and_validation_labels(tmp_path):
     assert [ex["labels"] for ex in examples] == [2, 0, 1] and val_examples[0]["labels"] == 2
     assert tok.decode(examples[0]["input_ids"]) == "good"
     unknown = write_jsonl(tmp_path / "u.jsonl", [{"text": "x", "label": "angry"}])
-    with pytest.raises(ValueError, match="'angry' does not occur in the training data"):
+    with pytest.raises(ValueError, match="label 'angry' is not one of the classes of the training data"):
         build_datasets(DataConfig(path=train, val_path=unknown), tok, "SEQ_CLS")
 
 

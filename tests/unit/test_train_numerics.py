@@ -49,7 +49,7 @@ def test_the_same_seed_repeats_a_run_bit_for_bit_and_another_seed_does_not(tmp_p
 
 def test_bf16_autocast_runs_on_cpu_with_a_finite_loss_and_fp32_weights(tmp_path):
     result = train(tmp_path, "bf16", "train.bf16=true", "train.max_steps=2", "data.val_size=4")
-    fp32 = train(tmp_path, "fp32", "train.max_steps=2", "data.val_size=4")
+    train(tmp_path, "fp32", "train.max_steps=2", "data.val_size=4")
     losses = train_losses(tmp_path / "bf16")
     assert all(math.isfinite(v) for v in losses.values()) and math.isfinite(result.metrics["loss"])
     assert all(p.dtype == torch.float32 for p in result.model.parameters())

@@ -6,4 +6,5 @@
     lorakit chat --adapter runs/my-run/adapter
     lorakit merge --adapter runs/my-run/adapter --output merged/
     lorakit inspect --model smollm2 --target-modules all-linear --r 8
+    lorakit data run.yaml                        # how training will see the data (tokenizer only)
 """

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from lorakit.config import CONFIG_NAME
+from lorakit.methods.quant import QUANTIZERS
 from lorakit.models.loading import DTYPES
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.train.templates import TEMPLATES
@@ -27,6 +28,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool 
                             "run's output_dir (its adapter/ is used)")
     group.add_argument("--dtype", choices=[d for d in DTYPES if d], default=None,
                        help="dtype of the weights (default float32; auto = as saved)")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="read an adapter saved only as adapter_model.bin, a pickle file (read with "
+                            "torch.load(weights_only=True)); only for files you trust")
+    group.add_argument("--quantization", choices=tuple(QUANTIZERS), default=None,
+                       help="store the base model's linear weights quantized (nf4: 4-bit NormalFloat, as QLoRA "
+                            "trains). Default: dense, also for an adapter trained on an NF4 base")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -117,8 +124,8 @@ def load_model(args: argparse.Namespace, task_type: str | None = None, label_nam
 
     task_type: what the caller needs (an adapter for another task is an error, `why` says why), or None
     for the adapter's own task type (CAUSAL_LM without adapter)."""
-    from lorakit.model import PeftModel
     from lorakit.models import load_model_and_tokenizer
+    from lorakit.models.adapters import load_adapter_for_inference
 
     adapter_dir, adapter_config = read_adapter(args)
     adapter_task = getattr(adapter_config, "task_type", None)
@@ -131,21 +138,48 @@ def load_model(args: argparse.Namespace, task_type: str | None = None, label_nam
         raise ValueError("--model is required (and the adapter config names no base model)"
                          if adapter_config else "--model is required: e.g. --model smollm2")
     num_labels = head_num_labels(adapter_dir) if adapter_dir and task_type == "SEQ_CLS" else None
+    if adapter_dir and task_type == "SEQ_CLS" and label_names is None:  # the classes it was trained with
+        from lorakit.label_names import read_label_names
+
+        label_names = read_label_names(adapter_dir)
     if num_labels is not None and label_names is not None and num_labels != len(label_names):
         raise ValueError(f"the adapter's classification head has {num_labels} classes but the data has "
                          f"{len(label_names)} ({', '.join(label_names)}); evaluate on data with the same labels")
     try:
-        model, tokenizer = load_model_and_tokenizer(name, task_type, num_labels=num_labels,
-                                                    label_names=label_names, dtype=args.dtype)
+        model, tokenizer = load_model_and_tokenizer(name, task_type, num_labels=num_labels, label_names=label_names,
+                                                    dtype=args.dtype, quantization=getattr(args, "quantization", None))
     except (OSError, ValueError) as err:
         if args.model:
             raise
         raise ValueError(f"{err} (this base model is named in {adapter_dir}/{CONFIG_NAME}; pass --model to "
                          "choose the base model)") from None
-    if adapter_dir:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+    if adapter_dir:  # refuses NaN/inf weights, and pickle files without --allow-pickle
+        model = load_adapter_for_inference(model, adapter_dir, allow_pickle=getattr(args, "allow_pickle", False))
     model.eval()
     return Loaded(model, tokenizer, name, task_type, adapter_dir, adapter_config)
+
+
+def classifier_classes(args: argparse.Namespace) -> tuple[list[str] | None, int | None, str]:
+    """(class names in head order or None, head size or None, what they come from) of the classifier to load:
+    the adapter's labels.json and saved head, or a full model's config (id2label); (None, None, ...) for a
+    model without a trained head."""
+    from lorakit.label_names import config_label_names, read_label_names
+
+    adapter_dir, _ = read_adapter(args)
+    if adapter_dir:
+        return read_label_names(adapter_dir), head_num_labels(adapter_dir), f"the adapter {adapter_dir}"
+    if not args.model:
+        return None, None, "the model"
+    from transformers import AutoConfig
+
+    from lorakit.models.embedded import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None, None, f"the model {args.model}"
+    config = AutoConfig.from_pretrained(path)
+    names = config_label_names(config)
+    return names, len(names) if names else None, f"the model {args.model} (id2label in its config.json)"
 
 
 # ---- prompts ------------------------------------------------------------------------------------------

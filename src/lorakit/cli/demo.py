@@ -8,6 +8,14 @@ The task (src/lorakit/data/demo/README.md): turn a spoken smart-home request int
 Prints base vs LoRA on the held-out split (ROUGE-L, exact match), the trainable parameters, training
 time, peak memory and a sample before/after; writes the adapter, metrics.jsonl, loss_curve.png,
 run_config.yaml (re-run it with `lorakit train`) and results.json into the output directory.
+
+Any other method runs the same demo through `key=value` overrides of the run config (as `lorakit train`):
+
+    lorakit demo adapter.use_dora=true                 # DoRA
+    lorakit demo adapter.init_lora_weights=pissa       # PiSSA
+    lorakit demo adapter.method=vera adapter.r=256     # VeRA (starts from {method: vera, target_modules: all-linear})
+    lorakit demo --quantization nf4                    # QLoRA
+    lorakit demo finetuning_type=full train.learning_rate=1e-4   # full fine-tuning, for comparison
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ DEMO_SYSTEM = "Parse the smart-home command."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.methods.quant import QUANTIZERS  # here, not at module level: importing a command stays cheap
+
     parser.add_argument("--output-dir", metavar="DIR",
                         help="where to write the run (default: runs/demo-<date>-<time>, never an existing run)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
@@ -31,27 +41,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model (default: the embedded smollm2; the demo data is sized for it)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast: about 2x faster on CPUs with native bf16, slower on others")
+    parser.add_argument("--quantization", choices=tuple(QUANTIZERS), default=None,
+                        help="QLoRA: store the base model's linear weights in 4-bit NF4 (bf16 compute)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the adapter init and data order")
     parser.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="change the demo's run config, as for `lorakit train`: adapter.use_dora=true, "
+                             "adapter.method=vera, train.lora_fa=true, finetuning_type=full ...")
 
 
 def demo_config(args: argparse.Namespace, output_dir: str):
     """The demo run: LoRA r=8 on every linear layer, one epoch at lr 2e-3 (sized in
-    src/lorakit/data/demo/README.md); the held-out test split is the validation set."""
-    from lorakit.methods.lora import LoraConfig
-    from lorakit.train.config import EvalArgs, RunConfig, TrainArgs
-    from lorakit.train.data import DataConfig
+    src/lorakit/data/demo/README.md); the held-out test split is the validation set. `args.overrides`
+    (key=value) change it as they change a `lorakit train` config; `adapter.method=X` starts the adapter section
+    afresh from {method: X, target_modules: all-linear}, since LoRA's fields mean nothing to other methods."""
+    from lorakit.train.config import apply_override, build_run_config
 
     demo_dir = resources.files("lorakit") / "data" / "demo"
-    return RunConfig(
-        model=args.model, output_dir=output_dir, task_type="CAUSAL_LM", finetuning_type="adapter",
-        adapter=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-        data=DataConfig(path=str(demo_dir / "train.jsonl"), val_path=str(demo_dir / "test.jsonl"), cutoff_len=128),
-        train=TrainArgs(learning_rate=2e-3, lr_scheduler="cosine", warmup_steps=4, num_epochs=1, batch_size=8,
-                        seed=args.seed, logging_steps=4, bf16=args.bf16),
+    raw = {
+        "model": args.model, "output_dir": output_dir, "task_type": "CAUSAL_LM", "finetuning_type": "adapter",
+        "quantization": getattr(args, "quantization", None),
+        "adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        "data": {"path": str(demo_dir / "train.jsonl"), "val_path": str(demo_dir / "test.jsonl"), "cutoff_len": 128},
+        "train": {"learning_rate": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 4, "num_epochs": 1,
+                  "batch_size": 8, "seed": args.seed, "logging_steps": 4, "bf16": args.bf16},
         # answers are <= 24 tokens; all 48 test prompts in one batch
-        eval=EvalArgs(generate=False, max_samples=0, max_new_tokens=32, batch_size=48),
-    )
+        "eval": {"generate": False, "max_samples": 0, "max_new_tokens": 32, "batch_size": 48},
+    }
+    overrides = list(getattr(args, "overrides", []) or [])
+    method = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "adapter.method"]
+    if method and method[-1].lower() != "lora":
+        raw["adapter"] = {"method": method[-1], "target_modules": "all-linear"}
+    for item in overrides:
+        apply_override(raw, item)
+    if raw.get("finetuning_type") in ("full", "freeze"):
+        raw.pop("adapter", None)
+    return build_run_config(raw, source="demo")
+
+
+def method_label(cfg) -> str:
+    """How the demo names what it trained: "LoRA", "LoRA (DoRA)", "VeRA", "full fine-tuning", ..."""
+    if not cfg.uses_adapter:
+        return f"{cfg.finetuning_type} fine-tuning"
+    from lorakit.registry import get_method
+
+    method = get_method(cfg.adapter.peft_type)
+    label = method.display_name or method.name
+    variants = [name for name, on in (("DoRA", getattr(cfg.adapter, "use_dora", False)),
+                                      ("rsLoRA", getattr(cfg.adapter, "use_rslora", False))) if on]
+    init = getattr(cfg.adapter, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower() != "gaussian":
+        variants.append(init.split("_")[0].upper().replace("PISSA", "PiSSA").replace("OLORA", "OLoRA"))
+    if getattr(cfg.train, "lora_fa", False):
+        variants.append("LoRA-FA")
+    if cfg.quantization:
+        label = f"Q{label}" if label == "LoRA" else f"{label} on {cfg.quantization.upper()}"
+    return f"{label} ({', '.join(variants)})" if variants else label
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,31 +104,34 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import answer_metrics, validation_answers
     from lorakit.train.loop import run_training
     from lorakit.train.run_log import peak_rss_mb
-    from lorakit.train.setup import check_output_dir
+    from lorakit.train.output_dir import check_output_dir
 
     started = time.time()
     output_dir = args.output_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     cfg = demo_config(args, output_dir)
     check_output_dir(cfg, args.overwrite)  # before minutes of work, not after
-    print(f"lorakit demo: LoRA on {args.model}, output in {output_dir}", flush=True)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, "CAUSAL_LM", dtype=cfg.dtype)
+    model_label = f"{args.model} in {cfg.quantization.upper()}" if cfg.quantization else args.model
+    label = method_label(cfg)
+    print(f"lorakit demo: {label} on {model_label}, output in {output_dir}", flush=True)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, "CAUSAL_LM", dtype=cfg.dtype, **cfg.quantization_kwargs)
     print(f"[{format_seconds(time.time() - started)}] model loaded; scoring the base model on the "
           "48 held-out requests", flush=True)
     prompts, base_answers, references = validation_answers(model, tokenizer, cfg)
     base = answer_metrics(base_answers, references)
     print(f"[{format_seconds(time.time() - started)}] base ROUGE-L {base['rougeL']:.3f}, exact match "
-          f"{base['exact_match']:.3f}; training LoRA (1 epoch)", flush=True)
+          f"{base['exact_match']:.3f}; training {label} (1 epoch)", flush=True)
 
     result = run_training(cfg, overwrite=args.overwrite, loaded=(model, tokenizer),
                           show_progress=not args.no_progress)
     if result.interrupted:
         print(f"interrupted; checkpoint in {output_dir}")
         return 130
-    _, lora_answers, _ = validation_answers(result.model, tokenizer, cfg)
-    lora = answer_metrics(lora_answers, references)
+    _, tuned_answers, _ = validation_answers(result.model, tokenizer, cfg)
+    tuned = answer_metrics(tuned_answers, references)
     results = {
+        "method": label,
         "base": {"rougeL": base["rougeL"], "exact_match": base["exact_match"]},
-        "lora": {"rougeL": lora["rougeL"], "exact_match": lora["exact_match"]},
+        "tuned": {"rougeL": tuned["rougeL"], "exact_match": tuned["exact_match"]},
         "trainable_params": result.trainable_params,
         "trainable_percent": result.trainable_percent,
         "train_seconds": result.train_seconds,
@@ -91,16 +139,17 @@ def run(args: argparse.Namespace) -> int:
     }
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
-    print_report(results, prompts, base_answers, lora_answers, references, output_dir, time.time() - started)
+    print_report(results, prompts, base_answers, tuned_answers, references, output_dir, time.time() - started)
     return 0
 
 
-def print_report(results, prompts, base_answers, lora_answers, references, output_dir, elapsed) -> None:
-    base, lora = results["base"], results["lora"]
+def print_report(results, prompts, base_answers, tuned_answers, references, output_dir, elapsed) -> None:
+    base, tuned, label = results["base"], results["tuned"], results["method"]
+    width = max(10, len(label) + 2)
     print()
-    print(f"{'held-out split (48)':<22}{'base':>10}{'LoRA':>10}")
-    print(f"{'ROUGE-L':<22}{base['rougeL']:>10.3f}{lora['rougeL']:>10.3f}")
-    print(f"{'exact match':<22}{base['exact_match']:>10.3f}{lora['exact_match']:>10.3f}")
+    print(f"{'held-out split (48)':<22}{'base':>10}{label:>{width}}")
+    print(f"{'ROUGE-L':<22}{base['rougeL']:>10.3f}{tuned['rougeL']:>{width}.3f}")
+    print(f"{'exact match':<22}{base['exact_match']:>10.3f}{tuned['exact_match']:>{width}.3f}")
     print()
     print(f"trainable params   {results['trainable_params']:,d} ({results['trainable_percent']:.2f}% of the model)")
     print(f"training time      {format_seconds(results['train_seconds'])}")
@@ -111,7 +160,7 @@ def print_report(results, prompts, base_answers, lora_answers, references, outpu
     print(f"request    {request}")
     print(f"expected   {references[0]}")
     print(f"base       {_one_line(base_answers[0])}")
-    print(f"LoRA       {lora_answers[0]}")
+    print(f"{'tuned':<11}{tuned_answers[0]}")
     print()
     print(f"adapter, loss curve, metrics and results.json in {output_dir}/")
 

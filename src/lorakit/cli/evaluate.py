@@ -5,7 +5,10 @@
 
 Prompt/answer data (alpaca, messages, sharegpt, prompt_completion): ROUGE-1/2/L/Lsum and exact match of
 greedy answers to every prompt, and the loss / perplexity of the reference answers (answer tokens only).
-Text data: loss and perplexity. text_label data (a SEQ_CLS model): accuracy and loss.
+Text data: loss and perplexity. text_label data (a SEQ_CLS model): accuracy and loss; the data's labels are
+matched by name to the classes the adapter was trained with (its labels.json; id2label for a full model), so the
+evaluation data may hold any subset of them, a single class included. A label the classifier does not know is
+an error.
 The base model is loaded once; its numbers come from the same model with the adapter switched off.
 Prompts are rendered with the same template code as in training. --output writes the numbers and every
 generated answer as JSON.
@@ -15,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 
-from lorakit.cli.common import add_model_arguments, check_output_file, check_positive_option, load_model
+from lorakit.cli.common import (
+    add_model_arguments, check_output_file, check_positive_option, classifier_classes, load_model,
+)
 from lorakit.train.data_formats import FORMATS
 from lorakit.train.templates import TEMPLATES
 
+logger = logging.getLogger(__name__)
 ROWS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"),
         ("exact_match", "exact match"), ("accuracy", "accuracy"), ("loss", "loss"), ("perplexity", "perplexity"))
 
@@ -55,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
                           cutoff_len=args.cutoff_len, template=args.template, system_prompt=args.system)
     splits = load_splits(data_cfg)  # bad data fails before the model is loaded
     task = "SEQ_CLS" if splits.format == "text_label" else "CAUSAL_LM"
-    loaded = load_model(args, task, label_names=splits.label_names,
+    label_names, classes_of = classes_for_data(args, splits) if task == "SEQ_CLS" else (None, "the data")
+    loaded = load_model(args, task, label_names=label_names,
                         why=f"{splits.format!r} data (text_label: SEQ_CLS; every other format: CAUSAL_LM)")
-    rows, _, info = build_datasets(data_cfg, loaded.tokenizer, task)
+    rows, _, info = build_datasets(data_cfg, loaded.tokenizer, task, label_names=label_names, classes_of=classes_of)
     prompts = []
     if task == "CAUSAL_LM" and splits.format != "text" and not args.no_generate:
         prompts = generation_prompts(splits.train, loaded.tokenizer, data_cfg.template)
@@ -77,6 +85,40 @@ def run(args: argparse.Namespace) -> int:
         write_results(args, loaded, info.format, results, answers, prompts, len(rows))
         print(f"results written to {args.output}")
     return 0
+
+
+def classes_for_data(args: argparse.Namespace, splits) -> tuple[list[str], str]:
+    """(the classifier's class names in the order of its outputs, what they come from). The data's labels are
+    mapped to them by name; labels the classifier does not know are refused, naming where they are."""
+    from lorakit.label_names import LABELS_NAME
+
+    names, head_size, source = classifier_classes(args)
+    records, origins = splits.train, splits.train_origins  # every evaluation record is in "train"
+    if names is None and head_size is None:  # no trained head (a base model): the data's own classes
+        return splits.label_names, "the evaluation data"
+    if names is None:  # an adapter from an older lorakit or from PEFT: no labels.json
+        data_classes = sorted({str(r.label) for r in records})
+        if all(isinstance(r.label, int) for r in records):
+            names = [str(i) for i in range(head_size)]
+        elif len(data_classes) == head_size:
+            names = splits.label_names
+            logger.warning("%s does not record its class names (no %s), so the labels %s are mapped to its %d "
+                           "outputs in sorted order; check that this is the order it was trained with", source,
+                           LABELS_NAME, data_classes, head_size)
+        else:
+            raise ValueError(
+                f"{source} does not record its class names (no {LABELS_NAME}: trained by an older lorakit or by "
+                f"PEFT), and the data has {len(data_classes)} classes ({', '.join(data_classes[:10])}) for its "
+                f"{head_size} outputs, so which output is which class is unknown. Use integer class ids "
+                f"(0 .. {head_size - 1}) in the data, or add {LABELS_NAME} to the adapter: "
+                '{"label_names": [the class of output 0, of output 1, ...]}')
+    unknown = [(origin, r.label) for r, origin in zip(records, origins) if str(r.label) not in names]
+    if unknown:
+        shown = "; ".join(f"{origin}: {label!r}" for origin, label in unknown[:3])
+        raise ValueError(f"{len(unknown)} of {len(records)} records have a label that is not a class of {source} "
+                         f"({shown}); its classes are {names}. A classifier only predicts the classes it was "
+                         "trained with: evaluate on data labelled with those names.")
+    return names, source
 
 
 class Scorer:

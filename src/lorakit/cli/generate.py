@@ -67,8 +67,9 @@ def build_prompt_ids(tokenizer, prompts: list[str], system: str | None, raw: boo
 def read_prompts(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--prompts-file {path!r} not found")
-    with open(path, encoding="utf-8") as fh:
-        lines = [line.rstrip("\n") for line in fh]
+    from lorakit.text_files import read_text
+
+    lines = read_text(path, "prompt files").splitlines()
     if path.endswith((".jsonl", ".json")):
         prompts = [_json_prompt(line, path, n) for n, line in enumerate(lines, start=1) if line.strip()]
     else:

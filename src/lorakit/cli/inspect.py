@@ -4,6 +4,7 @@
     lorakit inspect --model smollm2 --target-modules all-linear --r 8
     lorakit inspect --model smollm2 --target-modules q_proj v_proj --r 16 --option use_rslora=true
     lorakit inspect --config run.yaml                    # model, task_type and adapter from a run config
+    lorakit inspect --model smollm2 --quantization nf4   # with the linear weights in NF4: their memory
 
 Prints the module tree (runs of identical blocks collapsed, e.g. "layers.0-29"), the target candidates
 (short names with type, shape and count, to use in target_modules), and for an adapter config: the
@@ -25,10 +26,14 @@ ADAPTER_FIELDS = ("r", "lora_alpha", "exclude_modules", "modules_to_save", "laye
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.methods.quant import QUANTIZERS  # here, not at module level: importing a command stays cheap
+
     parser.add_argument("--model", metavar="M", help="embedded alias (smollm2, minilm), model directory or Hub id")
     parser.add_argument("--config", metavar="FILE", help="a run config (YAML): model, task_type and adapter")
     parser.add_argument("--task-type", choices=("CAUSAL_LM", "SEQ_CLS"), default=None,
                         help="model head to load (default CAUSAL_LM, or the config's)")
+    parser.add_argument("--quantization", choices=tuple(QUANTIZERS), default=None,
+                        help="load the linear weights quantized (default: dense, or the config's quantization)")
     parser.add_argument("--no-tree", action="store_true", help="leave out the module tree")
     adapter = parser.add_argument_group("adapter (instead of --config)")
     adapter.add_argument("--method", default=None, help="adapter method (default lora)")
@@ -43,11 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.methods.quant import quantization_summary
     from lorakit.models import load_model_and_tokenizer
     from lorakit.registry import get_method
 
     model_name, task_type, adapter_cfg, run_cfg, label_names = resolve_inputs(args)
-    model, _ = load_model_and_tokenizer(model_name, task_type, label_names=label_names)
+    quantization = {"quantization": args.quantization} if args.quantization else \
+        (run_cfg.quantization_kwargs if run_cfg is not None else {})
+    model, _ = load_model_and_tokenizer(model_name, task_type, label_names=label_names, **quantization)
     method = get_method(adapter_cfg.peft_type if adapter_cfg is not None else (args.method or "lora"))
     if adapter_cfg is not None and (run_cfg is None or run_cfg.uses_adapter):
         from lorakit.inject import find_targets
@@ -58,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     rows = candidate_rows(model, tuple(method.layers), task_type)
     lines += [f"target candidates for {method.name} (target_modules takes the names or dotted suffixes):",
               *format_columns(header, rows), ""]
+    summary = quantization_summary(model)
+    if summary:
+        lines += [f"quantized: {summary}", ""]
     print("\n".join(lines))
     if run_cfg is not None and not run_cfg.uses_adapter:
         report_finetuning(model, run_cfg)
@@ -88,7 +99,7 @@ def resolve_inputs(args: argparse.Namespace):
     if args.target_modules is not None:
         section["target_modules"] = target_spec(args.target_modules)
     for item in args.option:
-        apply_override(section, item)
+        apply_override(section, item, "--option")
     return args.model, task_type, build_adapter_config(section, task_type, "inspect"), None, None
 
 
@@ -129,11 +140,11 @@ def report_adapter(model, adapter_cfg) -> None:
 
 
 def report_finetuning(model, run_cfg) -> None:
+    from lorakit.model import parameter_counts
     from lorakit.train.setup import prepare_model
 
     model = prepare_model(model, run_cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
     print(f"finetuning_type: {run_cfg.finetuning_type}")
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 

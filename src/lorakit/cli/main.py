@@ -11,7 +11,8 @@ A command's module is imported only when that command runs (or its --help is ask
 or broken command never stops the others.
 
 Exit codes: 0 success; 1 an error the user can fix (the message says how); 2 bad command-line usage;
-130 interrupted by Ctrl-C. Errors print one line on stderr, "lorakit: error: ...", never a traceback;
+130 interrupted by Ctrl-C (also while starting up: see startup.py). Errors print one line on stderr,
+"lorakit: error: ...", never a traceback, also for an unexpected error (a bug), which says so;
 `--debug` adds the traceback.
 """
 
@@ -44,6 +45,7 @@ COMMANDS = (
     Command("chat", "lorakit.cli.chat", "talk with a model (and adapter) interactively, streaming"),
     Command("merge", "lorakit.cli.merge", "merge an adapter into its base model and save a plain model"),
     Command("inspect", "lorakit.cli.inspect", "show a model's modules, target candidates and adapter size"),
+    Command("data", "lorakit.cli.data", "show how training renders, masks and counts the data (no weights loaded)"),
     Command("serve", "lorakit.cli.serve", "serve a base model and many adapters over an OpenAI-compatible HTTP API"),
     Command("bench", "lorakit.cli.bench", "benchmarks, printed as ratios (serve: batched adapters vs base and PEFT)"),
     # demo.py is written separately; until it exists `lorakit demo` says the command is not available
@@ -96,6 +98,17 @@ def build_command_parser(command: Command, module) -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorakit.cli import startup
+
+    try:
+        startup.restore()  # from here on Ctrl-C is a KeyboardInterrupt, caught below or by the command
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     at = _command_position(argv)
     try:
@@ -120,13 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return int(module.run(args) or EXIT_OK)
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except _user_errors() as err:
         if args.debug:
             traceback.print_exc()
-        print(f"{_rank_prefix()}{PROG}: error: {one_line(err)}", file=sys.stderr)
+        print(f"{_rank_prefix()}{PROG}: error: {describe(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as err:  # noqa: BLE001 - a bug, still one line; --debug shows where
+        if args.debug:
+            traceback.print_exc()
+        print(f"{_rank_prefix()}{PROG}: error: unexpected {type(err).__name__}: {one_line(err)} (a bug in lorakit "
+              "or a library it uses; --debug shows the traceback, please report it)", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -143,6 +159,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lorakit.train.setup import RunError
 
     return ValueError, TypeError, OSError, RunError
+
+
+def describe(err: BaseException) -> str:
+    """The one-line message of a user error; a bare disk-full OSError gets the file it concerns and advice."""
+    from lorakit.atomic import DiskFullError, is_disk_full
+
+    if is_disk_full(err) and not isinstance(err, DiskFullError):
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        return f"disk full: could not write{where} ({err.strerror or err}). Free some space and run again."
+    return one_line(err)
 
 
 def one_line(err: BaseException) -> str:

@@ -16,11 +16,12 @@ from collections import Counter
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.inject import base_of, candidate_modules, output_head_names
+from lorakit.inject import base_of, candidate_modules, is_linear, output_head_names
+from lorakit.model import parameter_counts
 
 
 def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return parameter_counts(module)[1]  # quantized weights included
 
 
 # ---- the module tree ------------------------------------------------------------------------------------
@@ -79,15 +80,18 @@ def describe(module: nn.Module) -> str:
 
 
 def layer_shape(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_linear(module) and hasattr(module, "in_features"):  # also NF4Linear
         return f"{module.in_features} -> {module.out_features}{', bias' if module.bias is not None else ''}"
     if isinstance(module, Conv1D):  # GPT-2 style: weight stored (in, out)
         return f"{module.weight.shape[0]} -> {module.weight.shape[1]}"
     if isinstance(module, nn.Embedding):
         return f"{module.num_embeddings} x {module.embedding_dim}"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         kernel = "x".join(map(str, module.kernel_size))
-        return f"{module.in_channels} -> {module.out_channels}, kernel {kernel}"
+        groups = f", groups {module.groups}" if module.groups > 1 else ""
+        return f"{module.in_channels} -> {module.out_channels}, kernel {kernel}{groups}"
+    if isinstance(module, nn.MultiheadAttention):
+        return f"{module.embed_dim} wide, {module.num_heads} heads"
     return None
 
 

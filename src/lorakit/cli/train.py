@@ -14,7 +14,10 @@ A run config (see lorakit.train.config):
 
 Overrides use dotted keys and YAML values (numbers, booleans, lists): data.cutoff_len=256. The run writes
 into output_dir: adapter/ (model/ for finetuning_type full or freeze), metrics.jsonl, loss_curve.png,
-train_results.json, run_config.yaml and checkpoints. An earlier run there is replaced only with --overwrite.
+train_results.json, run_config.yaml and checkpoints. An earlier run there is replaced only with --overwrite,
+and only once the new run has saved its first checkpoint (or its final adapter): until then it is kept aside in
+output_dir/.previous-run/ and put back if the new run fails or is killed. One run at a time per output_dir (a
+lock file, .lorakit.lock, names the run holding it). --dry-run shows the data as `lorakit data` does.
 Ctrl-C finishes the current step, saves a checkpoint and exits with code 130; continue the run with
 train.resume_from_checkpoint=latest.
 """
@@ -36,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in output_dir (without it, an existing run is an error)")
     parser.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only show how the data will be trained on (as `lorakit data`), then stop")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     main = is_main_process()
+    if args.dry_run:
+        from lorakit.cli.data import data_report
+
+        if main:
+            print(data_report(cfg.data, cfg.model, cfg.task_type,
+                              (cfg.train.batch_size, cfg.train.gradient_accumulation_steps)))
+        return 0
     if main:
         print(f"training {cfg.model} ({cfg.finetuning_type}) on {cfg.data.path} -> {cfg.output_dir}", flush=True)
     result = run_training(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)

@@ -4,6 +4,7 @@
     model, tokenizer = load_model_and_tokenizer("minilm", "SEQ_CLS", label_names=["neg", "pos"])
     model, tokenizer = load_model_and_tokenizer("./my-base-model", dtype="bfloat16")
     model, tokenizer = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B")            # Hub (needs network)
+    model, tokenizer = load_model_and_tokenizer("smollm2", quantization="nf4")  # linear weights in NF4 (QLoRA)
 
 Failures a user can fix (a path that does not exist, a Hub id that cannot be fetched, a model that does not
 fit the task) raise `FileNotFoundError` / `ValueError` saying what was tried and what to do.
@@ -27,7 +28,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, resolve_model_path
+from lorakit.adapter_files import RUN_MODEL_SUBDIR
+from lorakit.methods.quant import check_quantization, quantize_model, resolve_compute_dtype
+from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, record_embedded_copy, resolve_model_path
 
 # PEFT's task type names -> the transformers Auto class that builds the matching head.
 TASK_AUTO_CLASSES = {
@@ -61,19 +64,33 @@ def load_model_and_tokenizer(
     label_names: Sequence[str] | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantization: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)`, with a pad token set, on `device` (default: `default_device()`).
 
-    name_or_path: "smollm2" / "minilm" (embedded), a local directory (or a .gguf file), or a Hub id.
+    name_or_path: "smollm2" / "minilm" (embedded), a local directory (or a .gguf file; or a training run's
+        output_dir holding model/), or a Hub id.
     task_type: "CAUSAL_LM", "SEQ_2_SEQ_LM" or "SEQ_CLS" (a fresh classification head for SEQ_CLS).
     num_labels / label_names: SEQ_CLS only; label_names also fills config.id2label / label2id.
     dtype: None (float32), "float32", "bfloat16", "float16", "auto" (the checkpoint's dtype), or a
-        torch.dtype.
+        torch.dtype. With quantization, the dtype of the layers that stay dense (and of a merged model).
+    quantization: None (dense), or "nf4": every linear layer but the output head stored in 4-bit NormalFloat
+        (QLoRA; lorakit.methods.quant), quantized on the CPU before the move to `device`.
+    double_quant / compute_dtype: NF4 options (quantize_model): 8-bit scales (4.127 instead of 4.5 bits per
+        weight); the matmul dtype (default bfloat16).
     """
     task_type = _check_task_type(task_type)
     auto_class = TASK_AUTO_CLASSES[task_type]
     head_kwargs = _classification_kwargs(task_type, num_labels, label_names)
     torch_dtype = _check_dtype(dtype)
+    if quantization is not None:  # bad options fail before the (slow) loading
+        check_quantization(quantization)
+        resolve_compute_dtype(compute_dtype)
+    elif compute_dtype is not None:
+        raise ValueError(f"compute_dtype={compute_dtype!r} only applies to a quantized model; set quantization='nf4' "
+                         "or leave compute_dtype out")
     source, source_kwargs = _locate(name_or_path)
 
     config = _load_config(name_or_path, source, source_kwargs)
@@ -87,7 +104,30 @@ def load_model_and_tokenizer(
         ) from err
     tokenizer = AutoTokenizer.from_pretrained(source, **source_kwargs)
     _ensure_pad_token(model, tokenizer)
+    embedded = embedded_model_for(name_or_path)
+    if embedded is not None:  # adapters then name the base by Hub id, not by this machine's cache path
+        record_embedded_copy(model, embedded)
+    if quantization is not None:
+        quantize_model(model, quantization, double_quant=double_quant, compute_dtype=compute_dtype)
     return model.to(torch.device(device) if device is not None else default_device()), tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, with the pad token load_model_and_tokenizer would set; no model weights are read
+    (the embedded SmolLM2's tokenizer comes from its GGUF file when it has not been converted yet)."""
+    from lorakit.models.embedded import converted_model_dir, is_complete, package_asset
+
+    embedded = embedded_model_for(name_or_path)
+    if embedded is not None and embedded.needs_conversion and not is_complete(converted_model_dir(embedded)):
+        asset = package_asset(embedded)
+        source, source_kwargs = str(asset.parent), {"gguf_file": asset.name}
+    else:
+        source, source_kwargs = _locate(name_or_path)
+        _load_config(name_or_path, source, source_kwargs)  # one clear error for a Hub id that cannot be fetched
+    tokenizer = AutoTokenizer.from_pretrained(source, **source_kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _check_task_type(task_type: Any) -> str:
@@ -141,6 +181,8 @@ def _locate(name_or_path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     path = Path(resolved).expanduser()
     if path.is_file() and path.suffix == ".gguf":  # transformers dequantizes GGUF files on load
         return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir() and not (path / "config.json").is_file() and (path / RUN_MODEL_SUBDIR / "config.json").is_file():
+        path = path / RUN_MODEL_SUBDIR  # a training run's output_dir whose result is a whole model
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = (

@@ -1,13 +1,17 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
     checkpoint-<step>/
-      trainable.safetensors     trainable parameters by name (adapter, biases, heads; all weights for full)
+      trainable.safetensors     trainable parameters by name (adapter, biases, heads; all weights for full),
+                                and base weights a training hook changes (ReLoRA's merges, Delta-LoRA)
       adapter_config.json       with adapter_model.safetensors: the adapter at this step, usable as is
       optimizer.safetensors     optimizer tensors ("<param index>.<key>"); optimizer.json the rest
       scheduler.json            learning-rate schedule position
       rng-rank<r>.safetensors   each process's torch RNG; rng-rank<r>.json Python and NumPy RNG
-      hooks.safetensors         training hooks' state (AdaLoRA budget, ReLoRA, LISA, ...); hooks.json the rest
-      trainer_state.json        step, data position, and a fingerprint of model + config
+      hooks.safetensors         training hooks' state (AdaLoRA budget, LISA's draw, LoRA-drop's blocks);
+                                hooks.json the rest
+      trainer_state.json        step, data position, the run config, a fingerprint of what cannot change
+                                within a run (resume.py) and the loss window and timings (meter.py)
+      labels.json               SEQ_CLS: the class names in id order (label_names.py)
 
 A checkpoint is filled in `checkpoint-<step>.tmp` and renamed when complete, so a kill leaves either
 the previous checkpoints or the new one, never half of one. No pickle anywhere.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit.atomic import replace_directory
 from lorakit.config import write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -67,14 +72,7 @@ def write_rng_state(directory: str, rank: int) -> None:
 def publish(temp_dir: str, output_dir: str, step: int, save_total_limit: int | None) -> str:
     """Rename the finished temporary directory into place, then drop the oldest checkpoints."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    if os.path.exists(final):  # same step saved again (e.g. after a resume): swap, never delete first
-        old = f"{final}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(temp_dir, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp_dir, final)
+    replace_directory(temp_dir, final)  # same step saved again (e.g. after a resume): swapped, never deleted first
     if save_total_limit:
         for path in list_checkpoints(output_dir)[:-save_total_limit]:
             if path != final:
@@ -126,8 +124,16 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
     """"latest" -> the newest checkpoint in output_dir; otherwise a checkpoint directory."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
+        started = os.path.isdir(output_dir) and any(name == "run_config.yaml" or name.startswith("checkpoint-")
+                                                    for name in os.listdir(output_dir))
+        if not found and not started:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} holds no run to resume; "
+                                    "check output_dir, or leave out resume_from_checkpoint to start a new run")
         if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} holds no complete checkpoint")
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=latest, but {output_dir!r} holds no complete checkpoint: the run there "
+                "stopped before its first one (set train.save_steps to keep checkpoints). Start it again with "
+                "--overwrite (without resume_from_checkpoint), or choose another output_dir.")
         return found[-1]
     if not os.path.isfile(os.path.join(spec, STATE_NAME)):
         raise FileNotFoundError(f"resume_from_checkpoint={spec!r} is not a checkpoint directory (no {STATE_NAME})")
@@ -155,19 +161,30 @@ def read_training_state(directory: str, expected_names) -> tuple[dict[str, torch
     return saved, join_optimizer_state(tensors, meta), scheduler_state
 
 
-def load_hook_state(directory: str, hooks) -> None:
-    """Give every hook back its state; a checkpoint without hook files (older) leaves the hooks fresh."""
+def read_hook_state(directory: str) -> dict[str, dict]:
+    """hook name -> the state_dict() it saved (empty for a checkpoint without hook files)."""
     path = os.path.join(directory, "hooks.json")
-    if not hooks or not os.path.isfile(path):
-        return
+    if not os.path.isfile(path):
+        return {}
     with open(path, encoding="utf-8") as fh:
         merged = json.load(fh)
     tensor_path = os.path.join(directory, "hooks.safetensors")
     if os.path.isfile(tensor_path):
         merged.update(load_file(tensor_path))
+    states: dict[str, dict] = {}
+    for key, value in merged.items():
+        hook, name = key.split("/", 1)
+        states.setdefault(hook, {})[name] = value
+    return states
+
+
+def load_hook_state(directory: str, hooks) -> None:
+    """Give every hook back its state; a checkpoint without hook files (older) leaves the hooks fresh."""
+    states = read_hook_state(directory)
+    if not states:
+        return
     for hook in hooks:
-        prefix = f"{hook.name}/"
-        hook.load_state_dict({k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)})
+        hook.load_state_dict(states.get(hook.name, {}))
 
 
 def load_rng_state(directory: str, rank: int) -> None:

@@ -3,6 +3,7 @@
     model: smollm2                 # embedded alias, local directory or Hub id
     task_type: CAUSAL_LM
     finetuning_type: adapter       # adapter (or lora) | full | freeze
+    quantization: nf4              # optional: linear weights in 4-bit NF4, the adapter trains on top (QLoRA)
     adapter: {method: lora, r: 8, lora_alpha: 16, target_modules: all-linear}
     data: {path: data/train.jsonl, val_size: 0.1, cutoff_len: 512}
     train: {learning_rate: 2.0e-4, num_epochs: 3, batch_size: 8}
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 import yaml
 
 from lorakit.config import PeftConfig, check_choice, check_positive, check_range, suggest
+from lorakit.methods.quant import check_quantization, resolve_compute_dtype
 from lorakit.registry import get_method
 from lorakit.tasks import TRAINABLE_TASK_TYPES
+from lorakit.text_files import read_text
 from lorakit.train.data import DataConfig
 
 # adapter: train the adapter described by `adapter:` (any method); "lora" is the same (kept from before
@@ -46,6 +49,9 @@ class TrainArgs:
     adam_epsilon: float = 1e-8
     # LoRA+: learning rate of the B matrices = ratio * learning_rate (2..16 in the paper); None = off.
     loraplus_lr_ratio: float | None = None
+    # LoRA-FA: keep LoRA's A matrices frozen at their random init and train only B (half the trainable
+    # parameters; the backward keeps A x, r values per token, instead of x).
+    lora_fa: bool = False
     # Learning-rate schedule after warm-up: cosine, linear (both decay to 0) or constant.
     lr_scheduler: str = "cosine"
     # Linear warm-up steps; or warmup_ratio of the total steps when warmup_steps is 0.
@@ -79,6 +85,28 @@ class TrainArgs:
     freeze_trainable_layers: int = 2
     # Distributed strategy under torchrun: ddp (replicas) or fsdp (sharded base model).
     distributed: str = "ddp"
+    # ---- trainer strategies (docs/trainer-strategies.md); each is off unless its first option is set ----
+    # ReLoRA (arXiv:2307.05695), adapter runs: every relora_steps steps merge the adapter into the base
+    # weights, re-initialise it, prune its optimizer state and restart the learning rate.
+    relora_steps: int | None = None
+    # Steps of linear learning-rate warm-up after each restart (the jagged schedule); None = 5% of relora_steps.
+    relora_warmup_steps: int | None = None
+    # Share of the adapter's Adam moments zeroed at a restart, smallest magnitudes first (1.0 = full reset).
+    relora_prune_ratio: float = 0.999
+    # LISA (arXiv:2403.17919), finetuning_type full: train this many randomly drawn transformer blocks (and
+    # everything outside the blocks: embeddings, head) and draw again every lisa_interval_steps steps.
+    lisa_activated_layers: int | None = None
+    lisa_interval_steps: int = 20
+    # Delta-LoRA (arXiv:2309.02411), adapter runs: after each optimizer step from delta_lora_start_step on,
+    # also move the base weight by delta_lora_lambda * (new - old adapter update).
+    delta_lora_lambda: float | None = None
+    delta_lora_start_step: int = 0
+    # LoRA-drop (arXiv:2402.07721), adapter runs: train lora_drop_warmup_steps steps on a lora_drop_sample_ratio
+    # sample, measure each block's adapter output, keep own adapters for the blocks holding lora_drop_threshold
+    # of the total, let the other blocks share one, then train that adapter from its initialisation.
+    lora_drop_threshold: float | None = None
+    lora_drop_warmup_steps: int = 10
+    lora_drop_sample_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         owner = "train"
@@ -103,6 +131,17 @@ class TrainArgs:
                 check_positive(owner, name, getattr(self, name), integer=True)
         if self.loraplus_lr_ratio is not None:
             check_positive(owner, "loraplus_lr_ratio", self.loraplus_lr_ratio)
+        if not isinstance(self.lora_fa, bool):
+            raise ValueError(f"{owner}.lora_fa must be true or false, got {self.lora_fa!r}")
+
+    def method_options_set(self) -> list[str]:
+        """The options of METHOD_OPTIONS this run sets (away from their defaults)."""
+        return [name for name in METHOD_OPTIONS if getattr(self, name) not in (None, False)]
+
+
+# Options of `train:` that only some adapter methods read (each method lists those it reads in
+# Tuner.train_options); a run setting one its method ignores is refused rather than silently changed.
+METHOD_OPTIONS = ("loraplus_lr_ratio", "lora_fa")
 
 
 @dataclass(frozen=True)
@@ -140,6 +179,13 @@ class RunConfig:
     finetuning_type: str = "adapter"
     # Model dtype: float32 (default), bfloat16, float16, auto (as saved).
     dtype: str | None = None
+    # Store the linear weights (all but the output head) quantized: nf4 (QLoRA's 4-bit NormalFloat), or
+    # unset for a dense model. Only with an adapter: 4-bit weights cannot be trained.
+    quantization: str | None = None
+    # NF4: quantize the per-block scales to 8 bits too (4.127 instead of 4.5 bits per weight).
+    double_quant: bool = True
+    # NF4: dtype of the dequantized weights and their matmuls: bfloat16 (default), float32, float16.
+    compute_dtype: str | None = None
     # The adapter: `method` (lora, vera, ...) plus that method's config fields, with PEFT's names
     # (e.g. {method: lora, r: 8, use_dora: true}).
     adapter: PeftConfig | None = None
@@ -154,9 +200,42 @@ class RunConfig:
         if self.train.distributed == "fsdp" and not self.uses_adapter:
             raise ValueError("config: train.distributed=fsdp shards a frozen base model and trains an adapter; "
                              f"use finetuning_type adapter (got {self.finetuning_type!r}) or train.distributed=ddp")
+        self._check_quantization()
         if self.uses_adapter and self.adapter is None:
             raise ValueError(f"config.adapter is required when finetuning_type is {self.finetuning_type}, e.g. "
                              "adapter: {method: lora, r: 8, target_modules: all-linear}")
+        method = get_method(self.adapter.peft_type) if self.uses_adapter else None
+        for name in self.train.method_options_set():
+            if method is None or name not in method.train_options:
+                what = f"the {method.name} method" if method else f"finetuning_type {self.finetuning_type}"
+                raise ValueError(f"config: train.{name}={getattr(self.train, name)!r} does not apply to {what}; "
+                                 f"remove it")
+        from lorakit.train.strategies import check_strategies  # here: the strategies import this module
+
+        check_strategies(self)
+
+    def _check_quantization(self) -> None:
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"config.double_quant must be true or false, got {self.double_quant!r}")
+        if self.quantization is None:
+            if self.compute_dtype is not None:
+                raise ValueError(f"config.compute_dtype={self.compute_dtype!r} only applies to a quantized model; set "
+                                 "quantization: nf4 or remove compute_dtype")
+            return
+        check_quantization(self.quantization, "config.quantization")
+        resolve_compute_dtype(self.compute_dtype, "config.compute_dtype")
+        if not self.uses_adapter:
+            raise ValueError(f"config.quantization={self.quantization!r} cannot be used with finetuning_type "
+                             f"{self.finetuning_type!r}: quantized weights are frozen and cannot be trained. Train an "
+                             "adapter on top (finetuning_type: adapter), or remove quantization")
+
+    @property
+    def quantization_kwargs(self) -> dict:
+        """The quantization options as load_model_and_tokenizer / quantize_model take them ({} when dense)."""
+        if self.quantization is None:
+            return {}
+        return {"quantization": self.quantization, "double_quant": self.double_quant,
+                "compute_dtype": self.compute_dtype}
 
     @property
     def uses_adapter(self) -> bool:
@@ -194,28 +273,34 @@ def load_run_config(path: str | None, overrides: list[str] = (), base: dict | No
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
+    text = read_text(path, "run configs")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of settings (model:, data:, train:, ...)")
     return data
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """`train.learning_rate=1e-4` -> raw["train"]["learning_rate"] = 1e-4 (value parsed as YAML)."""
+def apply_override(raw: dict, item: str, what: str = "override") -> None:
+    """`train.learning_rate=1e-4` -> raw["train"]["learning_rate"] = 1e-4 (value parsed as YAML).
+    `what` names the item in messages (e.g. "--option" for inspect)."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} must look like key=value, e.g. train.learning_rate=1e-4")
+        raise ValueError(f"{what} {item!r} must look like key=value, e.g. train.learning_rate=1e-4")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what} {item!r}: the value {text!r} is not valid YAML ({problem}). Close its brackets "
+                         "and quotes (a list: key=[a, b]), or put the value in quotes to pass it as text") from None
     node = raw
     *parents, leaf = key.strip().split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {item!r}: {part!r} is not a section")
+            raise ValueError(f"{what} {item!r}: {part!r} is not a section")
     node[leaf] = value
 
 
@@ -231,8 +316,9 @@ def build_run_config(raw: dict, source: str = "config") -> RunConfig:
         if not isinstance(section, dict):
             raise ValueError(f"{source}: {name} must be a mapping of settings, got {section!r}")
         _check_keys(section, {f.name for f in dataclasses.fields(cls)}, f"{source}: {name}")
-        if name == "data" and "path" not in section:
-            raise ValueError(f"{source}: data.path is required (the training data file or folder)")
+        if name == "data" and section.get("path") is None:
+            state = "is null" if "path" in section else "is required"
+            raise ValueError(f"{source}: data.path {state}; give the training data file or folder")
         kwargs[name] = _build(cls, section, f"{source}: {name}")
     kwargs["adapter"] = build_adapter_config(raw.pop("adapter", None), raw.get("task_type", "CAUSAL_LM"), source)
     if "output_dir" not in raw:

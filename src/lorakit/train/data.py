@@ -15,11 +15,12 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorakit.config import check_choice, check_positive
 from lorakit.tasks import TRAINABLE_TASK_TYPES
-from lorakit.train.data_files import read_rows
+from lorakit.train.data_checks import Finding, suspect_data
+from lorakit.train.data_files import Origin, read_rows
 from lorakit.train.data_formats import (
     FORMATS, Chat, Completion, Labelled, Record, Text, detect_format, label_id, label_names_for, normalise_rows,
 )
@@ -115,6 +116,8 @@ class Splits:
     format: str
     label_names: list[str] | None  # text_label only: class names in id order
     val_source: str | None  # "val_path", "val_size", "<path>[validation]" or None
+    train_origins: list[Origin] = field(default_factory=list)  # where each record comes from (file, line)
+    val_origins: list[Origin] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class DataInfo:
     train_tokens: int  # total tokens in the kept training examples
     label_names: tuple[str, ...] | None  # text_label: class names in id order
     val_source: str | None
+    findings: tuple[Finding, ...] = ()  # suspect data (data_checks.py), also logged as warnings
+    longest_train: int = 0  # tokens of the longest training example before truncation
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,11 @@ class GenerationPrompt:
     reference: str  # the expected answer text
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Read, detect the format, normalise and split into train / validation records."""
+def load_splits(cfg: DataConfig, label_names=None) -> Splits:
+    """Read, detect the format, normalise and split into train / validation records.
+
+    label_names: the classes fixed elsewhere (a trained classifier being evaluated): text_label records are
+    mapped to them by name. Default: the training data's own classes (see label_names_for)."""
     loaded = read_rows(cfg.path)
     if not loaded.rows:
         raise ValueError(f"The training data {cfg.path!r} has no records. Check the file (and the split saved).")
@@ -150,33 +158,40 @@ def load_splits(cfg: DataConfig) -> Splits:
     if fmt == "auto":
         fmt = detect_format(loaded.rows[0], cfg.path, cfg.text_field, cfg.label_field)
     rows = loaded.rows[: cfg.max_samples] if cfg.max_samples else loaded.rows
-    train = _normalise(rows, fmt, cfg.path, cfg)
-    val, val_source = [], None
+    origins = loaded.origins(cfg.path)[: len(rows)]
+    train = _normalise(rows, fmt, cfg.path, cfg, origins)
+    val, val_origins, val_source = [], [], None
     if cfg.val_path is not None:
-        val_rows = read_rows(cfg.val_path).rows
-        if not val_rows:
+        val_loaded = read_rows(cfg.val_path)
+        if not val_loaded.rows:
             raise ValueError(f"The validation data {cfg.val_path!r} has no records.")
-        val, val_source = _normalise(val_rows, fmt, cfg.val_path, cfg), "val_path"
+        val_origins = val_loaded.origins(cfg.val_path)
+        val, val_source = _normalise(val_loaded.rows, fmt, cfg.val_path, cfg, val_origins), "val_path"
     elif cfg.val_size:
-        train, val = split_validation(train, cfg.val_size, cfg.shuffle_seed)
+        train_ids, val_ids = split_indices(len(train), cfg.val_size, cfg.shuffle_seed)
+        train, val = [train[i] for i in train_ids], [train[i] for i in val_ids]
+        origins, val_origins = [origins[i] for i in train_ids], [origins[i] for i in val_ids]
         val_source = "val_size"
     elif loaded.val_rows:
         where = f"{cfg.path}[{loaded.val_split_name}]"
-        val, val_source = _normalise(loaded.val_rows, fmt, where, cfg), where
-    label_names = label_names_for(train) if fmt == "text_label" else None
-    return Splits(train=train, val=val, format=fmt, label_names=label_names, val_source=val_source)
+        val_origins = loaded.origins(cfg.path, val=True)
+        val, val_source = _normalise(loaded.val_rows, fmt, where, cfg, val_origins), where
+    if fmt == "text_label":
+        label_names = [str(n) for n in label_names] if label_names is not None else label_names_for(train)
+    else:
+        label_names = None
+    return Splits(train=train, val=val, format=fmt, label_names=label_names, val_source=val_source,
+                  train_origins=origins, val_origins=val_origins)
 
 
-def _normalise(rows: list[dict], fmt: str, source: str, cfg: DataConfig) -> list[Record]:
-    return normalise_rows(rows, fmt, source, cfg.text_field, cfg.label_field, cfg.system_prompt)
+def _normalise(rows: list[dict], fmt: str, source: str, cfg: DataConfig, origins: list[Origin]) -> list[Record]:
+    return normalise_rows(rows, fmt, source, cfg.text_field, cfg.label_field, cfg.system_prompt,
+                          [str(o) for o in origins])
 
 
-def split_validation(records: list, val_size: float | int, seed: int) -> tuple[list, list]:
-    """(train, val): val is ceil(val_size * n) records (or val_size records) from a seeded shuffle.
-
-    Training records keep their original order; validation records come in shuffled order.
-    """
-    n = len(records)
+def split_indices(n: int, val_size: float | int, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices in their original order, validation indices in shuffled order): the validation part is
+    ceil(val_size * n) records (or val_size records) from a seeded shuffle."""
     count = math.ceil(val_size * n) if isinstance(val_size, float) else val_size
     if count >= n:
         raise ValueError(
@@ -186,19 +201,22 @@ def split_validation(records: list, val_size: float | int, seed: int) -> tuple[l
     order = list(range(n))
     random.Random(seed).shuffle(order)
     val_ids = set(order[:count])
-    return [r for i, r in enumerate(records) if i not in val_ids], [records[i] for i in order[:count]]
+    return [i for i in range(n) if i not in val_ids], order[:count]
 
 
-def build_datasets(cfg: DataConfig, tokenizer, task_type: str = "CAUSAL_LM") -> tuple[list[dict], list[dict], DataInfo]:
+def build_datasets(cfg: DataConfig, tokenizer, task_type: str = "CAUSAL_LM", label_names=None,
+                   classes_of: str = "the training data") -> tuple[list[dict], list[dict], DataInfo]:
     """(train examples, validation examples, info). Examples are dicts of Python lists:
 
     CAUSAL_LM: input_ids, labels (-100 = no loss); packed train rows also carry position_ids.
-    SEQ_CLS (text_label data): input_ids, labels = class id.
+    SEQ_CLS (text_label data): input_ids, labels = class id (by name among `label_names`, the classes of
+    `classes_of`; default the training data's own classes).
     The validation examples are never packed. Batch them with `make_collator(cfg, tokenizer)`.
+    Suspect data (data_checks.py) is logged as warnings and kept in info.findings.
     """
     task = str(task_type)
     check_choice("build_datasets", "task_type", task, TRAINABLE_TASK_TYPES)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, label_names)
     if (task == "SEQ_CLS") != (splits.format == "text_label"):
         raise ValueError(
             f"task_type {task} does not fit {splits.format!r} data: SEQ_CLS trains on text_label data "
@@ -207,19 +225,25 @@ def build_datasets(cfg: DataConfig, tokenizer, task_type: str = "CAUSAL_LM") -> 
     if cfg.packing and task == "SEQ_CLS":
         raise ValueError("packing=True applies to causal LM training only; set packing=False for text_label data")
     encoder = ExampleEncoder(tokenizer, cfg.template, cfg.train_on_inputs)
-    train, dropped_train, truncated_train = _tokenize_split(splits.train, encoder, cfg, splits.label_names, cfg.path)
+    train, dropped_train, cut_train, longest = _tokenize_split(splits.train, splits.train_origins, encoder, cfg,
+                                                               splits.label_names, cfg.path, classes_of)
     val_where = cfg.val_path if splits.val_source == "val_path" else f"validation ({splits.val_source})"
-    val, dropped_val, truncated_val = _tokenize_split(splits.val, encoder, cfg, splits.label_names, val_where)
+    val, dropped_val, cut_val, _ = _tokenize_split(splits.val, splits.val_origins, encoder, cfg, splits.label_names,
+                                                   val_where, classes_of)
     rows = pack_examples(train, cfg.cutoff_len, cfg.shuffle_seed) if cfg.packing else train
+    findings = suspect_data(splits, cfg.cutoff_len, cut_train, cut_val)
     info = DataInfo(
         format=splits.format, template=None if task == "SEQ_CLS" else encoder.template,
         num_train=len(train), num_val=len(val), num_train_rows=len(rows),
         dropped_train=dropped_train, dropped_val=dropped_val,
-        truncated_train=truncated_train, truncated_val=truncated_val, skipped_turns=encoder.skipped_turns,
+        truncated_train=len(cut_train), truncated_val=len(cut_val), skipped_turns=encoder.skipped_turns,
         train_tokens=sum(len(ex["input_ids"]) for ex in train),
         label_names=tuple(splits.label_names) if splits.label_names else None, val_source=splits.val_source,
+        findings=tuple(findings), longest_train=longest,
     )
     logger.info("data: %s", info)
+    for finding in findings:
+        logger.warning("%s", finding)
     if encoder.skipped_turns:
         logger.warning(
             "%d assistant turns get no loss: the chat template renders them differently when they are not the "
@@ -229,18 +253,27 @@ def build_datasets(cfg: DataConfig, tokenizer, task_type: str = "CAUSAL_LM") -> 
     return rows, val, info
 
 
-def _tokenize_split(records: list[Record], encoder: ExampleEncoder, cfg: DataConfig, label_names, source: str):
-    """(examples, number dropped, number truncated). Drops examples left with no trained label."""
-    examples, dropped, truncated, shortest_prompt = [], 0, 0, None
+def _tokenize_split(records: list[Record], origins: list[Origin], encoder: ExampleEncoder, cfg: DataConfig,
+                    label_names, source: str, classes_of: str):
+    """(examples, number dropped, origins of the examples cut by cutoff_len, longest length before the cut).
+    Drops examples left with no trained label."""
+    examples, dropped, cut, longest, shortest_prompt = [], 0, [], 0, None
     for index, record in enumerate(records):
-        where = f"{source}, record {index}"
+        where = str(origins[index]) if index < len(origins) else f"{source}, record {index}"
         if isinstance(record, Labelled):
-            examples.append(encoder.labelled(record, label_id(record.label, label_names, where), cfg.cutoff_len))
+            ex = encoder.labelled(record, label_id(record.label, label_names, where, classes_of), cfg.cutoff_len)
+            full = len(ex["input_ids"]) if len(ex["input_ids"]) < cfg.cutoff_len else encoder.labelled_length(record)
+            longest = max(longest, full)
+            if full > cfg.cutoff_len:
+                cut.append(origins[index] if index < len(origins) else where)
+            examples.append(ex)
             continue
         ex = _encode(record, encoder, where)
+        longest = max(longest, len(ex["input_ids"]))
         if len(ex["input_ids"]) > cfg.cutoff_len:
+            if any(label != IGNORE_INDEX for label in ex["labels"][cfg.cutoff_len:]):  # trained tokens are lost
+                cut.append(origins[index] if index < len(origins) else where)
             ex = {"input_ids": ex["input_ids"][: cfg.cutoff_len], "labels": ex["labels"][: cfg.cutoff_len]}
-            truncated += 1
         if all(label == IGNORE_INDEX for label in ex["labels"]):
             dropped += 1
             prompt_len = _masked_prefix_len(_encode(record, encoder, where)["labels"])
@@ -256,7 +289,7 @@ def _tokenize_split(records: list[Record], encoder: ExampleEncoder, cfg: DataCon
     if dropped:
         logger.warning("%s: dropped %d of %d examples with no trained token left (cutoff_len=%d)",
                        source, dropped, len(records), cfg.cutoff_len)
-    return examples, dropped, truncated
+    return examples, dropped, cut, longest
 
 
 def _encode(record: Record, encoder: ExampleEncoder, where: str) -> dict:

@@ -82,10 +82,11 @@ def detect_format(row: dict, source: str, text_field: str = "text", label_field:
 
 
 def normalise_rows(rows: list[dict], fmt: str, source: str, text_field: str = "text", label_field: str = "label",
-                   system_prompt: str | None = None) -> list[Record]:
-    """Turn every raw row into a Record of `fmt` (not "auto": detect first)."""
+                   system_prompt: str | None = None, origins: list | None = None) -> list[Record]:
+    """Turn every raw row into a Record of `fmt` (not "auto": detect first). `origins[i]` says where row i comes
+    from in error messages (e.g. "data.jsonl, line 12 (record 11)"); default "<source>, record <i>"."""
     reader = _Reader(source, fmt, text_field, label_field)
-    records = [reader.record(row, index) for index, row in enumerate(rows)]
+    records = [reader.record(row, index, origins[index] if origins else None) for index, row in enumerate(rows)]
     if system_prompt is not None:
         records = [_with_system_prompt(record, system_prompt, fmt) for record in records]
     return records
@@ -109,24 +110,22 @@ class _Reader:
     def __init__(self, source: str, fmt: str, text_field: str, label_field: str) -> None:
         self.source, self.fmt, self.text_field, self.label_field = source, fmt, text_field, label_field
 
-    def record(self, row: dict, index: int) -> Record:
-        self.row, self.index = row, index
+    def record(self, row: dict, index: int, origin=None) -> Record:
+        self.row, self.index, self.origin = row, index, origin
         return getattr(self, f"_{self.fmt}")()
 
     # ---- errors ---------------------------------------------------------------------------------
     def fail(self, problem: str) -> ValueError:
         needs = ", ".join(required_fields(self.fmt, self.text_field, self.label_field))
-        return ValueError(
-            f"{self.source}, record {self.index}: {problem} (format {self.fmt!r} needs: {needs}; "
-            f"columns found: {sorted(self.row)})"
-        )
+        where = self.origin or f"{self.source}, record {self.index}"
+        return ValueError(f"{where}: {problem} (format {self.fmt!r} needs: {needs}; columns found: {sorted(self.row)})")
 
     def string(self, field: str, optional: bool = False) -> str:
         value = self.row.get(field)
         if value is None:
             if optional:
                 return ""
-            raise self.fail(f"missing required field {field!r}")
+            raise self.fail(self.absent(field))
         if not isinstance(value, str):
             raise self.fail(f"field {field!r} must be a string, got {type(value).__name__}")
         return value
@@ -135,7 +134,7 @@ class _Reader:
         key = preferred if preferred in self.row or other not in self.row else other
         turns = self.row.get(key)
         if turns is None:
-            raise self.fail(f"missing required field {preferred!r}")
+            raise self.fail(self.absent(key if key in self.row else preferred))
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise self.fail(f"field {key!r} must be a list of objects, got {type(turns).__name__}")
         return turns
@@ -188,8 +187,10 @@ class _Reader:
 
     def _text_label(self) -> Labelled:
         text, label = self.string(self.text_field), self.row.get(self.label_field)
-        if label is None or label == "":
-            raise self.fail(f"missing required field {self.label_field!r}")
+        if label is None:
+            raise self.fail(self.absent(self.label_field))
+        if label == "":
+            raise self.fail(f"field {self.label_field!r} is empty; every record needs a class label")
         if isinstance(label, bool) or not isinstance(label, (int, str)):
             raise self.fail(f"label {label!r} must be an integer class id or a string class name")
         if isinstance(label, str) and re.fullmatch(r"-?\d+", label.strip()):
@@ -199,6 +200,12 @@ class _Reader:
         return Labelled(text=text, label=label)
 
     # ---- helpers --------------------------------------------------------------------------------
+    def absent(self, field: str) -> str:
+        """A field that is not there, and one that is there with the value null, are different mistakes."""
+        if field in self.row:
+            return f"field {field!r} is null; give it a value (an empty answer is \"\", which trains the model to answer nothing)"
+        return f"missing required field {field!r}"
+
     def content(self, value) -> str:
         """A message's text; OpenAI multi-part content [{"type": "text", "text": ...}] is joined."""
         if isinstance(value, str):
@@ -231,8 +238,9 @@ def label_names_for(records: list[Labelled]) -> list[str]:
     )
 
 
-def label_id(label: int | str, label_names: list[str], where: str) -> int:
-    """The class id of one label, given the names fixed by the training data."""
+def label_id(label: int | str, label_names: list[str], where: str, classes_of: str = "the training data") -> int:
+    """The class id of one label, by name, given the names fixed by the training data (or by the model)."""
     if str(label) not in label_names:  # integer names are "0", "1", ... so str() covers both kinds
-        raise ValueError(f"{where}: label {label!r} does not occur in the training data (classes: {label_names})")
+        raise ValueError(f"{where}: label {label!r} is not one of the classes of {classes_of} ({label_names}); "
+                         "a classifier only predicts the classes it was trained with")
     return label_names.index(str(label))

@@ -11,12 +11,12 @@ model, optimizer, schedule, RNGs and data position, so a resumed run matches an 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
 import signal
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,23 +24,30 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from lorakit.adapter_files import RUN_ADAPTER_SUBDIR, RUN_MODEL_SUBDIR
+from lorakit.atomic import disk_full_says, replace_directory, tensor_bytes
+from lorakit.config import write_json_atomic
 from lorakit.eval.metrics import summed_token_loss
+from lorakit.integrations.model_card import write_run_card
+from lorakit.label_names import write_label_names
+from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
 from lorakit.train.config import RunConfig
 from lorakit.train.data import build_datasets, load_splits, make_collator
 from lorakit.train.distributed import (
-    DistContext, copy_full_into, full_tensor, init_distributed, load_optimizer_state, optimizer_state,
-    shutdown_distributed, wrap_model,
+    DistContext, full_tensor, init_distributed, optimizer_state, shutdown_distributed, wrap_model,
 )
 from lorakit.train.evaluate import evaluate_model
-from lorakit.train.hooks import run_hooks
+from lorakit.train.hooks import RunContext, run_hooks
+from lorakit.train.meter import RunMeter
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.output_dir import claim_output_dir, drop_previous_run, set_aside_previous_run
+from lorakit.train.resume import resume_run, run_fingerprint, weights_hash
 from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
-    RunError, check_fingerprint, check_output_dir, prepare_model, prepare_output_dir, run_fingerprint,
-    trainable_tensors, transformer_blocks,
+    RunError, named_tensors, prepare_model, run_state_names, trainable_tensors, transformer_blocks,
 )
 
 
@@ -56,7 +63,8 @@ class Position:
 @dataclass
 class TrainResult:
     output_dir: str
-    model: torch.nn.Module  # the trained model (a PeftModel for lora)
+    # the trained model: a PeftModel for adapter runs, the merged model when training hooks changed base weights
+    model: torch.nn.Module
     tokenizer: object
     steps: int
     train_seconds: float
@@ -75,7 +83,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, loaded=None, show_prog
     """Train as `cfg` says. `loaded` = (model, tokenizer) already in memory (e.g. the demo's)."""
     ctx = init_distributed()
     try:
-        return _train(cfg, ctx, overwrite, loaded, show_progress)
+        with claim_output_dir(cfg, overwrite, ctx.is_main):  # locked; refused at once if it holds a run
+            return _train(cfg, ctx, overwrite, loaded, show_progress)
     finally:
         shutdown_distributed(ctx)
 
@@ -88,56 +97,67 @@ def set_seed(seed: int) -> None:
 
 def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progress: bool) -> TrainResult:
     args, out = cfg.train, cfg.output_dir
-    check_output_dir(cfg, overwrite)  # refuse at once; the earlier run is only replaced once the inputs proved good
     set_seed(args.seed)
     if loaded is None:
         labels = load_splits(cfg.data).label_names if cfg.task_type == "SEQ_CLS" else None
         loaded = load_model_and_tokenizer(cfg.model, cfg.task_type, label_names=labels, dtype=cfg.dtype,
-                                          device=ctx.device)
+                                          device=ctx.device, **cfg.quantization_kwargs)
     base_model, tokenizer = loaded
+    model_weights = weights_hash(base_model)  # before the adapter goes in: the base model, by content
     train_rows, val_rows, info = build_datasets(cfg.data, tokenizer, cfg.task_type)
     collate = make_collator(cfg.data, tokenizer)
+
+    global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
+    per_epoch = steps_per_epoch(len(train_rows), global_batch)
+    total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
+    if cfg.uses_adapter:  # fields the run decides (AdaLoRA's total_step), recorded in run_config.yaml and the adapter
+        cfg = dataclasses.replace(cfg, adapter=cfg.adapter.fill_from_run(total_steps))
 
     set_seed(args.seed)  # the adapter's initialisation depends on the seed only
     model = prepare_model(base_model, cfg).to(ctx.device)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    hooks = run_hooks(model, cfg)
+    resume_dir = ckpt.resolve_checkpoint(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
+    run = RunContext(train_rows, collate, ctx.device, ctx.rank, ctx.world_size, getattr(model, "config", None),
+                     ckpt.read_hook_state(resume_dir) if resume_dir else {})
+    hooks = run_hooks(model, cfg, run)
     for hook in hooks:
         hook.setup(model)
-    trainable = trainable_tensors(model)
-    trainable_params = sum(t.numel() for t in trainable.values())
-    total_params = sum(p.numel() for p in model.parameters())
+    state_names = run_state_names(model, hooks)  # what checkpoints save: trainable + hook-changed base weights
+    merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
+    trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
+    total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
     wrapped = wrap_model(model, ctx, args.distributed, blocks)
     optimizer = build_optimizer(model, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # after sharding: the live ones
 
-    global_batch = args.batch_size * args.gradient_accumulation_steps * ctx.world_size
-    per_epoch = steps_per_epoch(len(train_rows), global_batch)
-    total_steps = args.max_steps or math.ceil(per_epoch * args.num_epochs)
     for hook in hooks:
         hook.check_run(total_steps)
     scheduler = build_scheduler(optimizer, args, total_steps, hooks)
-    fingerprint = run_fingerprint(cfg, model, len(train_rows), global_batch)
-    prepare_output_dir(cfg, overwrite, ctx.is_main)
+    fingerprint = run_fingerprint(model_weights, named_tensors(model, state_names), train_rows, val_rows,
+                                  info.label_names, global_batch)
+    set_aside_previous_run(cfg, overwrite, ctx.is_main)  # the inputs proved good: the earlier run steps aside
     ctx.barrier()
-    position = Position()
-    if args.resume_from_checkpoint:
-        position = _resume(args.resume_from_checkpoint, out, fingerprint, model, optimizer, scheduler, hooks, ctx)
-    if not args.resume_from_checkpoint:
+    position, meter = Position(), RunMeter()
+    if resume_dir:
+        saved_position, saved_meter = resume_run(resume_dir, cfg, fingerprint, model, state_names, optimizer,
+                                                 scheduler, total_steps, ctx, hooks)
+        position, meter = Position(**saved_position), RunMeter.from_state(saved_meter)
+    for hook in hooks:
+        hook.on_train_start(position.step, optimizer)
+    if not resume_dir:
+        set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
         set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), position.step if args.resume_from_checkpoint else None)
     if ctx.is_main:
-        with open(os.path.join(out, "run_config.yaml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+        _write_run_config(cfg)
 
     model_config = getattr(model, "config", None)
     autocast = _autocast(ctx.device, args.bf16)
     bar = tqdm(total=total_steps, initial=position.step, unit="step", dynamic_ncols=True,
                disable=not (ctx.is_main and show_progress))
-    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.time()
-    train_loss, interrupted, started = None, False, time.time()
+    interrupted = False
     wrapped.train()
     with _StopOnCtrlC() as stop:
         while position.step < total_steps and not interrupted:
@@ -151,41 +171,40 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                     raise RunError(_diverged_message(loss, grad_norm, position.step + 1, out, args.learning_rate))
                 position.step += 1
                 position.batch_in_epoch += 1
-                window_loss, window_tokens, window_inputs = window_loss + loss * tokens, window_tokens + tokens, \
-                    window_inputs + inputs
-                speed = window_inputs / max(time.time() - window_start, 1e-9)
+                meter.add(loss, tokens, inputs)
+                speed = meter.speed()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{speed:.0f}")
                 if position.step % args.logging_steps == 0 or position.step == total_steps:
-                    train_loss = window_loss / max(window_tokens, 1)
+                    train_loss = meter.close_window()
                     if ctx.is_main:
                         log.write({"step": position.step, "epoch": round(position.step / per_epoch, 4),
                                    "loss": train_loss, "lr": scheduler.get_last_lr()[0],
                                    "grad_norm": grad_norm, "tokens_per_second": speed})
-                    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.time()
                 if args.eval_steps and position.step % args.eval_steps == 0 and val_rows:
                     _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step)
                     wrapped.train()
                 interrupted = ctx.any_flag(stop.requested)
                 if interrupted or (args.save_steps and position.step % args.save_steps == 0):
-                    _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx)
+                    _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, fingerprint, meter,
+                                     info, cfg, ctx)
                 if interrupted:
                     break
             else:
                 position.epoch += 1
                 position.batch_in_epoch = 0
     bar.close()
-    train_seconds = time.time() - started
-    result = TrainResult(out, model, tokenizer, position.step, train_seconds, train_loss, trainable_params,
-                         total_params, interrupted=interrupted)
+    result = TrainResult(out, model, tokenizer, position.step, meter.train_seconds(), meter.train_loss,
+                         trainable_params, total_params, interrupted=interrupted)
     if interrupted:
         return result
     # saved before the final evaluation, so a failing evaluation never costs the trained weights
-    _save_final_model(result.model, cfg, tokenizer, ctx)
+    result.model = _save_final_model(result.model, cfg, tokenizer, ctx, merge_result, info.label_names)
     if val_rows:
-        result.metrics = _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, final=True)
+        result.metrics = _log_eval(result.model, tokenizer, val_rows, collate, cfg, ctx, log, position.step,
+                                   final=True)
     if ctx.is_main:
-        _write_final(result, cfg, log)
+        _write_final(result, cfg, log, merge_result)
     ctx.barrier()
     return result
 
@@ -257,67 +276,92 @@ def _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, step, final=Fa
     return metrics
 
 
-def _resume(spec, out, fingerprint, model, optimizer, scheduler, hooks, ctx) -> Position:
-    directory = ckpt.resolve_checkpoint(spec, out)
-    state = ckpt.read_trainer_state(directory)
-    check_fingerprint(state.get("fingerprint", {}), fingerprint, directory)
-    live = trainable_tensors(model)
-    saved, optimizer_state, scheduler_state = ckpt.read_training_state(directory, live.keys())
-    for name, param in live.items():
-        copy_full_into(param, saved[name])
-    load_optimizer_state(model, optimizer, optimizer_state)
-    scheduler.load_state_dict(scheduler_state)
-    ckpt.load_hook_state(directory, hooks)
-    ckpt.load_rng_state(directory, ctx.rank)
-    if ctx.is_main:
-        print(f"resuming from {directory} at step {state['position']['step']}")
-    return Position(**state["position"])
+def _write_run_config(cfg: RunConfig) -> None:
+    """run_config.yaml, written through a temporary file: the run as it is being trained."""
+    path = os.path.join(cfg.output_dir, "run_config.yaml")
+    with disk_full_says("run_config.yaml", cfg.output_dir, cleanup=[f"{path}.tmp"]):
+        with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
+            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+        os.replace(f"{path}.tmp", path)
 
 
-def _save_checkpoint(model, optimizer, scheduler, hooks, position, fingerprint, cfg, ctx) -> None:
+def _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, fingerprint, meter, info, cfg,
+                     ctx) -> None:
     """Every process joins (sharded tensors are gathered, each writes its RNG); rank 0 writes the rest."""
     out, step = cfg.output_dir, position.step
     temp = ckpt.temp_dir_for(out, step) if ctx.is_main else os.path.join(out, f"checkpoint-{step}.tmp")
     ctx.barrier()
-    os.makedirs(temp, exist_ok=True)
-    ckpt.write_rng_state(temp, ctx.rank)
-    trainable = {name: full_tensor(t) for name, t in trainable_tensors(model).items()}
+    trainable = {name: full_tensor(t) for name, t in named_tensors(model, state_names).items()}
     optimizer_dict = optimizer_state(model, optimizer)
-    if cfg.uses_adapter:
+    needed = tensor_bytes(trainable) * (2 if cfg.uses_adapter else 1) + tensor_bytes(
+        [v for values in optimizer_dict["state"].values() for v in values.values() if isinstance(v, torch.Tensor)])
+    found = ckpt.list_checkpoints(out)
+    intact = f"The last complete checkpoint, {found[-1]}, is intact." if found else "No checkpoint was saved yet."
+    with disk_full_says(f"checkpoint-{step}", out, needed, cleanup=[temp], advice=intact):
+        os.makedirs(temp, exist_ok=True)
+        ckpt.write_rng_state(temp, ctx.rank)
+        if cfg.uses_adapter:
+            model.save_pretrained(temp, is_main_process=ctx.is_main)
+        if ctx.is_main:
+            if info.label_names:
+                write_label_names(temp, info.label_names)
+            state = {"position": asdict(position), "fingerprint": fingerprint, "output_dir": out,
+                     "config": cfg.to_dict(), "meter": meter.state()}
+            ckpt.write_training_state(temp, trainable, optimizer_dict, scheduler.state_dict(), state)
+            ckpt.write_hook_state(temp, hooks)
+        ctx.barrier()
+        if ctx.is_main:
+            ckpt.publish(temp, out, step, cfg.train.save_total_limit)
+            drop_previous_run(out)  # an --overwrite's earlier run: replaced by a complete checkpoint
+    ctx.barrier()
+
+
+def _final_model_dir(cfg: RunConfig, merge_result: bool = False) -> str:
+    adapter_only = cfg.uses_adapter and not merge_result
+    return os.path.join(cfg.output_dir, RUN_ADAPTER_SUBDIR if adapter_only else RUN_MODEL_SUBDIR)
+
+
+def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext, merge_result: bool, label_names=None):
+    """On every process (a sharded adapter is gathered); rank 0 writes, into a temporary directory renamed into
+    place when complete. Returns the model to evaluate.
+
+    merge_result: training hooks changed the base weights (changed_base_parameters), so the adapter alone no
+    longer reproduces the trained model: the adapter is merged and the whole model saved (and returned)."""
+    if merge_result:
+        model = model.merge_and_unload()
+    final = _final_model_dir(cfg, merge_result)
+    temp = f"{final}.tmp-{os.getpid()}"
+    found = ckpt.list_checkpoints(cfg.output_dir)
+    weights = trainable_tensors(model) if cfg.uses_adapter and not merge_result else model.state_dict()
+    advice = (f"The trained weights are in the last checkpoint, {found[-1]}: once there is space, finish with "
+              "train.resume_from_checkpoint=latest." if found else
+              "No checkpoint holds this run's weights (train.save_steps is 0), so the run must be trained again.")
+    with disk_full_says(f"the final {os.path.basename(final)}", cfg.output_dir, tensor_bytes(weights),
+                        cleanup=[temp], advice=advice):
         model.save_pretrained(temp, is_main_process=ctx.is_main)
-    if ctx.is_main:
-        state = {"position": asdict(position), "fingerprint": fingerprint, "output_dir": out}
-        ckpt.write_training_state(temp, trainable, optimizer_dict, scheduler.state_dict(), state)
-        ckpt.write_hook_state(temp, hooks)
-    ctx.barrier()
-    if ctx.is_main:
-        ckpt.publish(temp, out, step, cfg.train.save_total_limit)
-    ctx.barrier()
+        if ctx.is_main:
+            tokenizer.save_pretrained(temp)
+            if label_names:
+                write_label_names(temp, label_names)
+            replace_directory(temp, final)
+            drop_previous_run(cfg.output_dir)
+    return model
 
 
-def _final_model_dir(cfg: RunConfig) -> str:
-    return os.path.join(cfg.output_dir, "adapter" if cfg.uses_adapter else "model")
-
-
-def _save_final_model(model, cfg: RunConfig, tokenizer, ctx: DistContext) -> None:
-    """On every process (a sharded adapter is gathered); rank 0 writes."""
-    model.save_pretrained(_final_model_dir(cfg), is_main_process=ctx.is_main)
-    if ctx.is_main:
-        tokenizer.save_pretrained(_final_model_dir(cfg))
-
-
-def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog) -> None:
-    out, target = cfg.output_dir, _final_model_dir(cfg)
-    plot_loss_curve(log.records(), os.path.join(out, "loss_curve.png"))
+def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog, merge_result: bool) -> None:
+    out, target = cfg.output_dir, _final_model_dir(cfg, merge_result)
     summary = {
         "steps": result.steps, "train_seconds": round(result.train_seconds, 2), "train_loss": result.train_loss,
         "trainable_params": result.trainable_params, "total_params": result.total_params,
         "trainable_percent": round(result.trainable_percent, 4), "peak_rss_mb": round(peak_rss_mb(), 1),
         "eval": result.metrics, "saved_to": target,
     }
-    from lorakit.config import write_json_atomic
-
-    write_json_atomic(os.path.join(out, "train_results.json"), summary)
+    with disk_full_says("train_results.json and loss_curve.png", out, advice=f"The {os.path.basename(target)} is "
+                        f"saved in {target}."):
+        write_json_atomic(os.path.join(out, "train_results.json"), summary)
+        if os.path.basename(target) == RUN_ADAPTER_SUBDIR:  # the adapter's model card, now with the final metrics
+            write_run_card(target)
+        plot_loss_curve(log.records(), os.path.join(out, "loss_curve.png"))
 
 
 def _diverged_message(loss, grad_norm, step, out, lr) -> str:

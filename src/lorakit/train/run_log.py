@@ -7,6 +7,8 @@ import os
 import resource
 import sys
 
+from lorakit.atomic import disk_full_says
+
 
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl. On resume, lines after the resumed step are dropped
@@ -23,8 +25,9 @@ class MetricsLog:
             os.replace(f"{path}.tmp", path)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with disk_full_says(f"a line of {os.path.basename(self.path)}", os.path.dirname(self.path) or "."):
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
         if not os.path.isfile(self.path):

@@ -146,6 +146,10 @@ class ExampleEncoder:
         ids = self.tokenizer(record.text, add_special_tokens=True, truncation=True, max_length=cutoff_len)["input_ids"]
         return {"input_ids": list(ids), "labels": label_id}
 
+    def labelled_length(self, record: Labelled) -> int:
+        """Tokens of a classifier input before truncation (to tell a cut text from one that just fits)."""
+        return len(self.tokenizer(record.text, add_special_tokens=True)["input_ids"])
+
     # ---- generation prompts ---------------------------------------------------------------------
     def generation_prompt(self, record: Chat | Completion, where: str) -> tuple[list[int], str] | None:
         """(prompt ids exactly as in training, reference answer), or None when there is nothing to answer.

@@ -1,7 +1,8 @@
 """LoRA configuration (field names and defaults as in HuggingFace PEFT's LoraConfig).
 
 LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685. rsLoRA: Kalajdzievski 2023,
-https://arxiv.org/abs/2312.03732.
+https://arxiv.org/abs/2312.03732. DoRA: Liu et al. 2024, https://arxiv.org/abs/2402.09353 (dora.py). PiSSA and
+OLoRA initialisations: init.py.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = False
     # Modules trained in full and saved with the adapter, e.g. a freshly initialised classifier head.
     modules_to_save: list[str] | None = None
-    # A init: True (Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), False (random B: tests only).
+    # A init: True (Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), False (random B: tests only);
+    # "pissa" (SVD: the top r singular directions of W0 go into B A, W0 becomes the residual), "pissa_niter_K"
+    # (the same with a randomized SVD of K subspace iterations), "olora" (QR: W0 = QR, B = Q_r, A = R_r, residual).
     init_lora_weights: bool | str = True
     # Only these layer indices (int or list), found via layers_pattern ("layers", "h", ...) in module names.
     layers_to_transform: list[int] | int | None = None
@@ -61,7 +64,8 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict)
     # Per-module alphas, {pattern: lora_alpha}.
     alpha_pattern: dict = field(default_factory=dict)
-    # DoRA (weight-decomposed LoRA); not implemented yet in lorakit.
+    # DoRA (weight-decomposed LoRA): W' = m * (W0 + s B A) / ||W0 + s B A|| per output row, with a trained
+    # magnitude vector m (`lora_magnitude_vector`) initialised to the row norms of W0.
     use_dora: bool = False
 
     def __post_init__(self) -> None:
@@ -71,13 +75,16 @@ class LoraConfig(PeftConfig):
         check_positive(owner, "lora_alpha", self.lora_alpha)
         check_range(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0)
         check_choice(owner, "bias", self.bias, BIAS_CHOICES)
-        from lorakit.methods.lora.init import INIT_FNS, init_key
+        from lorakit.methods.lora.init import INIT_FNS, UNSUPPORTED_PEFT_INITS, allowed_values, init_key
 
-        if init_key(self.init_lora_weights) not in INIT_FNS:
-            allowed = ", ".join(["True", "False"] + [repr(k) for k in INIT_FNS if k not in ("kaiming", "random")])
-            raise ValueError(f"LoraConfig.init_lora_weights must be one of {allowed}; got {self.init_lora_weights!r}")
-        if self.use_dora:
-            raise ValueError("LoraConfig.use_dora=True: DoRA is not implemented in lorakit yet; use use_dora=False")
+        init = self.init_lora_weights
+        if not isinstance(init, (bool, str)) or init_key(init) not in INIT_FNS:
+            note = " (a PEFT initialisation lorakit does not implement)" if init_key(init) in UNSUPPORTED_PEFT_INITS \
+                else ""
+            raise ValueError(f"LoraConfig.init_lora_weights must be one of {allowed_values(INIT_FNS)}; got "
+                             f"{init!r}{note}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
             _check_names(owner, name, getattr(self, name))
         if isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:

@@ -3,60 +3,191 @@
     h = W0 x + s * B A dropout(x),   A: (r, d_in), B: (d_out, r), W0 frozen.
 
 Each class wraps its base layer and keeps one (A, B) pair per adapter name, with PEFT's attribute names
-(`lora_A`, `lora_B`, `lora_embedding_A`, `lora_embedding_B`) so parameter names and files match PEFT.
+(`lora_A`, `lora_B`, `lora_embedding_A`, `lora_embedding_B`, `lora_magnitude_vector`) so parameter names and
+files match PEFT.
+
+Every layer type also offers a "matrix view" of itself, so that initialisations (init.py), variants (dora.py)
+and adapter arithmetic (arithmetic.py) are written once for all types: `to_matrix(W)` gives the base weight
+as a (d_out, d_in) matrix (GPT-2's Conv1D and embeddings are stored transposed, a convolution kernel is flattened
+to (out, in*k)), `from_matrix` goes back, and `matrix_factors(name)` gives A as (r, d_in) and B as (d_out, r).
+An adapter may carry a variant: a strategy object that replaces the plain `s B A x` term and the merge
+(`VARIANTS`; DoRA today).
+
+Convolutions (Conv1d/2d/3d, grouped or not) are in conv.py, nn.MultiheadAttention in mha.py.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapter_layer import AdapterLayer
+from lorakit.adapter_layer import AdapterLayer, UnsupportedLayerError, adapter_dtype
 from lorakit.methods.lora.config import LoraConfig
-from lorakit.methods.lora.init import INIT_FNS, embedding_init, init_key
+from lorakit.methods.lora.dora import DoraVariant
+from lorakit.methods.lora.init import (
+    EMBEDDING_INIT_FNS,
+    INIT_FNS,
+    PLAIN_INITS,
+    InitContext,
+    allowed_values,
+    init_key,
+    init_options,
+)
+
+# config flag -> variant name; a layer type lists the variants it can run in `variants`
+VARIANT_FLAGS = {"use_dora": "dora"}
+VARIANTS = {"dora": DoraVariant}
 
 
-def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in fp32 even on a half-precision base (PEFT's autocast_adapter_dtype default)."""
-    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
+def requested_variant(config: LoraConfig) -> str | None:
+    names = [name for flag, name in VARIANT_FLAGS.items() if getattr(config, flag, False)]
+    if len(names) > 1:
+        raise ValueError(f"LoraConfig: the variants {names} cannot be combined; choose one")
+    return names[0] if names else None
 
 
 class LoraLayer(AdapterLayer):
-    """Rank, alpha, scaling and dropout per adapter; subclasses own the A/B tensors."""
+    """Rank, alpha, scaling, dropout and variant per adapter; subclasses own the A/B tensors and the matrix view."""
 
-    adapter_meta_names = ("lora_dropout", "r", "lora_alpha", "scaling")
+    adapter_meta_names = ("lora_dropout", "r", "lora_alpha", "scaling", "lora_variant", "base_rewritten")
+    init_fns: ClassVar[dict] = INIT_FNS  # the initialisations this layer type can run
+    variants: ClassVar[tuple[str, ...]] = ("dora",)  # the variants this layer type can run
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one entry per DoRA adapter
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_variant: dict[str, DoraVariant] = {}  # adapter name -> variant strategy (absent: plain LoRA)
+        self.base_rewritten: dict[str, bool] = {}  # adapters whose init turned the base weight into a residual
 
+    # ---- building -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         if self.has_adapter(name):
             raise ValueError(f"{module_name} already has an adapter named {name!r}")
+        variant = self._variant_for(config, module_name)  # refuse before anything is created
+        init_fn = self._init_fn(config, module_name)
         self.r[name] = config.rank_for(module_name)
         self.lora_alpha[name] = config.alpha_for(module_name)
         self.scaling[name] = config.scaling_for(module_name)
         dropout = config.lora_dropout
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._create_tensors(name, self.r[name])
-        self._initialise(name, init_key(config.init_lora_weights))
+        context = InitContext(self.r[name], self.scaling[name], module_name,
+                              base_weight=lambda: self.to_matrix(self.dense_base_weight()).float())
+        with torch.no_grad():
+            residual = init_fn(*self.matrix_factors(name), context, **init_options(config.init_lora_weights))
+            if residual is not None:
+                self.write_base_weight(self.from_matrix(residual).to(self.dense_base_weight().dtype))
+                self.base_rewritten[name] = True
+        if variant is not None:
+            self.lora_variant[name] = VARIANTS[variant].create(self, name)
+
+    def _variant_for(self, config: LoraConfig, module_name: str) -> str | None:
+        variant = requested_variant(config)
+        if variant is not None and variant not in self.variants:
+            flag = next(f for f, v in VARIANT_FLAGS.items() if v == variant)
+            raise UnsupportedLayerError(
+                f"LoraConfig.{flag}=True: {VARIANTS[variant].label} cannot run on {module_name}, a "
+                f"{type(self.base_layer).__name__} ({type(self).__name__}); exclude this module (exclude_modules) or "
+                f"set {flag}=False")
+        return variant
+
+    def _init_fn(self, config: LoraConfig, module_name: str):
+        key = init_key(config.init_lora_weights)
+        if key not in self.init_fns:
+            raise UnsupportedLayerError(
+                f"LoraConfig.init_lora_weights={config.init_lora_weights!r} cannot initialise {module_name}, a "
+                f"{type(self.base_layer).__name__}; this layer type takes {allowed_values(self.init_fns)}. Exclude the "
+                "module (exclude_modules) or choose another init.")
+        return self.init_fns[key]
+
+    def reset_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
+        """A and B drawn again, in place (the same Parameters, which an optimizer holds), so that the adapter's
+        update is zero again. Inits that rewrite the base (PiSSA, OLoRA) restart as LoRA's default (Kaiming A,
+        B = 0): the base already holds everything merged so far. DoRA's magnitude becomes the row norm of the
+        current base weight, so the output is unchanged by the reset."""
+        key = init_key(config.init_lora_weights)
+        init_fn = self.init_fns[key if key in PLAIN_INITS else "kaiming"]
+        context = InitContext(self.r[name], self.scaling[name], module_name,
+                              base_weight=lambda: self.to_matrix(self.dense_base_weight()).float())
+        with torch.no_grad():
+            init_fn(*self.matrix_factors(name), context)
+            if name in self.lora_variant:
+                self.lora_variant[name].reset(self, name)
 
     def _create_tensors(self, name: str, r: int) -> None:
         raise NotImplementedError
 
-    def _initialise(self, name: str, key: str) -> None:
+    # ---- the matrix view (see the module docstring) ----------------------------------------------------------
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """A base-layout weight as a (d_out, d_in) matrix (a view where possible)."""
         raise NotImplementedError
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_matrix."""
+        raise NotImplementedError
+
+    def matrix_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A as (r, d_in), B as (d_out, r)): views of the live tensors."""
+        raise NotImplementedError
+
+    def norm_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) such that s B A is what DoRA's weight norm adds to the rows of to_matrix(W): the matrix factors,
+        except where the update does not have W's layout (grouped convolutions, conv.py)."""
+        return self.matrix_factors(name)
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """Shape of DoRA's magnitude vector, one value per output channel, broadcastable over this layer's
+        output (PEFT's shape, so files match)."""
+        raise NotImplementedError
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The input of the LoRA branch: dropout(x), in the adapter's dtype (PEFT casts before the dropout)."""
+        return self.lora_dropout[name](x.to(self.matrix_factors(name)[0].dtype))
+
+    def dropout_acts(self, name: str) -> bool:
+        """True when lora_input changes x (training with lora_dropout > 0)."""
+        dropout = self.lora_dropout[name]
+        return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s * B A x for an input already through lora_input, in this layer's output layout."""
+        raise NotImplementedError
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        variant = self.lora_variant.get(name)
+        if variant is not None:
+            return variant.adapter_output(self, name, x, base_out)
+        return self.lora_output(name, self.lora_input(name, x)).to(base_out.dtype)
+
+    # ---- merging ---------------------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B @ A in the base weight's layout."""
+        a, b = self.matrix_factors(name)
+        delta = (b.float() @ a.float()) * self.scaling[name]
+        return self.from_matrix(delta).to(self.base_weight.dtype)
+
+    def merge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        variant = self.lora_variant.get(name)
+        return super().merge_weight(name, weight) if variant is None else variant.merge_weight(self, name, weight)
+
+    def unmerge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        variant = self.lora_variant.get(name)
+        return super().unmerge_weight(name, weight) if variant is None else variant.unmerge_weight(self, name, weight)
 
 
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear, or on transformers' Conv1D (GPT-2), whose weight is stored transposed (d_in, d_out)."""
 
-    adapter_param_names = ("lora_A", "lora_B")
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__(base_layer)
@@ -67,34 +198,36 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def _create_tensors(self, name: str, r: int) -> None:
-        kwargs = dict(bias=False, device=self.base_weight.device, dtype=_adapter_dtype(self.base_weight))
+        kwargs = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
         self.lora_A[name] = nn.Linear(self.in_features, r, **kwargs)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kwargs)
 
-    def _initialise(self, name: str, key: str) -> None:
-        INIT_FNS[key](self.lora_A[name].weight.data, self.lora_B[name].weight.data, self.r[name])
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """s * B @ A, shape (d_out, d_in); transposed for Conv1D."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        delta = (b.float() @ a.float()) * self.scaling[name]
-        if self.fan_in_fan_out:
-            delta = delta.T
-        return delta.to(self.base_weight.dtype)
+    from_matrix = to_matrix  # a transpose is its own inverse
 
-    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        x = x.to(lora_a.weight.dtype)
-        return (lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]).to(base_out.dtype)
+    def matrix_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # With A frozen (LoRA-FA), autograd keeps only A x (r values per token) for the backward, never x: linear
+        # saves its input only for its weight's gradient (tests/unit/test_lora_variants.py checks this).
+        return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA on nn.Embedding: h = E[ids] + s * (A^T[ids]) B^T, A: (r, num_embeddings), B: (dim, r).
 
-    Dropout is not applied: the input is token ids.
+    As a matrix the embedding is E^T (dim, num_embeddings): a linear map of one-hot inputs. Dropout is not
+    applied: the input is token ids.
     """
 
-    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    init_fns = EMBEDDING_INIT_FNS
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -103,56 +236,31 @@ class LoraEmbedding(LoraLayer):
 
     def _create_tensors(self, name: str, r: int) -> None:
         num, dim = self.base_weight.shape
-        kwargs = dict(device=self.base_weight.device, dtype=_adapter_dtype(self.base_weight))
-        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, **kwargs))
-        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, **kwargs))
+        kwargs = dict(device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
+        # drawn from N(0, 1) as PEFT does (init_lora_weights=False keeps them), so a seed gives PEFT's values
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num, **kwargs))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kwargs))
 
-    def _initialise(self, name: str, key: str) -> None:
-        embedding_init(self.lora_embedding_A[name].data, self.lora_embedding_B[name].data, self.r[name], key)
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """s * (B @ A)^T, shape (num_embeddings, dim)."""
-        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return ((b.float() @ a.float()).T * self.scaling[name]).to(self.base_weight.dtype)
+    from_matrix = to_matrix
 
-    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def matrix_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.base_weight.shape[1],)
+
+    def lora_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def dropout_acts(self, name: str) -> bool:
+        return False
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
                               base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return ((after_a @ self.lora_embedding_B[name].T) * self.scaling[name]).to(base_out.dtype)
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
 
-
-class LoraConv2d(LoraLayer):
-    """LoRA on nn.Conv2d: A is a conv with the base's kernel, stride, padding (r output channels),
-    B a 1x1 conv from r to the output channels."""
-
-    adapter_param_names = ("lora_A", "lora_B")
-
-    def __init__(self, base_layer: nn.Conv2d) -> None:
-        if base_layer.groups != 1:
-            raise TypeError(f"LoRA on a grouped Conv2d (groups={base_layer.groups}) is not supported; "
-                            "exclude this module (exclude_modules)")
-        super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
-    def _create_tensors(self, name: str, r: int) -> None:
-        base = self.base_layer
-        kwargs = dict(bias=False, device=self.base_weight.device, dtype=_adapter_dtype(self.base_weight))
-        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                      base.dilation, padding_mode=base.padding_mode, **kwargs)
-        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), **kwargs)
-
-    def _initialise(self, name: str, key: str) -> None:
-        INIT_FNS[key](self.lora_A[name].weight.data, self.lora_B[name].weight.data, self.r[name])
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """s * B A as a conv kernel (d_out, d_in, kh, kw): B (d_out, r, 1, 1) composed with A (r, d_in, kh, kw)."""
-        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
-        delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
-        return (delta * self.scaling[name]).to(self.base_weight.dtype)
-
-    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        x = x.to(lora_a.weight.dtype)
-        return (lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]).to(base_out.dtype)
