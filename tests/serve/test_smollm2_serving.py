@@ -106,7 +106,7 @@ def test_lorakit_serve_a_demo_run_on_the_default_embedded_base(smollm2, tmp_path
     peft_model = get_peft_model(model, dataclasses.replace(lora, init_lora_weights=False))
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
-            param.data.normal_(0, 0.02)  # a trained adapter's effect: changes the answers, keeps them fluent
+            param.data.normal_(0, 0.2)  # as a trained adapter does, changes the greedy answer (0.05 did not)
     peft_model.save_pretrained(str(run_dir / RUN_ADAPTER_SUBDIR))
     messages = [{"role": "system", "content": DEMO_SYSTEM},
                 {"role": "user", "content": "Could you set the heating in the study to 17 degrees at 15.05"}]

@@ -15,6 +15,8 @@ The file must hold exactly the modules its config targets in this base model (th
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.adapter_files import read_adapter_config, read_adapter_weights
+from lorakit.config import CONFIG_NAME
 from lorakit.serve.lora_ops import SERVABLE_BASE_LAYERS, linear_features
 
 KEY_PATTERN = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
@@ -88,8 +91,7 @@ def check_servable(config, where: str) -> None:
     from lorakit.methods.lora.config import LoraConfig
 
     if not isinstance(config, LoraConfig):
-        raise AdapterLoadError(f"{where} is a {config.peft_type} adapter; lorakit serve batches LoRA adapters only "
-                               f"(merge it into the base model and serve that instead)")
+        raise _not_lora(where, config.peft_type)
     for field, unservable, why in UNSERVABLE_OPTIONS:
         value = getattr(config, field, None)
         if unservable(value):
@@ -99,10 +101,28 @@ def check_servable(config, where: str) -> None:
         raise AdapterLoadError(f"{where} is a {config.task_type} adapter; lorakit serve generates text (CAUSAL_LM)")
 
 
+def _check_method(directory: str, where: str) -> None:
+    """Refuse another method's adapter by its peft_type before its config is parsed: the reason is the method,
+    whatever else its config holds (a file that cannot be read is left to read_adapter_config to explain)."""
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
+            peft_type = json.load(fh).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(peft_type, str) and peft_type.upper() != "LORA":
+        raise _not_lora(where, peft_type)
+
+
+def _not_lora(where: str, peft_type: str) -> AdapterLoadError:
+    return AdapterLoadError(f"{where} is a {peft_type} adapter; lorakit serve batches LoRA adapters only (merge it "
+                            "into the base model and serve that instead)")
+
+
 def load_serving_adapter(name: str, directory: str, layers: ModelLayers) -> ServingAdapter:
     """Read, check and convert one adapter directory (see the module docstring); AdapterLoadError if unservable."""
     where = f"adapter {name!r} ({directory})"
     try:
+        _check_method(directory, where)
         config = read_adapter_config(directory)
         check_servable(config, where)
         tensors = read_adapter_weights(directory, allow_pickle=False)
