@@ -20,9 +20,10 @@ sequence ignored, so every way does the same work) are served three ways:
 Requests arrive all at once (--rate 0) or as a Poisson stream of --rate per second. Reported: generated
 tokens per second (every token / time from the first arrival to the last token) and per CPU second of
 this process (steadier on a busy machine), time to first token and latency (arrival to last token), p50
-and p99, and the ratios mixed/base (target >= 0.8) and mixed/peft (target >= 4), by both clocks. Each way runs --repeats times (the ways interleaved) after a warm-up; the median
-run is reported, with the machine's load average, and each ratio is the median of the ratios of runs made
-one after the other (so that a change of machine load between repeats does not skew it).
+and p99, and the ratios mixed/base (target >= 0.8) and mixed/peft (target >= 4), by both clocks. Each way
+runs --repeats times (the ways interleaved) after a warm-up; the median run is reported, with the machine's
+load average, and each ratio is the median of the ratios of runs made one after the other (so that a
+change of machine load between repeats does not skew it).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class RunResult:
     def summary(self) -> dict:
         return {"way": self.way, "tokens_per_second": round(self.tokens_per_second, 1), "tokens": self.tokens,
                 "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
-                "tokens_per_cpu_second": round(self.tokens_per_cpu_second, 1), "ttft_p50": _pct(self.ttft, 50), "ttft_p99": _pct(self.ttft, 99),
+                "tokens_per_cpu_second": round(self.tokens_per_cpu_second, 1),
+                "ttft_p50": _pct(self.ttft, 50), "ttft_p99": _pct(self.ttft, 99),
                 "latency_p50": _pct(self.latency, 50), "latency_p99": _pct(self.latency, 99),
                 "load_average": round(self.load, 2), "mean_decode_batch": self.batch_mean}
 
