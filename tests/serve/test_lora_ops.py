@@ -1,0 +1,107 @@
+"""The serving LoRA layer: one base matmul, each row's own low-rank update from stacked, zero-padded adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit import LoraConfig
+from lorakit.methods.lora.layer import LoraLinear
+from lorakit.serve.lora_ops import KERNEL_CHOICES, BatchAdapters, ServingLoraLinear, wrap_linear
+
+
+def lora_layer(base: nn.Module, specs: dict[str, dict]) -> LoraLinear:
+    """lorakit's training layer with several adapters (random A and B), the reference."""
+    layer = LoraLinear(base)
+    for name, spec in specs.items():
+        layer.add_adapter(name, LoraConfig(init_lora_weights=False, **spec), "proj")
+        layer.lora_A[name].weight.data.normal_()
+        layer.lora_B[name].weight.data.normal_()
+    return layer
+
+
+def load_into(serving: ServingLoraLinear, reference: LoraLinear, slots: dict[str, int]) -> None:
+    for name, slot in slots.items():
+        a = reference.lora_A[name].weight.data
+        b = reference.lora_B[name].weight.data * reference.scaling[name]
+        serving.write_slot(slot, a, b)
+
+
+SPECS = {"r2": dict(r=2, lora_alpha=4), "r8": dict(r=8, lora_alpha=8),
+         "rs16": dict(r=16, lora_alpha=4, use_rslora=True)}
+
+
+@pytest.mark.parametrize("kernel", KERNEL_CHOICES)
+@pytest.mark.parametrize("tokens", [1, 5])  # a decoding pass, a prefill pass
+@pytest.mark.parametrize("base_type", ["linear", "conv1d"])
+def test_each_row_gets_its_own_adapter(kernel, tokens, base_type):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20).double() if base_type == "linear" else Conv1D(20, 12).double()
+    reference = lora_layer(base, SPECS)
+    batch = BatchAdapters(kernel)
+    serving = ServingLoraLinear(base, num_slots=4, batch=batch)
+    slots = {"r2": 1, "rs16": 2, "r8": 3}
+    load_into(serving, reference, slots)
+    rows = ["r8", None, "r2", "rs16", "r8", None]
+    x = torch.randn(len(rows), tokens, 12, dtype=torch.float64)
+    batch.set([slots[r] if r else 0 for r in rows], tokens, x.device)
+    out = serving(x)
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            expected = base(x[i]) if name is None else base(x[i]) + reference.adapter_output(name, x[i], base(x[i]))
+        torch.testing.assert_close(out[i], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_kernel_is_chosen_per_pass_and_segments_group_rows_by_adapter():
+    batch = BatchAdapters("auto")
+    batch.set([0, 0, 0], 1, torch.device("cpu"))
+    assert batch.add_lora is None  # base rows only: no low-rank work at all
+    batch.set([0, 2, 3, 2, 2, 0, 3], 7, torch.device("cpu"))
+    assert batch.add_lora.__name__ == "gathered_lora" and batch.segment_rows is None  # prefill
+    batch.set([0, 2, 3, 2, 2, 0, 3], 1, torch.device("cpu"))
+    assert batch.add_lora.__name__ == "segmented_lora"  # decoding
+    assert batch.segment_slots.tolist() == [0, 2, 3] and batch.segment_size == 3
+    assert batch.segment_rows.tolist() == [0, 5, 0, 1, 3, 4, 2, 6, 2]  # short segments repeat their first row
+    assert batch.row_places.tolist() == [0, 3, 6, 4, 5, 1, 7]
+    batch.clear()
+    assert batch.add_lora is None and batch.segment_size == 0
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        BatchAdapters("fastest")
+
+
+def test_ranks_grow_in_place_and_a_slot_is_cleared_when_rewritten():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4).double()
+    reference = lora_layer(base, {"small": dict(r=2, lora_alpha=2), "big": dict(r=8, lora_alpha=8)})
+    batch = BatchAdapters()
+    serving = ServingLoraLinear(base, num_slots=3, batch=batch)
+    assert serving.max_rank == 0
+    load_into(serving, reference, {"small": 1})
+    assert serving.max_rank == 2
+    load_into(serving, reference, {"big": 2})
+    assert serving.max_rank == 8  # zero-padded: slot 1 still computes "small" exactly
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    batch.set([1, 2], 3, x.device)
+    with torch.no_grad():
+        expected = [base(x[0]) + reference.adapter_output("small", x[0], base(x[0])),
+                    base(x[1]) + reference.adapter_output("big", x[1], base(x[1]))]
+    torch.testing.assert_close(serving(x), torch.stack(expected))
+    load_into(serving, reference, {"small": 2})  # "big" evicted from slot 2: its extra rank columns must go
+    assert torch.count_nonzero(serving.lora_A[2, :, 2:]) == 0 and torch.count_nonzero(serving.lora_B[2, 2:]) == 0
+    serving.write_slot(1, None, None)
+    assert torch.count_nonzero(serving.lora_A[1]) == 0
+
+
+def test_wrap_linear_replaces_the_module_once():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    batch = BatchAdapters()
+    wrapper = wrap_linear(model, "0", 2, batch)
+    assert model[0] is wrapper and isinstance(wrapper.base_layer, nn.Linear)
+    assert wrap_linear(model, "0", 2, batch) is wrapper
+    # buffers, not parameters, and not persistent: never trained, never saved with the model
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert not any("lora" in k for k in model.state_dict())
+    with pytest.raises(TypeError, match="nn.Linear or Conv1D"):
+        ServingLoraLinear(nn.Embedding(3, 4), 2, batch)
