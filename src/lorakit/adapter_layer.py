@@ -46,8 +46,8 @@ class BatchRouting:
         key = (batch_size, device)
         if key not in self._cache:
             if batch_size % len(self.names):
-                raise ValueError(f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
-                                 "give one adapter name per input row")
+                raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                                 f"{len(self.names)} and {batch_size} respectively (one adapter name per input row)")
             repeat = batch_size // len(self.names)
             rows: dict[str, list[int]] = {}
             for i, name in enumerate(self.names):
@@ -73,6 +73,16 @@ class AdapterHolder(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.adapter_param_names[0]).keys())
+
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """PEFT's name for adapter_param_names."""
+        return self.adapter_param_names
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """PEFT's name for adapter_meta_names."""
+        return self.adapter_meta_names
 
     def has_adapter(self, name: str) -> bool:
         return name in getattr(self, self.adapter_param_names[0])
@@ -104,6 +114,22 @@ class AdapterHolder(nn.Module):
                 for key, tensor in item.state_dict(keep_vars=True).items():
                     out[f"{attr}.{key}"] = tensor
         return out
+
+    def move_adapter(self, name: str, device: torch.device | str, empty: bool = False) -> None:
+        """Put adapter `name`'s tensors on `device`; empty=True allocates them without copying values (to leave the
+        meta device, where low_cpu_mem_usage puts adapters whose weights are loaded afterwards)."""
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            item = container[name]
+            if isinstance(item, nn.Parameter):
+                data = torch.empty_like(item, device=device) if empty else item.data.to(device)
+                container[name] = nn.Parameter(data, requires_grad=item.requires_grad)
+            elif empty:
+                item.to_empty(device=device)
+            else:
+                item.to(device)
 
     def _rows_by_adapter(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         return self.routing.groups(x.shape[0], x.device)

@@ -11,6 +11,7 @@ Matching follows HuggingFace PEFT, so the same config selects the same modules:
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Callable
 
 from torch import nn
@@ -18,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapter_layer import AdapterHolder, AdapterLayer, UnsupportedLayerError
+from lorakit.errors import NoMatchingPeftModuleError
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 
@@ -111,8 +113,9 @@ def resolve_target_spec(model: nn.Module, config, defaults: dict[str, list[str]]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in defaults:
         raise ValueError(
-            f"target_modules is not set and lorakit has no default targets for model type {model_type!r}; "
-            f"set target_modules, e.g. 'all-linear' or some of: {', '.join(candidate_names(model))}"
+            f"Please specify `target_modules` in `peft_config`: it is not set and lorakit has no default targets for "
+            f"model type {model_type!r}; set target_modules, e.g. 'all-linear' or some of: "
+            f"{', '.join(candidate_names(model))}"
         )
     return defaults[model_type]
 
@@ -129,14 +132,17 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
     spec = resolve_target_spec(model, config, getattr(method, "default_target_modules", None))
     all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
     excluded_heads = output_head_names(model, config.task_type) if all_linear else set()
-    targets = []
+    targets, excluded_names, names = [], [], []
+    excluded = getattr(config, "exclude_modules", None)  # a field of most methods, not all (VeRA has none)
     for name, module in candidate_modules(model):
         if not name or isinstance(module, ModulesToSaveWrapper) or name in excluded_heads:
             continue
+        names.append(name)
         if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+            excluded_names.append(name)
             continue
-        excluded = getattr(config, "exclude_modules", None)  # a field of most methods, not all (VeRA has none)
         if excluded and name_matches(excluded, name):
+            excluded_names.append(name)
             continue
         if all_linear:
             if not is_linear(base_of(module)):
@@ -154,12 +160,28 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
                                         "Choose other target_modules.")
         targets.append(name)
     if not targets:
-        raise ValueError(
-            f"target_modules={spec!r} matched no module of {type(model).__name__}"
+        raise NoMatchingPeftModuleError(
+            f"{_no_target_sentence(config, bool(excluded_names), len(excluded_names) == len(names))} "
+            f"target_modules={sorted(spec) if isinstance(spec, set) else spec!r} matched no module of "
+            f"{type(model).__name__}"
             f"{_filters_note(config)}. Candidate module names: {', '.join(candidate_names(model))}. "
             "Use a name or dotted suffix (e.g. 'q_proj'), a regex over full names, or 'all-linear'."
         )
+    if excluded and not any(name_matches(excluded, n) for n in names):
+        warnings.warn(f"You have passed exclude_modules={excluded} but no modules were excluded. Please check that "
+                      "exclude_modules was set correctly.", UserWarning, stacklevel=4)
     return targets
+
+
+def _no_target_sentence(config, some_excluded: bool, all_excluded: bool) -> str:
+    """PEFT's first sentence for "no module targeted" (code written against PEFT matches on it)."""
+    if some_excluded and all_excluded:
+        return ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
+                "`exclude_modules` and `modules_to_save` configuration.")
+    if not some_excluded:
+        return f"Target modules {config.target_modules} not found in the base model. Please check the target modules."
+    return ("No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
+            "modules and excluded modules (`exclude_modules`, or modules marked to be saved: `modules_to_save`).")
 
 
 def _in_selected_layers(name: str, spec, config) -> bool:
@@ -200,6 +222,9 @@ def inject_adapter(model: nn.Module, config, adapter_name: str, method) -> list[
     return targets
 
 
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
 def add_trainable_copies(model: nn.Module, names: list[str], adapter_name: str, task_type: str | None) -> None:
     """Give the adapter a trainable copy of each module whose name ends with an entry of `names`. As in PEFT
     (peft.utils.other._set_trainable) the ending need not start at a dot: "norm" also takes "input_layernorm"."""
@@ -211,6 +236,9 @@ def add_trainable_copies(model: nn.Module, names: list[str], adapter_name: str, 
                              f"candidates: {', '.join(candidate_names(model))}")
         for name in found:
             module = model.get_submodule(name)
+            if isinstance(module, CONTAINERS):  # no forward of their own: a copy could not stand in for them
+                raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({name!r} is a "
+                                "container; name the modules inside it instead)")
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module)
                 model.set_submodule(name, module)

@@ -1,73 +1,65 @@
-"""PeftModel: a transformers model with named adapters injected; save/load, merge, switching.
+"""PeftModel: a transformers model with named adapters injected; PEFT's public API in one class.
 
-The structure mirrors HuggingFace PEFT (`peft_model.base_model.model` is the transformers model), so
-parameter names, and therefore adapter files, are the same in both libraries.
+The structure mirrors HuggingFace PEFT (`peft_model.base_model.model` is the transformers model), so parameter
+names, and therefore adapter files, are the same in both libraries. PeftModel holds the adapters' state (one Tuner
+per adapter, the active list) and is the one place of the public surface; the work of some methods lives in
+model_merging.py (merge/unload), model_files.py (save/load) and model_status.py (get_model_status/get_layer_status).
+`base_model` (tuner_model.py) answers PEFT's tuner-level calls (`model.base_model.set_adapter([...])`) by
+running them here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import re
+from collections.abc import MutableMapping
+import warnings
+import weakref
 
 import torch
 from torch import nn
 
-from lorakit.adapter_files import (
-    read_adapter_config,
-    read_adapter_weights,
-    resolve_adapter_dir,
-    write_adapter,
-)
+from lorakit import model_files, model_merging, model_status
 from lorakit.adapter_layer import BASE_ADAPTER, AdapterHolder, AdapterLayer, BatchRouting
 from lorakit.config import PeftConfig
 from lorakit.integrations.hub import push_adapter
-from lorakit.integrations.model_card import facts_from_model, training_info_from_run, write_model_card
+from lorakit.integrations.model_card import training_info_from_run
 from lorakit.integrations.signature import forward_with_model_signature
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.registry import method_for_config
-from lorakit.state import adapter_holders, detached_copies, load_adapter_state_dict
+from lorakit.state import adapter_holders, detached_copies
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.training_hooks import TrainingHook
-from lorakit.tuner import MERGEABLE, MIXED_BATCH, Tuner
+from lorakit.tuner import MIXED_BATCH, Tuner
+from lorakit.tuner_model import TunerModel
 
-DEFAULT_ADAPTER = "default"
-
-
-class TunerModel(nn.Module):
-    """Holds the transformers model as `.model`, so parameter names read `base_model.model.<path>`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+DEFAULT_ADAPTER = model_files.DEFAULT_ADAPTER
 
 
 class PeftModel(nn.Module):
-    """A model with adapters. Build with `get_peft_model(model, config)` or `PeftModel.from_pretrained`."""
+    """A model with adapters. Build with `get_peft_model(model, config)` or `PeftModel.from_pretrained`.
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    autocast_adapter_dtype: adapters on a float16/bfloat16 base are kept in float32 (stable training), as in PEFT;
+    False keeps them in the base layer's dtype. low_cpu_mem_usage: the adapter's layer tensors are created on the
+    meta device (no memory, no values), to be filled by loading weights (set_peft_model_state_dict), as in PEFT;
+    loading methods (from_pretrained, load_adapter) accept it and load directly.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER,
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("this model already has adapters; use add_adapter() / load_adapter() on it")
-        self.base_model = TunerModel(model)
+        self.base_model = TunerModel(model, self)
         self.tuners: dict[str, Tuner] = {}  # adapter name -> its method's lifecycle object (tuner.py)
         self._active: list[str] = []
+        # keyword arguments forward() takes for itself (PEFT's attribute, read by trainers that filter inputs)
+        self.special_peft_forward_args = {"adapter_names"}
         for param in model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
+        self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
+                         autocast_adapter_dtype=autocast_adapter_dtype)
+        self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
         self.train(model.training)
 
     def __getattr__(self, name: str):
@@ -78,11 +70,27 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # a copy (copy.deepcopy) gets a base_model of its own, which must point back to the copy
+        self.base_model.__dict__["_owner"] = weakref.ref(self)
+
     @property
-    def peft_config(self) -> dict[str, PeftConfig]:
-        """Adapter name -> its config. The tuners hold the configs, since a method may update its own during
-        training (AdaLoRA records the rank pattern it allocated), and a save writes the current one."""
-        return {name: tuner.config for name, tuner in self.tuners.items()}
+    def peft_config(self) -> "AdapterConfigs":
+        """Adapter name -> its config: a live view (it follows adds and deletes, as PEFT's dict does). The tuners
+        hold the configs, since a method may update its own during training (AdaLoRA records the rank pattern it
+        allocated), and a save writes the current one."""
+        return AdapterConfigs(self.tuners)
+
+    @property
+    def peft_type(self):
+        """The adapters' PeftType (one PeftModel holds adapters of one method)."""
+        return next(iter(self.tuners.values())).config.peft_type if self.tuners else None
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of the adapters' parameter names ("lora_" for LoRA), as PEFT's tuner classes have it."""
+        return next(iter(self.tuners.values())).prefix if self.tuners else ""
 
     # ---- running ---------------------------------------------------------------------------------
     @forward_with_model_signature  # trainers see the wrapped model's inputs and labels (integrations/signature.py)
@@ -114,18 +122,23 @@ class PeftModel(nn.Module):
             yield
             return
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError("adapter_names must be a list of adapter names, one per input row")
+            raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str (one adapter "
+                            "name per input row)")
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(self.peft_config)} "
-                             f"(or {BASE_ADAPTER!r} for the base model)")
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} (known: "
+                             f"{sorted(self.peft_config)}, or {BASE_ADAPTER!r} for the base model)")
         self._require(MIXED_BATCH, {n for n in adapter_names if n != BASE_ADAPTER}, "mixed-adapter batches")
         batch = _batch_size(args, kwargs)
         if batch is not None and batch != len(adapter_names):
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {batch} respectively.")
         holders = [holder for _, holder in self._holders()]
         if any(isinstance(m, AdapterLayer) and m.merged_adapters for m in holders):
-            raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
         routing = BatchRouting(list(adapter_names))
         for holder in holders:
             holder.routing = routing
@@ -136,22 +149,28 @@ class PeftModel(nn.Module):
                 holder.routing = None
 
     # ---- adapters by name ------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Inject a new adapter (inactive until set_adapter) with its method's standard init."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Inject a new adapter (inactive and frozen until set_adapter) with its method's standard init."""
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) "
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists; delete_adapter('{adapter_name}') "
                              "first or choose another name")
         method = method_for_config(peft_config)
-        other_types = {c.peft_type for c in self.peft_config.values()} - {peft_config.peft_type}
-        if other_types:
-            raise ValueError(f"this model holds {sorted(other_types)} adapters; one PeftModel holds adapters of one "
-                             f"method, so a {peft_config.peft_type} adapter cannot be added")
+        peft_config.validate()
+        if self.tuners and peft_config.peft_type != self.peft_type:
+            raise ValueError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and "
+                             f"{peft_config.peft_type}. (one PeftModel holds adapters of one method)")
+        biased = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if biased and getattr(peft_config, "bias", "none") != "none":
+            raise ValueError(f"{type(peft_config).__name__.replace('Config', 'Model')} supports only 1 adapter with "
+                             f"bias. When using multiple adapters, set bias to 'none' for all adapters (adapter "
+                             f"{biased[0]!r} already trains biases).")
         if peft_config.task_type == "SEQ_CLS" and hasattr(peft_config, "modules_to_save"):
-            # train the new classification head in full, as PEFT does (PEFT's files may list a head twice)
+            # train the new classification head in full, as PEFT does (PEFT's files may list a head twice); the
+            # caller's config object gets the heads too, as in PEFT
             heads = list(dict.fromkeys(peft_config.modules_to_save or []))
-            peft_config = dataclasses.replace(peft_config, modules_to_save=heads + [
-                h for h in SEQ_CLS_HEAD_NAMES if h not in heads])
+            peft_config.modules_to_save = heads + [h for h in SEQ_CLS_HEAD_NAMES if h not in heads]
         tuner = method(self.base_model, peft_config, adapter_name)
         try:
             tuner.prepare()
@@ -162,23 +181,58 @@ class PeftModel(nn.Module):
             tuner.remove()
             raise
         self.tuners[adapter_name] = tuner
-        self._apply_active()
+        if not autocast_adapter_dtype:
+            self._cast_to_base_dtype(adapter_name)
+        if low_cpu_mem_usage:  # no memory for weights that will be loaded anyway (set_peft_model_state_dict)
+            for _, holder in self._holders():
+                if isinstance(holder, AdapterLayer) and holder.has_adapter(adapter_name):
+                    holder.move_adapter(adapter_name, "meta")
+        self._push_active(self._active)
+        tuner.set_trainable(False)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make these adapter(s) active (their outputs add up); only active adapters are trainable."""
+    def _cast_to_base_dtype(self, adapter_name: str) -> None:
+        """autocast_adapter_dtype=False: the adapter's tensors take the dtype of the layer they sit in."""
+        for _, holder in self._holders():
+            if isinstance(holder, AdapterLayer) and holder.has_adapter(adapter_name):
+                dtype = holder.base_weight.dtype
+                for tensor in holder.adapter_tensors(adapter_name).values():
+                    if tensor.is_floating_point() and dtype.is_floating_point:
+                        tensor.data = tensor.data.to(dtype)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make these adapter(s) active (their outputs add up). The active adapters become trainable, unless
+        inference_mode=True; the others are frozen. Merged adapters are unmerged first (with PEFT's warning)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         missing = [n for n in names if n not in self.peft_config]
-        if missing or not names:
-            raise ValueError(f"no adapter named {missing or names!r}; this model has {sorted(self.peft_config)}")
+        if missing:
+            raise ValueError(f"Adapter {', '.join(missing)} not found; this model has {sorted(self.peft_config)}")
+        self._push_active(names)  # refuses before anything changes
+        if any(layer.merged_adapters for _, layer in model_merging.adapter_layers(self)):
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning,
+                          stacklevel=2)
+            model_merging.unmerge(self, warn=False)
         self._active = names
-        self._apply_active()
+        self._apply_active(inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter. When it was active, the other active adapters stay active; when none is left, the
+        first remaining adapter (by name) becomes active, with PEFT's warning."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r} to delete; this model has {sorted(self.peft_config)}")
-        if adapter_name in self._active:
-            raise ValueError(f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it")
+            raise ValueError(f"Adapter {adapter_name} does not exist; this model has {sorted(self.peft_config)}")
+        if any(adapter_name in layer.merged_adapters for _, layer in model_merging.adapter_layers(self)):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
+        was_active = adapter_name in self._active
         self._forget(adapter_name)
+        if not was_active:
+            return
+        remaining = [a for a in self._active if a != adapter_name]
+        if not remaining and self.tuners:
+            remaining = [sorted(self.tuners)[0]]
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{remaining[0]}.", UserWarning, stacklevel=2)
+        self._active = remaining
+        self._apply_active()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None,
@@ -193,7 +247,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
         missing = [a for a in adapters if a not in self.peft_config]
         if missing:
-            raise ValueError(f"no adapter named {missing}; this model has {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {', '.join(missing)} does not exist; this model has {sorted(self.peft_config)}")
         if len(set(adapters)) != len(adapters):
             raise ValueError(f"adapters lists an adapter twice: {list(adapters)}; give each once with its weight")
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) != len(adapters):
@@ -202,7 +256,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"weights must be numbers, got {list(weights)!r}")
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) "
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists; delete_adapter('{adapter_name}') "
                              "first or choose another name")
         method = type(self.tuners[adapters[0]])
         try:
@@ -214,6 +268,7 @@ class PeftModel(nn.Module):
             if adapter_name in self.peft_config:
                 self._forget(adapter_name)
             raise
+        self.tuners[adapter_name].set_trainable(False)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -221,48 +276,124 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapter(self) -> str | list[str]:
-        """The active adapter's name (a list when several are active), as in PEFT."""
+        """The active adapter's name (a list when several, or none, are active), as in PEFT."""
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self._active[0]]
 
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside disable_adapter() / after disable_adapter_layers(), or without active adapters."""
+        return not self._disabled and bool(self._active)
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The union of the adapters' modules_to_save (None when there is none), as in PEFT."""
+        modules = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or [])}
+        return modules or None
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names of the modules the adapters wrap, each once: the first adapter's in the order it found them, then
+        each further adapter's new ones (PEFT's attribute of its tuner models)."""
+        return list(dict.fromkeys(t for tuner in self.tuners.values() for t in tuner.targets))
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """Always empty: lorakit targets modules (PEFT's target_parameters is not implemented)."""
+        return []
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the named adapters' tensors trainable (or frozen), whether active or not."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter {', '.join(missing)} does not exist; this model has {sorted(self.peft_config)}")
+        for name in names:
+            self.tuners[name].set_trainable(requires_grad)
+
+    # ---- enabling and disabling ------------------------------------------------------------------
     @contextlib.contextmanager
     def disable_adapter(self):
         """Run the base model alone inside this block (merged adapters are unmerged, then merged back)."""
-        holders = self._holders()
-        merged = {path: list(m.merged_adapters) for path, m in holders if isinstance(m, AdapterLayer)}
-        self.unmerge_adapter()
-        for _, holder in holders:
-            holder.disabled = True
-        self._disabled = True
+        status = {holder.disabled for _, holder in self._holders()}
+        if len(status) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. This "
+                          "is most likely unintentional. After exiting the disable_adapter context, all adapters will be "
+                          "enabled", UserWarning, stacklevel=3)
+        merged = {path: list(m.merged_adapters) for path, m in model_merging.adapter_layers(self)}
+        was_enabled = status != {True}
+        self._set_enabled(False)
         try:
             yield
         finally:
-            self._disabled = False
-            for path, holder in holders:
-                holder.disabled = False
-                if merged.get(path):
-                    holder.merge(merged[path])
+            if was_enabled:
+                self._set_enabled(True)
+                for path, layer in model_merging.adapter_layers(self):
+                    if merged.get(path):
+                        layer.merge(merged[path])
 
-    _disabled = False  # inside disable_adapter(): no tuner rewrites inputs or outputs
+    def disable_adapter_layers(self) -> None:
+        """Switch every adapter off (outputs are the base model's) until enable_adapter_layers(); merged adapters
+        are unmerged."""
+        for name in self._active:
+            bias = getattr(self.peft_config[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce "
+                              "the same output as the base model would without adaption.", UserWarning, stacklevel=2)
+        self._set_enabled(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Switch the adapters on again after disable_adapter_layers()."""
+        self._set_enabled(True)
+
+    def _set_enabled(self, enabled: bool) -> None:
+        """Switch adapters off (unmerged, frozen: nothing trains while they do nothing) or on again (the active
+        adapters train again), as PEFT does."""
+        if not enabled:
+            model_merging.unmerge(self, warn=False)
+        for _, holder in self._holders():
+            holder.disabled = not enabled
+        self._disabled = not enabled
+        if enabled:
+            self._apply_active()
+        else:
+            for tuner in self.tuners.values():
+                tuner.set_trainable(False)
+
+    _disabled = False  # adapters switched off: no tuner rewrites inputs or outputs
     # How the adapter was trained, for its model card (integrations/model_card.py): set by from_pretrained for a
     # `lorakit train` run's adapter and by the Trainer integration; None: unknown.
     training_info = None
 
+    # ---- bookkeeping -----------------------------------------------------------------------------
     def _holders(self) -> list[tuple[str, AdapterHolder]]:
         return adapter_holders(self.get_base_model())
 
-    def _apply_active(self) -> None:
-        """Push the active list to every layer and make exactly the active adapters' tensors trainable."""
-        for _, holder in self._holders():
-            holder.active_adapters = list(self._active)
+    def _apply_active(self, inference_mode: bool = False) -> None:
+        """Push the active list to every layer and make exactly the active adapters' tensors trainable (none with
+        inference_mode)."""
+        self._push_active(self._active)
         for param in self.parameters():  # also tensors tuners keep outside the model (on base_model)
             param.requires_grad_(False)
-        for name in self._active:
-            if not self.peft_config[name].inference_mode:
+        if not inference_mode:
+            for name in self._active:
                 self.tuners[name].set_trainable(True)
+
+    def _push_active(self, names: list[str]) -> None:
+        """Give every layer the active list (checked first, so a refusal changes nothing). A modules_to_save
+        wrapper's copy replaces its module, so it gets only its own adapters, and only one of them can be active."""
+        holders = self._holders()
+        for path, holder in holders:
+            own = [a for a in names if holder.has_adapter(a)]
+            if isinstance(holder, ModulesToSaveWrapper) and len(own) > 1:
+                raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper: {path} has a "
+                                 f"trained copy for each of {own}, which cannot all be active")
+        for _, holder in holders:
+            wrapper = isinstance(holder, ModulesToSaveWrapper)
+            holder.active_adapters = [a for a in names if not wrapper or holder.has_adapter(a)]
 
     def _forget(self, adapter_name: str) -> None:
         """Remove an adapter entirely: from the layers, its tuner's own state, and the bookkeeping."""
@@ -282,90 +413,49 @@ class PeftModel(nn.Module):
         for path, holder in reversed(self._holders()):  # innermost first: nested layers (MHA's out_proj) unwrap cleanly
             holder.delete_adapter(adapter_name)
             if not holder.adapter_names:
-                model.set_submodule(path, _unwrapped(holder, keep_trained=False))
+                model.set_submodule(path, model_merging.unwrapped(holder, keep_trained=False))
 
-    # ---- merging ---------------------------------------------------------------------------------
+    # ---- merging (model_merging.py) --------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the adapters' weight updates into the base weights (W = W0 + s B A); forward cost becomes the
         base model's. safe_merge: first check that no merged weight would hold NaN/inf."""
-        names = self._names_or_active(adapter_names)
-        self._require(MERGEABLE, names, "merges")
-        layers = [(p, m) for p, m in self._holders() if isinstance(m, AdapterLayer)]
-        for path, layer in layers:  # refuse before anything is merged
-            if any(layer.has_adapter(n) for n in names) and (reason := layer.merge_refusal()):
-                raise NotImplementedError(f"{path}: {reason}. Nothing was merged.")
-        if safe_merge:
-            for path, layer in layers:
-                for name in names:
-                    if layer.has_adapter(name) and name not in layer.merged_adapters and not torch.isfinite(
-                            layer.merge_weight(name, layer.dense_base_weight())).all():
-                        raise ValueError(f"merging adapter {name!r} would put NaN/inf into {path}; the adapter is "
-                                         "broken (diverged training?). Nothing was merged.")
-        for _, layer in layers:
-            layer.merge(names)
+        model_merging.merge(self, adapter_names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged update, restoring the base weights."""
-        for _, holder in self._holders():
-            if isinstance(holder, AdapterLayer):
-                holder.unmerge()
+        model_merging.unmerge(self)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge, then return the plain transformers model without adapter layers (trained copies of
         modules_to_save replace their originals)."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._unwrap_all(keep_trained=True)
+        model_merging.merge(self, adapter_names, safe_merge)
+        return model_merging.unwrap_all(self, keep_trained=True)
 
     def unload(self) -> nn.Module:
         """Return the original transformers model, without adapters and with its original weights."""
-        self.unmerge_adapter()
-        return self._unwrap_all(keep_trained=False)
+        model_merging.unmerge(self, warn=False)
+        return model_merging.unwrap_all(self, keep_trained=False)
 
-    def _unwrap_all(self, keep_trained: bool) -> nn.Module:
-        model = self.get_base_model()
-        for path, holder in reversed(self._holders()):  # innermost first, as in _remove_from_layers
-            model.set_submodule(path, _unwrapped(holder, keep_trained))
-        return model
-
-    def _names_or_active(self, adapter_names) -> list[str]:
-        names = self._active if adapter_names is None else list(adapter_names)
-        missing = [n for n in names if n not in self.peft_config]
-        if missing:
-            raise ValueError(f"no adapter named {missing}; this model has {sorted(self.peft_config)}")
-        return names
-
-    # ---- files -----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True,
-                        path_initial_model_for_weight_conversion: str | None = None, **kwargs) -> None:
+    # ---- files (model_files.py) ------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                        **kwargs) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors in PEFT's format: "default"
-        in save_directory, any other adapter in save_directory/<name>. Under FSDP call it on every process
-        with is_main_process=(rank == 0): the shards are gathered, rank 0 writes.
+        in save_directory, any other adapter in save_directory/<name>; and a README.md model card.
 
+        save_embedding_layers: also save the full input/output embedding weights (True), not (False), or as PEFT
+        decides ("auto": when an embedding layer is targeted, or the vocabulary was resized). Under FSDP call it on
+        every process with is_main_process=(rank == 0): the shards are gathered, rank 0 writes.
         path_initial_model_for_weight_conversion: the directory of the adapter as saved right after its
-        initialisation. For a method whose init rewrites the base weights (PiSSA, OLoRA) the adapter is then
-        written in a form for the original, unmodified base model (Tuner.convert_for_initial_model)."""
-        if not safe_serialization:
-            raise ValueError("lorakit writes safetensors only (safe_serialization=False is not supported)")
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory!r} is a file; give a directory")
-        base_name = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
-        names = self._names_or_active(selected_adapters or list(self.peft_config))
-        for name in names:
-            tensors = self.adapter_state_dict(name)  # on every process: sharded tensors are gathered
-            if not is_main_process:
-                continue
-            config = self.peft_config[name]
-            if path_initial_model_for_weight_conversion is not None:
-                tensors, config = self.tuners[name].convert_for_initial_model(
-                    tensors, config, os.fspath(path_initial_model_for_weight_conversion))
-            config = dataclasses.replace(config, inference_mode=True,
-                                         base_model_name_or_path=config.base_model_name_or_path or base_name)
-            directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-            write_adapter(directory, config, tensors)
-        if is_main_process:  # README.md, as PEFT writes one; a README lorakit did not write is kept
-            write_model_card(save_directory, facts_from_model(self, names))
+        initialisation; an adapter whose init rewrote the base weights (PiSSA, OLoRA) is then written for the
+        original base model (Tuner.convert_for_initial_model)."""
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(kwargs)} (lorakit does not "
+                            "push to the Hub from save_pretrained)")
+        model_files.save_adapters(self, save_directory, selected_adapters, safe_serialization, save_embedding_layers,
+                                  is_main_process, path_initial_model_for_weight_conversion)
 
     def adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         """One adapter's tensors keyed as in PEFT files (adapter name removed), without those its method rebuilds
@@ -375,41 +465,58 @@ class PeftModel(nn.Module):
         rebuilt = tuner.optional_state_keys()
         return detached_copies({k: v for k, v in tuner.state_tensors().items() if k not in rebuilt})
 
-    def _load_state(self, adapter_name: str, weights: dict[str, torch.Tensor], source: str) -> None:
-        tuner = self.tuners[adapter_name]
-        load_adapter_state_dict(self.get_base_model(), tuner.state_tensors(), weights, source,
-                                tuner.optional_state_keys())
-
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
                         is_trainable: bool = False, config: PeftConfig | None = None,
-                        allow_pickle: bool = False, **hub_kwargs) -> "PeftModel":
-        """Load an adapter directory (ours or PEFT's; or a Hub repo id) onto `model`."""
-        directory = resolve_adapter_dir(model_id, **hub_kwargs)
-        config = config or read_adapter_config(directory)
-        weights = read_adapter_weights(directory, allow_pickle=allow_pickle)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        peft_model = cls(model, config, adapter_name)
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict | None = None, **kwargs) -> "PeftModel":
+        """Load an adapter directory (ours or PEFT's; a training run's output_dir; or a Hub repo id) onto `model`.
+        The model is left in eval mode (dropout off) unless is_trainable. config: use this config object instead of
+        the directory's (its inference_mode is set). kwargs: Hub options (revision, subfolder, token, ...),
+        ignore_mismatched_sizes, allow_pickle (read a pickle adapter_model.bin)."""
+        model_files.check_load_options(kwargs, ephemeral_gpu_offload, key_mapping)
+        directory = model_files.adapter_directory(model_id, kwargs)
+        config = model_files.read_config(directory, config, is_trainable)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            peft_model._load_state(adapter_name, weights, directory)
+            model_files.load_into(peft_model, adapter_name, directory, kwargs.get("ignore_mismatched_sizes", False),
+                                  kwargs.get("allow_pickle", False))
         except Exception:
             peft_model.unload()  # give the caller back the model exactly as it was
             raise
         peft_model.training_info = training_info_from_run(directory)
+        if kwargs.get("device_map") is not None:
+            peft_model.to(model_files.single_device(kwargs["device_map"]))
+        if not is_trainable:
+            peft_model.eval()
         return peft_model
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **hub_kwargs) -> None:
-        """Load another adapter into this model under `adapter_name` (inactive until set_adapter)."""
-        directory = resolve_adapter_dir(model_id, **hub_kwargs)
-        config = dataclasses.replace(read_adapter_config(directory), inference_mode=not is_trainable)
-        weights = read_adapter_weights(directory, allow_pickle=allow_pickle)
-        self.add_adapter(adapter_name, config)
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, torch_device=None,
+                     autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                     low_cpu_mem_usage: bool = False, key_mapping: dict | None = None,
+                     **kwargs) -> model_files.LoadResult:
+        """Load another adapter into this model under `adapter_name` (inactive until set_adapter); returns the
+        load result (missing_keys, unexpected_keys), as PEFT. The model is put in eval mode unless is_trainable.
+        Loading into an existing adapter of that name replaces its weights."""
+        model_files.check_load_options(kwargs, ephemeral_gpu_offload, key_mapping)
+        directory = model_files.adapter_directory(model_id, kwargs)
+        created = adapter_name not in self.peft_config
+        if created:
+            config = model_files.read_config(directory, None, is_trainable)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            self._load_state(adapter_name, weights, directory)
+            result = model_files.load_into(self, adapter_name, directory, kwargs.get("ignore_mismatched_sizes", False),
+                                           kwargs.get("allow_pickle", False))
         except Exception:
-            self._forget(adapter_name)
+            if created:
+                self._forget(adapter_name)
             raise
+        device = torch_device or model_files.single_device(kwargs.get("device_map"))
+        if device is not None:
+            self.to(device)
+        if not is_trainable:
+            self.eval()
+        return result
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the adapter files and a model card (README.md) to the Hub repository `repo_id`, and nothing of
@@ -439,6 +546,10 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    @property
+    def base_model_torch_dtype(self):
+        return getattr(self.get_base_model(), "dtype", None)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), counting adapters (and quantized weights), as PEFT does."""
         return parameter_counts(self)
@@ -448,10 +559,78 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
+    def get_layer_status(self) -> list[model_status.TunerLayerStatus]:
+        """The status of each adapter layer (model_status.TunerLayerStatus), named as PEFT names them: by their path
+        in base_model ("model.<path in the transformers model>")."""
+        return model_status.layer_status([(f"model.{path}", holder) for path, holder in self._holders()])
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> PeftModel:
-    """Inject the adapter described by `peft_config` into `model` (in place) and return the PeftModel."""
-    return PeftModel(model, peft_config, adapter_name)
+    def get_model_status(self) -> model_status.TunerModelStatus:
+        """The status of the adapters over the whole model (model_status.TunerModelStatus)."""
+        peft_types = {name: str(getattr(c.peft_type, "value", c.peft_type)) for name, c in self.peft_config.items()}
+        kind = type(next(iter(self.peft_config.values()))).__name__.replace("Config", "Model") if self.tuners else "None"
+        return model_status.model_status(self.get_base_model(), self._holders(), peft_types, kind,
+                                         self.get_nb_trainable_parameters())
+
+
+class AdapterConfigs(MutableMapping):
+    """PeftModel.peft_config: adapter name -> config, read from (and written to) the adapters' tuners."""
+
+    def __init__(self, tuners: dict[str, Tuner]) -> None:
+        self._tuners = tuners
+
+    def __getitem__(self, name: str) -> PeftConfig:
+        return self._tuners[name].config
+
+    def __setitem__(self, name: str, config: PeftConfig) -> None:
+        if name not in self._tuners:
+            raise KeyError(f"no adapter named {name!r}; add adapters with add_adapter()")
+        if type(config) is not type(self._tuners[name].config):
+            raise TypeError(f"adapter {name!r} is a {type(self._tuners[name].config).__name__} adapter; its config "
+                            f"cannot be replaced by a {type(config).__name__}")
+        config.validate()
+        self._tuners[name].config = config
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"use delete_adapter({name!r}) to remove an adapter")
+
+    def __iter__(self):
+        return iter(list(self._tuners))
+
+    def __len__(self) -> int:
+        return len(self._tuners)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER,
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Inject the adapter described by `peft_config` into `model` (in place) and return the PeftModel.
+
+    mixed: PEFT's PeftMixedModel mixes adapters of different methods; lorakit's PeftModel already runs several
+    adapters of one method together, so mixed=True returns a PeftModel (adding another method's adapter is refused).
+    revision: the base model's revision, recorded in the config. autocast_adapter_dtype, low_cpu_mem_usage: see
+    PeftModel."""
+    if not isinstance(mixed, bool):
+        raise TypeError(f"mixed must be True or False, got {mixed!r}")
+    # as PEFT: the config names the model it is applied to (transformers' name_or_path; "" is no name)
+    old_name, new_name = peft_config.base_model_name_or_path, model.__dict__.get("name_or_path") or None
+    peft_config.base_model_name_or_path = new_name
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.", UserWarning,
+                      stacklevel=2)
+    if any(isinstance(m, AdapterHolder) for m in model.modules()):
+        warnings.warn("You are trying to modify a model with PEFT for a second time. If you want to reload the model "
+                      "with a different config, make sure to call `.unload()` before.", UserWarning, stacklevel=2)
+    if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting "
+                          f"with revision {revision}", UserWarning, stacklevel=2)
+        peft_config.revision = revision
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                     low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
@@ -462,12 +641,6 @@ def parameter_counts(module: nn.Module) -> tuple[int, int]:
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     return trainable, total + sum(getattr(m, "frozen_weight_numel", 0) for m in module.modules())
-
-
-def _unwrapped(holder: AdapterHolder, keep_trained: bool) -> nn.Module:
-    if isinstance(holder, ModulesToSaveWrapper):
-        return holder.active_copy() if keep_trained else holder.original_module
-    return holder.base_layer
 
 
 def _check_adapter_name(name) -> None:
@@ -484,3 +657,4 @@ def _batch_size(args, kwargs) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
+

@@ -78,6 +78,11 @@ class ModulesToSaveWrapper(AdapterHolder):
         for name, rows in self._rows_by_adapter(x):
             module = self._module_for(name)
             out = module(x[rows], *args[1:], **kwargs) if args else module(**{**kwargs, key: x[rows]})
+            if not isinstance(out, torch.Tensor):  # rows cannot be put back into e.g. a GRU's (output, state)
+                raise TypeError("Mixed batching is only supported for the following modules: Linear, Embedding, "
+                                "Conv1d, Conv2d, Conv3d. (That is PEFT's list; lorakit also takes any module whose "
+                                "output is one tensor with a row per input row, but this "
+                                f"{type(module).__name__} returned a {type(out).__name__}.)")
             if result is None:
                 result = out.new_zeros((x.shape[0],) + out.shape[1:])
             result = result.index_copy(0, rows, out)

@@ -38,6 +38,11 @@ def detached_copies(live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: _whole(v).detach().contiguous().clone() for k, v in live.items()}
 
 
+class SizeMismatchError(ValueError, RuntimeError):
+    """A file tensor whose shape differs from the model's. A ValueError (lorakit's bad-input error) and a
+    RuntimeError (what torch's load_state_dict, and so PEFT, raises), so code written against either catches it."""
+
+
 def load_adapter_state_dict(model: nn.Module, live: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                             source: str, optional: set[str] = frozenset()) -> None:
     """Copy `state` (file keys) into the adapter's live tensors `live` (`Tuner.state_tensors()`), checking that
@@ -68,9 +73,10 @@ def load_adapter_state_dict(model: nn.Module, live: dict[str, torch.Tensor], sta
         for key, value in state.items():
             target = live.get(key, base_params.get(key))
             if tuple(target.shape) != tuple(value.shape):
-                raise ValueError(
-                    f"{source}: {_module_of(key)!r} has shape {tuple(value.shape)} in the file but "
-                    f"{tuple(target.shape)} in this model; the adapter was trained on a different base model."
+                raise SizeMismatchError(
+                    f"{source}: size mismatch for {key}: {_module_of(key)!r} has shape {tuple(value.shape)} in the "
+                    f"file but {tuple(target.shape)} in this model; the adapter was trained on a different base model "
+                    "(a resized vocabulary: load with ignore_mismatched_sizes=True to skip these tensors)."
                 )
             target.copy_(value)
 

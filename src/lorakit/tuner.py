@@ -53,6 +53,7 @@ class Tuner:
 
     name: ClassVar[str] = ""  # set by register_method
     display_name: ClassVar[str] = ""  # how people write it ("LoRA", "VeRA"); the registered name when empty
+    prefix: ClassVar[str] = ""  # start of its layers' tensor names ("lora_"), PEFT's tuner attribute
     config_cls: ClassVar[type[PeftConfig]]
     # base layer type -> adapter layer class wrapping it (looked up along the base type's MRO)
     layers: ClassVar[dict[type[nn.Module], type[nn.Module]]] = {}

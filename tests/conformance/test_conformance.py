@@ -242,6 +242,7 @@ def test_mixed_batch_equals_per_row_runs(case):
     needs(case, MIXED_BATCH)
     model = build(case, seed=1, name="a")
     add(model, case, "b", seed=2)
+    model.eval()  # adapter_names is for inference (PEFT refuses it in training mode)
     names = ["a", "b", "__base__", "a"]
     mixed = model(input_ids=INPUT, adapter_names=names)
     for row, name in enumerate(names):

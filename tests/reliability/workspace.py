@@ -127,10 +127,11 @@ def _broken_adapters(ws: Workspace) -> None:
     bad_json = root / "bad-json-adapter"
     shutil.copytree(adapter, bad_json)
     (bad_json / "adapter_config.json").write_text("{not json", encoding="utf-8")
-    unknown_key = root / "unknown-key-adapter"
-    shutil.copytree(adapter, unknown_key)
+    # unknown keys (a newer PEFT's) only warn, as in PEFT; a PEFT option lorakit lacks, switched on, is refused
+    unimplemented = root / "unimplemented-option-adapter"
+    shutil.copytree(adapter, unimplemented)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (unknown_key / "adapter_config.json").write_text(json.dumps({**config, "use_magic": True}), encoding="utf-8")
+    (unimplemented / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}), encoding="utf-8")
     other_base = save_tiny_llama(root / "wide-model", hidden_size=64, intermediate_size=128)
     wrong_base = root / "wide-adapter"
     shutil.copytree(adapter, wrong_base)

@@ -129,5 +129,5 @@ def test_extra_or_missing_tensors_in_file(saved):
 def test_save_into_a_file_path_is_refused(saved, tmp_path):
     model, _ = saved
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(ValueError, match="should be a directory, not a file"):
         model.save_pretrained(str(tmp_path / "f"))

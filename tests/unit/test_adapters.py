@@ -39,11 +39,9 @@ def test_add_adapter_keeps_the_active_one_and_freezes_the_new(two_adapters):
 def test_adapter_name_errors(two_adapters):
     with pytest.raises(ValueError, match="already exists"):
         two_adapters.add_adapter("b", random_lora())
-    with pytest.raises(ValueError, match="no adapter named 'c' to delete"):
+    with pytest.raises(ValueError, match="Adapter c does not exist"):
         two_adapters.delete_adapter("c")
-    with pytest.raises(ValueError, match="'a' is active"):
-        two_adapters.delete_adapter("a")
-    with pytest.raises(ValueError, match=r"no adapter named \['zzz'\]"):
+    with pytest.raises(ValueError, match="Adapter zzz not found"):
         two_adapters.set_adapter("zzz")
     with pytest.raises(ValueError, match="not allowed"):
         two_adapters.add_adapter("x.y", random_lora())
@@ -144,12 +142,12 @@ def test_mixed_batch_forward_and_generate(two_adapters):
 
 
 def test_mixed_batch_errors(two_adapters):
-    with pytest.raises(ValueError, match="unknown adapters \\['zzz'\\]"):
+    with pytest.raises(ValueError, match="non-existing adapter\\(s\\): zzz"):
         logits(two_adapters, adapter_names=["a", "zzz", "a"])
-    with pytest.raises(ValueError, match="2 entries but the batch has 3 rows"):
+    with pytest.raises(ValueError, match="should be the same as the number of inputs, but got 2 and 3"):
         logits(two_adapters, adapter_names=["a", "b"])
     two_adapters.merge_adapter()
-    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+    with pytest.raises(ValueError, match="unmerge_adapter"):
         logits(two_adapters, adapter_names=["a", "b", "a"])
 
 

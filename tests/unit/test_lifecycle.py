@@ -25,9 +25,9 @@ from lorakit.train.loop import run_training
 from tests.train_fixtures import one_torch_thread, tiny_run_config  # noqa: F401
 
 
-@dataclass(frozen=True)
+@dataclass
 class ToyScaleConfig(PeftConfig):
-    peft_type: ClassVar[str] = "TOY_SCALE"
+    peft_type: str | None = "TOY_SCALE"
     target_modules: list[str] | str | None = None
     init_value: float = 1.0
     modules_to_save: list[str] | None = None
@@ -172,7 +172,7 @@ def test_input_and_output_hooks_run_in_forward_and_not_when_disabled(toy_method)
 
 
 def test_capabilities_gate_mixed_batches_with_a_clear_error(toy_method):
-    model = get_peft_model(TwoLinear(), ToyScaleConfig(target_modules=["a"]))
+    model = get_peft_model(TwoLinear(), ToyScaleConfig(target_modules=["a"])).eval()
     with pytest.raises(ValueError, match="mixed-adapter batches are not possible with toy_scale adapters"):
         model(torch.randn(2, 8), adapter_names=["default", "__base__"])
 

@@ -22,10 +22,13 @@ def test_bad_values_name_the_field(kwargs, field):
         LoraConfig(**kwargs)
 
 
-def test_config_is_frozen():
+def test_config_can_be_changed_after_construction_and_is_validated_again_when_used():
     config = LoraConfig(r=4)
-    with pytest.raises(AttributeError):
-        config.r = 8
+    config.r = 8
+    assert config.r == 8
+    config.r = 0
+    with pytest.raises(ValueError, match="LoraConfig.r must be a positive integer"):
+        config.validate()
 
 
 def test_scaling_plain_and_rslora_and_patterns():
@@ -57,8 +60,13 @@ def test_peft_only_keys_neutral_values_are_ignored():
 def test_unsupported_peft_option_is_an_error_not_silently_dropped():
     with pytest.raises(ValueError, match="lora_bias=True"):
         LoraConfig.from_dict({"peft_type": "LORA", "lora_bias": True})
-    with pytest.raises(ValueError, match="did you mean 'lora_alpha'"):
-        LoraConfig.from_dict({"peft_type": "LORA", "lora_alfa": 16})
+
+
+def test_unknown_keys_from_a_newer_peft_warn_and_are_ignored():
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['lora_alfa'\] for class LoraConfig, these are "
+                      r"ignored.*did you mean 'lora_alpha'"):
+        config = LoraConfig.from_dict({"peft_type": "LORA", "lora_alfa": 16, "r": 2})
+    assert config.r == 2 and config.lora_alpha == 8
 
 
 def test_unknown_method_in_config_file(tmp_path):

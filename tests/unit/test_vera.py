@@ -194,7 +194,7 @@ BAD_CONFIGS = {
     "save_projection": (dict(save_projection="yes"), r"VeraConfig.save_projection must be True or False, got 'yes'"),
     "empty targets": (dict(target_modules=[]), r"VeraConfig.target_modules is empty"),
     "layers_pattern alone": (dict(target_modules=["a"], layers_pattern="h"),
-                             r"VeraConfig.layers_pattern='h' needs layers_to_transform"),
+                             r"layers_to_transform. must also be specified. \(VeraConfig.layers_pattern='h'"),
 }
 
 

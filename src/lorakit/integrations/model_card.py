@@ -74,6 +74,9 @@ class CardFacts:
     total_params: int | None = None
     training: TrainingInfo | None = None
     repo_id: str | None = None  # where the card will live (push_to_hub), for the loading snippet
+    # base_model in the metadata: as PEFT, only for a model whose transformers config names it (a custom nn.Module's
+    # name, given as the adapter config's base_model_name_or_path, is mentioned in the text only)
+    base_in_metadata: bool = True
     tags: list[str] = field(default_factory=list)
 
 
@@ -86,12 +89,13 @@ def facts_from_model(model, adapter_names: list[str], repo_id: str | None = None
     base = model.get_base_model()
     base_name = next((c.base_model_name_or_path for c in configs.values() if c.base_model_name_or_path), None)
     base_name = base_name or getattr(getattr(base, "config", None), "name_or_path", None) or None
+    has_config = hasattr(getattr(base, "config", None), "to_dict")
     trainable, total = model.get_nb_trainable_parameters()
     if not trainable:  # loaded for inference: count the adapter tensors instead of the (frozen) parameters
         trainable = sum(t.numel() for name in adapter_names for t in model.adapter_state_dict(name).values())
     return CardFacts(configs=configs, base_model=base_name, embedded_copy=embedded_copy_of(base),
                      trainable_params=trainable, total_params=total, training=getattr(model, "training_info", None),
-                     repo_id=repo_id, tags=list(tags or ()))
+                     repo_id=repo_id, tags=list(tags or ()), base_in_metadata=has_config)
 
 
 def write_run_card(adapter_dir: str) -> bool:
@@ -242,7 +246,7 @@ def update_card_metadata(path: str, facts: CardFacts) -> None:
 def _metadata(facts: CardFacts) -> dict:
     """The card's YAML header: what the Hub reads to list the adapter under its base model."""
     config = next(iter(facts.configs.values()))
-    hub_base = _hub_id(facts.base_model)
+    hub_base = _hub_id(facts.base_model) if facts.base_in_metadata else None
     header = {"library_name": "peft"}
     if hub_base:
         header["base_model"] = hub_base
@@ -266,7 +270,19 @@ def render_model_card(facts: CardFacts) -> str:
     if facts.training is not None:
         lines += _training_section(facts.training)
     lines += _loading_section(facts, task, hub_base)
+    lines += _versions_section()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _versions_section() -> list[str]:
+    """The library versions that wrote the files (as PEFT's card lists its version)."""
+    import torch
+    import transformers
+
+    from lorakit import __version__
+
+    return ["## Framework versions", "", f"- lorakit {__version__} (PEFT's adapter format)",
+            f"- PyTorch {torch.__version__}", f"- Transformers {transformers.__version__}", ""]
 
 
 def _summary(facts: CardFacts, method: str, task: str | None, base: str | None, hub_base: str | None) -> list[str]:

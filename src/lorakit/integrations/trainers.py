@@ -41,8 +41,9 @@ import os
 
 from transformers import TrainerCallback
 
-from lorakit.adapter_files import WEIGHTS_NAME, read_adapter_weights
+from lorakit.adapter_files import WEIGHTS_NAME
 from lorakit.config import PeftConfig
+from lorakit.model_files import load_into
 
 logger = logging.getLogger(__name__)
 DEFAULT_ADAPTER = "default"
@@ -150,7 +151,7 @@ def load_adapters_in_place(peft_model, directory: str) -> list[str]:
     for name in peft_model.peft_config:
         folder = directory if name == DEFAULT_ADAPTER else os.path.join(directory, name)
         if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-            peft_model._load_state(name, read_adapter_weights(folder), folder)
+            load_into(peft_model, name, folder)
             loaded.append(name)
     missing = [name for name in peft_model.active_adapters if name not in loaded]
     if missing:

@@ -111,6 +111,7 @@ def record_embedded_copy(model, embedded: EmbeddedModel) -> None:
     """`model` was loaded from `embedded`'s copy: name it by its Hub id (what `save_pretrained` writes as the
     adapter's base_model_name_or_path, instead of this machine's cache path), and remember where it came from."""
     model.config.name_or_path = embedded.hub_id
+    model.name_or_path = embedded.hub_id  # what PEFT (and lorakit's save_pretrained) reads first
     _LOADED_COPIES[model] = embedded
 
 

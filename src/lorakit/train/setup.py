@@ -3,6 +3,8 @@ resume checks: resume.py.)"""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -23,7 +25,9 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     if cfg.quantization is not None:
         quantize_model(model, **cfg.quantization_kwargs)
     if cfg.uses_adapter:
-        peft_model = get_peft_model(model, cfg.adapter)
+        # a copy: get_peft_model records the base model's name on the config it is given (as PEFT); the run
+        # config stays as the user wrote it, so that run_config.yaml reproduces the run
+        peft_model = get_peft_model(model, copy.deepcopy(cfg.adapter))
         peft_model.configure_training(cfg.train)  # the method's own trainer options (LoRA-FA)
         return peft_model
     if cfg.finetuning_type == "full":

@@ -10,16 +10,16 @@ import dataclasses
 import re
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
 
-from lorakit.config import PeftConfig, check_choice, check_positive, check_range, check_target_fields
+from lorakit.config import PeftConfig, PeftType, check_choice, check_positive, check_range, check_target_fields, unsupported
+from lorakit.methods.lora.config import UNSUPPORTED_LORA_OPTIONS, LoraRuntimeConfig, _no_runtime_options
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 # A rank_pattern key: "<module path>.lora_E", or PEFT's in-memory form with the adapter name after it.
 RANK_PATTERN_KEY = re.compile(r"^(?P<module>.+)\.lora_E(\.[A-Za-z0-9_\-]+)?$")
 
 
-@dataclass(frozen=True)
+@dataclass
 class AdaLoraConfig(PeftConfig):
     """h = W0 x + lora_alpha / ranknum * P diag(E) Q dropout(x), P = lora_B (d_out, r), E = lora_E (r, 1),
     Q = lora_A (r, d_in); the rank budget shrinks from init_r to target_r per layer on average while training.
@@ -30,7 +30,7 @@ class AdaLoraConfig(PeftConfig):
     steps train with it.
     """
 
-    peft_type: ClassVar[str] = "ADALORA"
+    peft_type: PeftType | str | None = PeftType.ADALORA
 
     # Average rank per layer at the end of the budget schedule.
     target_r: int = 8
@@ -76,9 +76,42 @@ class AdaLoraConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = None
     # Name of the layer list in module names when layers_to_transform is used.
     layers_pattern: list[str] | str | None = None
+    # Stored so that PEFT's files round-trip (used only with options lorakit does not implement).
+    megatron_core: str | None = "megatron.core"
+    qalora_group_size: int = 16
+    runtime_config: LoraRuntimeConfig = unsupported(None, "ephemeral GPU offload", neutral=_no_runtime_options)
+    # --- LoRA options PEFT's AdaLoraConfig inherits and lorakit's AdaLoRA does not implement (PEFT's defaults only) ---
+    use_rslora: bool = unsupported(False, "rsLoRA scaling (AdaLoRA scales by lora_alpha / ranknum)")
+    alpha_pattern: dict = unsupported({}, "per-module alphas")
+    use_dora: bool = unsupported(False, "DoRA")
+    megatron_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["megatron_config"])
+    trainable_token_indices: list | dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["trainable_token_indices"])
+    loftq_config: dict = unsupported(*UNSUPPORTED_LORA_OPTIONS["loftq_config"])
+    eva_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["eva_config"])
+    corda_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["corda_config"])
+    lora_ga_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_ga_config"])
+    velora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["velora_config"])
+    alora_invocation_tokens: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["alora_invocation_tokens"])
+    use_qalora: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_qalora"])
+    monteclora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["monteclora_config"])
+    layer_replication: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["layer_replication"])
+    lora_bias: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_bias"])
+    target_parameters: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["target_parameters"])
+    use_bdlora: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_bdlora"])
+    arrow_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["arrow_config"])
+    kasa_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["kasa_config"])
+    ensure_weight_tying: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["ensure_weight_tying"])
 
     def __post_init__(self) -> None:
+        if self.runtime_config is None:
+            self.runtime_config = LoraRuntimeConfig()
         super().__post_init__()
+        if self.r != 8:  # once, when built (validate() runs again at every use)
+            warnings.warn(f"AdaLoraConfig.r={self.r} is not used by AdaLoRA (as in PEFT); init_r={self.init_r} is the "
+                          "initial rank and target_r the final average rank", stacklevel=4)
+
+    def validate(self) -> None:
+        super().validate()
         owner = "AdaLoraConfig"
         check_positive(owner, "init_r", self.init_r, integer=True)
         check_positive(owner, "target_r", self.target_r, integer=True)
@@ -109,9 +142,6 @@ class AdaLoraConfig(PeftConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}")
         check_positive(owner, "r", self.r, integer=True)
-        if self.r != 8:
-            warnings.warn(f"{owner}.r={self.r} is not used by AdaLoRA (as in PEFT); init_r={self.init_r} is the "
-                          "initial rank and target_r the final average rank", stacklevel=3)
         check_target_fields(owner, self)
         self._check_rank_pattern(owner)
 

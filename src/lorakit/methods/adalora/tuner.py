@@ -59,6 +59,7 @@ class HostAllocation:
 class AdaLoraTuner(Tuner):
     config_cls = AdaLoraConfig
     display_name = "AdaLoRA"
+    prefix = "lora_"
     layers = {nn.Linear: SVDLinear, Conv1D: SVDLinear, NF4Linear: SVDLinear, nn.Conv2d: SVDConv2d}
     default_target_modules = DEFAULT_TARGET_MODULES
 

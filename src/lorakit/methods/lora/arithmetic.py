@@ -205,15 +205,18 @@ def _check(adapters, configs, combination_type, svd_rank, svd_clamp, density, ma
 
 def _trained_copies(holders, adapters) -> dict[str, str]:
     """Module path -> the one source adapter whose trained copy (modules_to_save) the new adapter takes over."""
-    copies = {}
+    copies, shared = {}, []
     for path, holder in holders:
         if isinstance(holder, ModulesToSaveWrapper):
             owners = [a for a in adapters if holder.has_adapter(a)]
             if len(owners) > 1:
-                raise ValueError(f"adapters {owners} each train their own copy of {path} (modules_to_save); copies "
-                                 "of whole modules cannot be combined. Combine adapters that share no such module.")
+                shared.append(f"adapters {owners} each train their own copy of {path}")
             if owners:
                 copies[path] = owners[0]
+    if shared:
+        raise ValueError(f"Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                         f"{len(shared)} such instance(s). ({'; '.join(shared)}: copies of whole modules cannot be "
+                         "combined; combine adapters that share no such module.)")
     return copies
 
 

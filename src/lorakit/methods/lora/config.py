@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
 
-from lorakit.config import PeftConfig, check_choice, check_positive, check_range
+from lorakit.config import (
+    PeftConfig,
+    PeftType,
+    check_choice,
+    check_positive,
+    check_range,
+    check_target_fields,
+    unsupported,
+)
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -26,11 +34,48 @@ def pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-@dataclass(frozen=True)
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's per-run LoRA options (never saved). lorakit runs on what it is given: ephemeral GPU offload (moving
+    CPU-offloaded weights to the GPU for DoRA's initialisation) is not implemented and must stay False."""
+
+    ephemeral_gpu_offload: bool = False
+
+
+def _no_runtime_options(value) -> bool:
+    if isinstance(value, dict):
+        return not value.get("ephemeral_gpu_offload")
+    return not getattr(value, "ephemeral_gpu_offload", False)
+
+
+# PEFT's LoraConfig options lorakit does not implement, shared with the configs that extend LoRA's (AdaLoRA):
+# field -> (PEFT's default, what it does). Accepted at their neutral value, refused otherwise (config.unsupported).
+UNSUPPORTED_LORA_OPTIONS = {
+    "megatron_config": (None, "LoRA on Megatron-LM parallel layers"),
+    "trainable_token_indices": (None, "training selected token embeddings"),
+    "loftq_config": ({}, "LoftQ initialisation"),
+    "eva_config": (None, "EVA initialisation"),
+    "corda_config": (None, "CorDA initialisation"),
+    "lora_ga_config": (None, "LoRA-GA initialisation"),
+    "velora_config": (None, "VeLoRA activation compression"),
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
+    "use_qalora": (False, "QA-LoRA"),
+    "monteclora_config": (None, "MonteCLoRA"),
+    "layer_replication": (None, "layer replication"),
+    "lora_bias": (False, "a bias on lora_B"),
+    "target_parameters": (None, "LoRA on bare nn.Parameters"),
+    "use_bdlora": (None, "block-diagonal LoRA"),
+    "arrow_config": (None, "Arrow routing"),
+    "kasa_config": (None, "KaSA"),
+    "ensure_weight_tying": (False, "keeping tied weights tied in modules_to_save copies"),
+}
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """h = W0 x + s * B A dropout(x), with s = lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora)."""
 
-    peft_type: ClassVar[str] = "LORA"
+    peft_type: PeftType | str | None = PeftType.LORA
 
     # Rank of the update B A.
     r: int = 8
@@ -67,9 +112,45 @@ class LoraConfig(PeftConfig):
     # DoRA (weight-decomposed LoRA): W' = m * (W0 + s B A) / ||W0 + s B A|| per output row, with a trained
     # magnitude vector m (`lora_magnitude_vector`) initialised to the row norms of W0.
     use_dora: bool = False
+    # Only used with PEFT's Megatron / QA-LoRA options (unsupported here): stored so that PEFT's files round-trip.
+    megatron_core: str | None = "megatron.core"
+    qalora_group_size: int = 16
+    # PEFT's per-run options (not saved); see LoraRuntimeConfig.
+    runtime_config: LoraRuntimeConfig = unsupported(None, "ephemeral GPU offload", neutral=_no_runtime_options)
+    # --- PEFT options lorakit does not implement: accepted at PEFT's default only (UNSUPPORTED_LORA_OPTIONS) ---
+    megatron_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["megatron_config"])
+    trainable_token_indices: list | dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["trainable_token_indices"])
+    loftq_config: dict = unsupported(*UNSUPPORTED_LORA_OPTIONS["loftq_config"])
+    eva_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["eva_config"])
+    corda_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["corda_config"])
+    lora_ga_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_ga_config"])
+    velora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["velora_config"])
+    alora_invocation_tokens: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["alora_invocation_tokens"])
+    use_qalora: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_qalora"])
+    monteclora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["monteclora_config"])
+    layer_replication: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["layer_replication"])
+    lora_bias: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_bias"])
+    target_parameters: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["target_parameters"])
+    use_bdlora: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_bdlora"])
+    arrow_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["arrow_config"])
+    kasa_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["kasa_config"])
+    ensure_weight_tying: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["ensure_weight_tying"])
 
     def __post_init__(self) -> None:
+        if self.runtime_config is None:
+            self.runtime_config = LoraRuntimeConfig()
         super().__post_init__()
+        init = str(self.init_lora_weights).lower()
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and init.startswith(("pissa", "olora")):
+            # once, when built; as PEFT, a warning only: the user may never convert the adapter
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights (PiSSA/OLoRA) means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights; if you intend to do this, please ensure not to use rslora or "
+                          "rank_pattern/alpha_pattern.", UserWarning, stacklevel=3)
+
+    def validate(self) -> None:
+        super().validate()
         owner = "LoraConfig"
         check_positive(owner, "r", self.r, integer=True)
         check_positive(owner, "lora_alpha", self.lora_alpha)
@@ -85,32 +166,13 @@ class LoraConfig(PeftConfig):
                              f"{init!r}{note}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-            _check_names(owner, name, getattr(self, name))
-        if isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:
-            raise ValueError("LoraConfig.target_modules is empty; name at least one module, or use 'all-linear'")
         for name in ("rank_pattern", "alpha_pattern"):
             patterns = getattr(self, name)
             if not isinstance(patterns, dict):
                 raise ValueError(f"LoraConfig.{name} must be a dict {{pattern: value}}, got {patterns!r}")
             for key, value in patterns.items():
                 check_positive(owner, f"{name}[{key!r}]", value, integer=(name == "rank_pattern"))
-        if isinstance(self.target_modules, str):
-            for name in ("layers_to_transform", "layers_pattern"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"LoraConfig.{name}={getattr(self, name)!r} cannot be used with target_modules="
-                                     f"{self.target_modules!r} (a regex or 'all-linear'); list module names instead, "
-                                     "or select layers in the regex")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError(f"LoraConfig.layers_pattern={self.layers_pattern!r} needs layers_to_transform "
-                             "(the layer indices to adapt)")
-        layers = self.layers_to_transform
-        if layers is not None and not (isinstance(layers, int) or all(isinstance(i, int) for i in layers)):
-            raise ValueError(f"LoraConfig.layers_to_transform must be an int or a list of ints, got {layers!r}")
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern", "layers_to_transform"):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set)):  # JSON has lists only
-                object.__setattr__(self, name, sorted(value) if isinstance(value, set) else list(value))
+        check_target_fields(owner, self)
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -122,9 +184,3 @@ class LoraConfig(PeftConfig):
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-
-def _check_names(owner: str, name: str, value) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{owner}.{name} must be a string or a list of strings, got {value!r}")

@@ -32,8 +32,9 @@ def convert_to_plain_lora(tensors: dict[str, torch.Tensor], config: LoraConfig,
         raise ValueError("path_initial_model_for_weight_conversion cannot convert a DoRA adapter (use_dora=True): "
                          "its output depends on the norm of the base weight, which the conversion changes")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("path_initial_model_for_weight_conversion is not supported with use_rslora=True together "
-                         "with rank_pattern or alpha_pattern (as in PEFT)")
+        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
+                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True` (the "
+                         "scaling of the converted adapter cannot be expressed), as in PEFT")
     initial = read_adapter_weights(initial_dir)
     factor_keys = [k for k in tensors if k.endswith(A_SUFFIXES + B_SUFFIXES)]
     for key in factor_keys:

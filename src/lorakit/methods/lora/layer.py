@@ -67,6 +67,13 @@ class LoraLayer(AdapterLayer):
         self.lora_variant: dict[str, DoraVariant] = {}  # adapter name -> variant strategy (absent: plain LoRA)
         self.base_rewritten: dict[str, bool] = {}  # adapters whose init turned the base weight into a residual
 
+    def _get_name(self) -> str:
+        """PEFT's spelling in repr() and status reports: "lora.Linear", "lora.Embedding", "lora.Conv2d"."""
+        name = type(self).__name__.removeprefix("Lora")
+        if name == "Conv":  # one class for every dimension: PEFT names the dimension (its class per dimension)
+            name = type(self.base_layer).__name__
+        return "lora." + name
+
     # ---- building -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         if self.has_adapter(name):
@@ -94,9 +101,10 @@ class LoraLayer(AdapterLayer):
         if variant is not None and variant not in self.variants:
             flag = next(f for f, v in VARIANT_FLAGS.items() if v == variant)
             raise UnsupportedLayerError(
-                f"LoraConfig.{flag}=True: {VARIANTS[variant].label} cannot run on {module_name}, a "
-                f"{type(self.base_layer).__name__} ({type(self).__name__}); exclude this module (exclude_modules) or "
-                f"set {flag}=False")
+                f"{type(self.base_layer).__name__} does not support {VARIANTS[variant].label} (yet), please set "
+                f"{flag} to False (LoraConfig.{flag}=True: {VARIANTS[variant].label} cannot run on {module_name}, a "
+                f"{type(self.base_layer).__name__} ({type(self).__name__}); or exclude this module with "
+                "exclude_modules)")
         return variant
 
     def _init_fn(self, config: LoraConfig, module_name: str):

@@ -27,6 +27,7 @@ LORA_FA_FROZEN = ("lora_A.",)
 class LoraTuner(Tuner):
     config_cls = LoraConfig
     display_name = "LoRA"
+    prefix = "lora_"
     # NF4Linear (QLoRA): a quantized linear base layer, wrapped like nn.Linear (its `weight` gives shape and dtype)
     layers = {nn.Linear: LoraLinear, Conv1D: LoraLinear, NF4Linear: LoraLinear, nn.Embedding: LoraEmbedding,
               nn.Conv1d: LoraConv, nn.Conv2d: LoraConv, nn.Conv3d: LoraConv,

@@ -6,19 +6,18 @@ VeRA: Kopiczko et al. 2023, https://arxiv.org/abs/2310.11454.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from lorakit.config import PeftConfig, check_choice, check_positive, check_range, check_target_fields
+from lorakit.config import PeftConfig, PeftType, check_choice, check_positive, check_range, check_target_fields
 
 BIAS_CHOICES = ("none", "all", "vera_only")
 
 
-@dataclass(frozen=True)
+@dataclass
 class VeraConfig(PeftConfig):
     """h = W0 x + diag(b) B diag(d) A dropout(x): A (r, d_in), B (d_out, r) frozen, random and shared by every
     layer; d (r) and b (d_out) trained per layer."""
 
-    peft_type: ClassVar[str] = "VERA"
+    peft_type: PeftType | str | None = PeftType.VERA
 
     # Rank of the shared projections. Larger than LoRA ranks: VeRA trains only r + d_out values per layer.
     r: int = 256
@@ -46,8 +45,8 @@ class VeraConfig(PeftConfig):
     # Name of the layer list in module names when layers_to_transform is used.
     layers_pattern: list[str] | str | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         owner = "VeraConfig"
         check_positive(owner, "r", self.r, integer=True)
         check_range(owner, "vera_dropout", self.vera_dropout, 0.0, 1.0)

@@ -32,6 +32,7 @@ PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")  # file keys, as PE
 class VeraTuner(Tuner):
     config_cls = VeraConfig
     display_name = "VeRA"
+    prefix = "vera_lambda_"
     layers = {nn.Linear: VeraLinear, Conv1D: VeraLinear, NF4Linear: VeraLinear}
 
     # ---- building ----------------------------------------------------------------------------------------
