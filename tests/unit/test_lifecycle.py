@@ -8,7 +8,6 @@ non-additive merge (W' = diag(l) W, b' = l * b), like (IA)3. It is registered on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
