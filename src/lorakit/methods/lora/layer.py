@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.adapter_layer import AdapterLayer, adapter_dtype
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.dora import DoraVariant
+from lorakit.methods.lora.fused import compute_dtype, lora_linear
 from lorakit.methods.lora.init import (
     EMBEDDING_INIT_FNS,
     INIT_FNS,
@@ -209,6 +210,43 @@ class LoraLinear(LoraLayer):
         # With A frozen (LoRA-FA), autograd keeps only A x (r values per token) for the backward, never x: linear
         # saves its input only for its weight's gradient (tests/unit/test_lora_variants.py checks this).
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The common case, one unmerged plain-LoRA adapter, runs as one autograd function (fused.py); everything
+        else (several adapters, DoRA, mixed-adapter batches, fp16 activations on fp32 adapters) takes the
+        general path of AdapterLayer."""
+        name = None if args or kwargs else self._single_running_adapter(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        lora_x = self.lora_dropout[name](x) if self.dropout_acts(name) else None
+        weight, bias, base_out = self._fused_base_weight()
+        if weight is None:
+            base_out = self.base_layer(x)
+        return lora_linear(x, lora_x, base_out, weight, bias, lora_a, lora_b, self.scaling[name])
+
+    def _single_running_adapter(self, x: torch.Tensor) -> str | None:
+        """The one adapter forward() would add, when exactly one plain-LoRA adapter runs and fused.py applies."""
+        if self.disabled or self.routing is not None or not x.is_floating_point():
+            return None
+        running = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if len(running) != 1 or running[0] in self.lora_variant:
+            return None
+        adapter_dtype = self.lora_A[running[0]].weight.dtype
+        if compute_dtype(x) == torch.float16 and adapter_dtype != torch.float16:
+            return None  # fp16 activations: the adapter computes in its own fp32 (range), as PEFT does
+        return running[0]
+
+    def _fused_base_weight(self):
+        """(weight as (d_out, d_in), bias, None) for a dense frozen base layer the fused function multiplies
+        itself; (None, None, None) when the base layer must run its own forward (quantized, sharded, trained)."""
+        base = self.base_layer
+        if type(base) not in (nn.Linear, Conv1D):
+            return None, None, None
+        weight = base.weight
+        if weight.requires_grad or type(weight) not in (nn.Parameter, torch.Tensor):
+            return None, None, None
+        return self.to_matrix(weight), base.bias, None
 
 
 class LoraEmbedding(LoraLayer):
