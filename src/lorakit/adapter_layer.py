@@ -20,6 +20,11 @@ from torch import nn
 BASE_ADAPTER = "__base__"  # the row name that means "no adapter" in a mixed batch
 
 
+class UnsupportedLayerError(TypeError, ValueError):
+    """A targeted layer an adapter cannot wrap, or a variant it cannot run there. Both a TypeError (what lorakit
+    raised first) and a ValueError (what PEFT raises), so code written against either library catches it."""
+
+
 def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     """Adapters train in fp32 even on a half-precision base (PEFT's autocast_adapter_dtype default)."""
     return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
@@ -130,6 +135,18 @@ class AdapterLayer(AdapterHolder):
         (ReLoRA) call it through `Tuner.reset_adapter`."""
         raise NotImplementedError(f"{type(self).__name__} cannot re-initialise an adapter (no reset_adapter)")
 
+    @classmethod
+    def wrap_refusal(cls, base_layer: nn.Module) -> str | None:
+        """None when this class can wrap `base_layer`; otherwise why not, although the base layer's type is one it
+        is registered for (AdaLoRA on a grouped convolution). Completes "target module 'x' is a Conv2d, ...";
+        `Tuner.layer_class_for` is None for such a layer, so the conformance suite skips it too."""
+        return None
+
+    def merge_refusal(self) -> str | None:
+        """None when adapters can be folded into the base weight; otherwise why not (LoRA on a grouped
+        convolution: its update is a full kernel, which the grouped kernel cannot hold)."""
+        return None
+
     # ---- shared behaviour ----------------------------------------------------------------------
     @property
     def base_weight(self) -> nn.Parameter:
@@ -197,6 +214,8 @@ class AdapterLayer(AdapterHolder):
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
         """W <- merge_weight(W) for each named adapter this layer holds and has not merged yet."""
+        if any(self.has_adapter(n) for n in names) and (reason := self.merge_refusal()):
+            raise NotImplementedError(reason)
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue

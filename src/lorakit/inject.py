@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapter_layer import AdapterHolder, AdapterLayer
+from lorakit.adapter_layer import AdapterHolder, AdapterLayer, UnsupportedLayerError
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 
@@ -118,8 +118,8 @@ def resolve_target_spec(model: nn.Module, config, defaults: dict[str, list[str]]
 
 
 def candidate_names(model: nn.Module, limit: int = 40) -> list[str]:
-    """Short names (last name component) of linear-like, embedding and conv modules, for error messages."""
-    kinds = (*LINEAR_TYPES, nn.Embedding, nn.Conv2d)
+    """Short names (last name component) of linear-like, embedding, conv and attention modules, for error messages."""
+    kinds = (*LINEAR_TYPES, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
     names = sorted({n.rsplit(".", 1)[-1] for n, m in candidate_modules(model) if n and isinstance(base_of(m), kinds)})
     return names[:limit] + (["..."] if len(names) > limit else [])
 
@@ -148,10 +148,10 @@ def find_targets(model: nn.Module, config, method) -> list[str]:
         problem = next((p for check in BASE_LAYER_CHECKS if (p := check(base_of(module)))), None)
         if problem:
             raise TypeError(f"target module {name!r} is {problem}. Or leave it out of target_modules.")
-        if method.layer_class_for(base_of(module)) is None:
-            supported = ", ".join(sorted(t.__name__ for t in method.layers))
-            raise TypeError(f"target module {name!r} is a {type(base_of(module)).__name__}, which {method.name} "
-                            f"cannot wrap (supported: {supported}). Choose other target_modules.")
+        refusal = method.wrap_refusal(base_of(module))
+        if refusal:
+            raise UnsupportedLayerError(f"target module {name!r} is a {type(base_of(module)).__name__}, {refusal}. "
+                                        "Choose other target_modules.")
         targets.append(name)
     if not targets:
         raise ValueError(

@@ -272,7 +272,7 @@ class PeftModel(nn.Module):
     def _remove_from_layers(self, adapter_name: str) -> None:
         """Delete the adapter from every layer; layers left without adapters go back to their base module."""
         model = self.get_base_model()
-        for path, holder in self._holders():
+        for path, holder in reversed(self._holders()):  # innermost first: nested layers (MHA's out_proj) unwrap cleanly
             holder.delete_adapter(adapter_name)
             if not holder.adapter_names:
                 model.set_submodule(path, _unwrapped(holder, keep_trained=False))
@@ -284,6 +284,9 @@ class PeftModel(nn.Module):
         names = self._names_or_active(adapter_names)
         self._require(MERGEABLE, names, "merges")
         layers = [(p, m) for p, m in self._holders() if isinstance(m, AdapterLayer)]
+        for path, layer in layers:  # refuse before anything is merged
+            if any(layer.has_adapter(n) for n in names) and (reason := layer.merge_refusal()):
+                raise NotImplementedError(f"{path}: {reason}. Nothing was merged.")
         if safe_merge:
             for path, layer in layers:
                 for name in names:
@@ -314,7 +317,7 @@ class PeftModel(nn.Module):
 
     def _unwrap_all(self, keep_trained: bool) -> nn.Module:
         model = self.get_base_model()
-        for path, holder in self._holders():
+        for path, holder in reversed(self._holders()):  # innermost first, as in _remove_from_layers
             model.set_submodule(path, _unwrapped(holder, keep_trained))
         return model
 

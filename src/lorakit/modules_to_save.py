@@ -3,6 +3,11 @@
 The original module stays frozen; each adapter gets its own full copy, trained and saved with the
 adapter. Attribute names (`original_module`, `modules_to_save`) are PEFT's, so parameter names match; in
 files the copy's tensors are saved under the module's own name (`classifier.weight`), as PEFT does.
+
+The wrapper stands in for the module it wraps: its forward takes the module's arguments as they come (keyword
+ones too), and attributes it does not have itself (`head.weight`, `head.out_features`) are read from the module
+its forward would run: the active adapter's copy, or the original when adapters are disabled or no active
+adapter has a copy here. (PEFT reads them the same way, except that it raises AttributeError in that last case.)
 """
 
 from __future__ import annotations
@@ -41,18 +46,38 @@ class ModulesToSaveWrapper(AdapterHolder):
             return self.original_module
         return self.modules_to_save[name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.disabled:
-            return self.original_module(x, *args, **kwargs)
-        if self.routing is not None:
-            return self._mixed_batch_forward(x, *args, **kwargs)
-        active = next((a for a in self.active_adapters if self.has_adapter(a)), None)
-        return self._module_for(active)(x, *args, **kwargs)
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # attributes of this wrapper itself fail normally (also while __init__ has not set them yet)
+            if name in ("original_module", "modules_to_save") or "active_adapters" not in self.__dict__:
+                raise
+            return getattr(self._running_module(), name)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _running_module(self) -> nn.Module:
+        """The module a forward without adapter_names runs now."""
+        if self.disabled:
+            return self.original_module
+        return self._module_for(next((a for a in self.active_adapters if self.has_adapter(a)), None))
+
+    def forward(self, *args, **kwargs):
+        if self.routing is not None and not self.disabled:
+            return self._mixed_batch_forward(args, kwargs)
+        return self._running_module()(*args, **kwargs)
+
+    def _mixed_batch_forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Each adapter's rows through its copy. The rows are those of the batched input: the first positional
+        argument or, when there is none, the first tensor keyword argument (other arguments pass unchanged)."""
+        key, x = (None, args[0]) if args else next(
+            ((k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)), (None, None))
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("a mixed-adapter batch (adapter_names) through a modules_to_save copy needs a batched "
+                            "tensor argument to split by rows; this call has none")
         result = None
         for name, rows in self._rows_by_adapter(x):
-            out = self._module_for(name)(x[rows], *args, **kwargs)
+            module = self._module_for(name)
+            out = module(x[rows], *args[1:], **kwargs) if args else module(**{**kwargs, key: x[rows]})
             if result is None:
                 result = out.new_zeros((x.shape[0],) + out.shape[1:])
             result = result.index_copy(0, rows, out)
@@ -60,5 +85,4 @@ class ModulesToSaveWrapper(AdapterHolder):
 
     def active_copy(self) -> nn.Module:
         """The module to keep when the wrapper is removed (merge_and_unload)."""
-        active = next((a for a in self.active_adapters if self.has_adapter(a)), None)
-        return self._module_for(None if self.disabled else active)
+        return self._running_module()

@@ -177,6 +177,21 @@ class Tuner:
     # ---- conformance -------------------------------------------------------------------------------------
     @classmethod
     def layer_class_for(cls, module: nn.Module) -> type[nn.Module] | None:
+        """The layer class wrapping `module`, or None when this method cannot wrap it (see wrap_refusal)."""
+        return None if cls.wrap_refusal(module) else cls._registered_layer_class(module)
+
+    @classmethod
+    def wrap_refusal(cls, module: nn.Module) -> str | None:
+        """None when this method can wrap `module`; otherwise why not, completing "target module 'x' is a T, ..."."""
+        layer_cls = cls._registered_layer_class(module)
+        if layer_cls is None:
+            supported = ", ".join(sorted(t.__name__ for t in cls.layers))
+            return f"which {cls.name} cannot wrap (supported: {supported})"
+        return layer_cls.wrap_refusal(module) if issubclass(layer_cls, AdapterLayer) else None
+
+    @classmethod
+    def _registered_layer_class(cls, module: nn.Module) -> type[nn.Module] | None:
+        """The class registered for the nearest type of `module` along its MRO."""
         for klass in type(module).__mro__:
             if klass in cls.layers:
                 return cls.layers[klass]

@@ -2,8 +2,9 @@
 
 A method gets these by registering: the suite asks it for configs through `sample_configs` (one per variant
 of the method that can wrap the layer: LoRA's plain, DoRA, PiSSA, OLoRA), and runs the checks its declared
-capabilities allow (tuner.py: mergeable, mixed_batch); a check a method cannot take is reported as skipped
-with the reason, never silently dropped. Random (identity=False) adapters also get their trainable tensors
+capabilities allow (tuner.py: mergeable, mixed_batch) and its layers allow (a layer's merge_refusal: LoRA on a
+grouped convolution); a check a method cannot take is reported as skipped with the reason, never silently
+dropped. The layer types live in two toy models (LAYER_TARGETS). Random (identity=False) adapters also get their trainable tensors
 perturbed, as training would, so variants whose init is always the identity are tested non-trivially.
 """
 
@@ -20,12 +21,9 @@ from lorakit.methods.quant import NF4Linear
 from lorakit.registry import registered_methods
 from lorakit.tuner import MERGEABLE, MIXED_BATCH
 
-LAYER_TARGETS = {"linear": "lin", "nf4_linear": "qlin", "conv1d": "fused", "embedding": "emb", "conv2d": "conv"}
-
-
 class ToyModel(nn.Module):
     """Embedding -> Linear -> NF4Linear (quantized base, QLoRA) -> Conv1D (GPT-2 style) -> Conv2d -> head: one
-    of each wrappable layer type."""
+    of each linear-like layer type, and a convolution."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,31 +45,66 @@ class ToyModel(nn.Module):
         return self.head(h.mean(dim=2).flatten(1))  # (B, 5)
 
 
+class ConvAttentionModel(nn.Module):
+    """Embedding -> MultiheadAttention (sequence first, torch's default) -> Conv1d over the sequence -> grouped
+    Conv2d -> Conv3d -> head: the attention and the other convolution layer types. Input: (B, 6) token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16)
+        self.attn = nn.MultiheadAttention(16, num_heads=2)
+        self.seq_conv = nn.Conv1d(16, 8, kernel_size=3, padding=1)
+        self.grouped = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2)  # 2 divides the sample configs' r
+        self.vol_conv = nn.Conv3d(3, 2, kernel_size=2)
+        self.head = nn.Linear(10, 5)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids).transpose(0, 1)  # (T, B, 16)
+        h = self.attn(h, h, h)[0].transpose(0, 1)  # (B, T, 16)
+        h = torch.tanh(self.seq_conv(h.transpose(1, 2)))  # (B, 8, T)
+        b, _, t = h.shape
+        h = self.grouped(h.view(b, 4, 2, t))  # (B, 6, 2, T)
+        h = self.vol_conv(h.view(b, 3, 2, 2, t))  # (B, 2, 1, 1, T - 1)
+        return self.head(h.flatten(1))  # (B, 5)
+
+
+# the expected warning of an adapter on a grouped convolution (it cannot be merged; the merge checks skip it)
+pytestmark = pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
+
+# layer kind -> (a model holding one, its module name)
+LAYER_TARGETS = {
+    "linear": (ToyModel, "lin"), "nf4_linear": (ToyModel, "qlin"), "gpt2_conv1d": (ToyModel, "fused"),
+    "embedding": (ToyModel, "emb"), "conv2d": (ToyModel, "conv"),
+    "mha": (ConvAttentionModel, "attn"), "conv1d": (ConvAttentionModel, "seq_conv"),
+    "grouped_conv2d": (ConvAttentionModel, "grouped"), "conv3d": (ConvAttentionModel, "vol_conv"),
+}
+
 INPUT = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(1))
 
 
 class Case:
-    """One method variant on one layer type."""
+    """One method variant on one layer type (the module `target` of a `model_cls`)."""
 
-    def __init__(self, method, target: str, variant: str) -> None:
-        self.method, self.target, self.variant = method, target, variant
+    def __init__(self, method, model_cls, target: str, variant: str) -> None:
+        self.method, self.model_cls, self.target, self.variant = method, model_cls, target, variant
 
     def config(self, identity: bool):
-        base_layer = ToyModel().get_submodule(self.target)
+        base_layer = self.model_cls().get_submodule(self.target)
         return self.method.sample_configs([self.target], identity, base_layer)[self.variant]
 
 
 def _cases():
     for method in registered_methods():
-        for layer_kind, target in LAYER_TARGETS.items():
-            module = ToyModel().get_submodule(target)
+        for layer_kind, (model_cls, target) in LAYER_TARGETS.items():
+            module = model_cls().get_submodule(target)
             if not method.layer_class_for(module):
-                yield pytest.param(Case(method, target, "plain"), id=f"{method.name}-{layer_kind}",
+                yield pytest.param(Case(method, model_cls, target, "plain"), id=f"{method.name}-{layer_kind}",
                                    marks=pytest.mark.skip(f"{method.name} has no {layer_kind}"))
                 continue
             for variant in method.sample_configs([target], True, module):
                 label = method.name if variant == "plain" else f"{method.name}[{variant}]"
-                yield pytest.param(Case(method, target, variant), id=f"{label}-{layer_kind}")
+                yield pytest.param(Case(method, model_cls, target, variant), id=f"{label}-{layer_kind}")
 
 
 CASES = list(_cases())
@@ -80,6 +113,13 @@ CASES = list(_cases())
 def needs(case: Case, capability: str) -> None:
     if capability not in case.method.capabilities:
         pytest.skip(f"{case.method.name} is not {capability.replace('_', '-')}")
+
+
+def needs_mergeable_layers(model) -> None:
+    """Skip, with the layer's reason, when a wrapped layer cannot merge (LoRA on a grouped convolution)."""
+    for layer in model.modules():
+        if isinstance(layer, AdapterLayer) and layer.merge_refusal():
+            pytest.skip(layer.merge_refusal())
 
 
 @torch.no_grad()
@@ -93,7 +133,7 @@ def perturb(model, name: str, seed: int) -> None:
 
 def build(case: Case, identity=False, seed=0, name="default"):
     torch.manual_seed(seed)
-    model = lorakit.get_peft_model(ToyModel(), case.config(identity), name)
+    model = lorakit.get_peft_model(case.model_cls(), case.config(identity), name)
     if not identity:
         perturb(model, name, seed)
     return model
@@ -111,7 +151,7 @@ def add(model, case: Case, name: str, seed: int) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_identity_init_equals_base(case):
-    base = ToyModel()(INPUT)
+    base = case.model_cls()(INPUT)
     model = build(case, identity=True)
     torch.testing.assert_close(model(input_ids=INPUT), base, atol=1e-6, rtol=0)
 
@@ -120,7 +160,7 @@ def test_identity_init_equals_base(case):
 def test_random_adapter_changes_output(case):
     """Guards the other checks: a random adapter must actually act on the output."""
     model = build(case)
-    assert not torch.allclose(model(input_ids=INPUT), ToyModel()(INPUT), atol=1e-4)
+    assert not torch.allclose(model(input_ids=INPUT), case.model_cls()(INPUT), atol=1e-4)
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:
@@ -140,6 +180,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 def test_merge_unmerge_restores_weights_and_outputs(case):
     needs(case, MERGEABLE)
     model = build(case)
+    needs_mergeable_layers(model)
     before = base_weights(model)
     unmerged_out = model(input_ids=INPUT)
     model.merge_adapter()
@@ -159,9 +200,10 @@ def test_merge_unmerge_restores_weights_and_outputs(case):
 def test_merge_and_unload_gives_plain_model_with_same_output(case):
     needs(case, MERGEABLE)
     model = build(case)
+    needs_mergeable_layers(model)
     expected = model(input_ids=INPUT)
     plain = model.merge_and_unload()
-    assert type(plain) is ToyModel
+    assert type(plain) is case.model_cls
     assert not any(isinstance(m, AdapterHolder) for m in plain.modules())
     torch.testing.assert_close(plain(INPUT), expected, atol=1e-5, rtol=1e-5)
 
@@ -170,7 +212,7 @@ def test_merge_and_unload_gives_plain_model_with_same_output(case):
 def test_save_load_round_trip_is_exact(case, tmp_path):
     model = build(case, seed=3)
     model.save_pretrained(tmp_path)
-    loaded = lorakit.PeftModel.from_pretrained(ToyModel(), str(tmp_path))
+    loaded = lorakit.PeftModel.from_pretrained(case.model_cls(), str(tmp_path))
     saved, restored = model.adapter_state_dict(), loaded.adapter_state_dict()
     assert saved.keys() == restored.keys() and saved
     for key in saved:

@@ -272,7 +272,7 @@ def test_unused_r_warns_as_in_peft():
 
 def test_adalora_on_an_embedding_is_refused():
     with pytest.raises(TypeError, match=r"target module 'emb' is a Embedding, which adalora cannot wrap \(supported: "
-                                        r"Conv1D, Conv2d, Linear\)"):
+                                        r"Conv1D, Conv2d, Linear, NF4Linear\)"):
         get_peft_model(Three(), config(target_modules=["a", "emb"]))
 
 

@@ -1,7 +1,6 @@
 """Which modules a config targets, and the errors when it targets nothing or the wrong thing."""
 
 import pytest
-import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
@@ -62,7 +61,10 @@ def test_unsupported_layer_type_names_module_and_type():
     with pytest.raises(TypeError, match=r"'model.layers.0.input_layernorm' is a LlamaRMSNorm"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["input_layernorm"]))
     ln = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    with pytest.raises(TypeError, match="is a LayerNorm.*supported: Conv1D, Conv2d, Embedding, Linear"):
+    with pytest.raises(TypeError, match="is a LayerNorm.*supported: Conv1D, Conv1d, Conv2d, Conv3d, Embedding, Linear, "
+                                        "MultiheadAttention"):
+        get_peft_model(ln, LoraConfig(target_modules=["1"]))
+    with pytest.raises(ValueError, match="is a LayerNorm"):  # what PEFT raises: code written for it catches ours
         get_peft_model(ln, LoraConfig(target_modules=["1"]))
 
 
@@ -86,9 +88,3 @@ def test_modules_to_save_typo_is_an_error():
     with pytest.raises(ValueError, match="modules_to_save entry 'clasifier'"):
         get_peft_model(tiny_bert_classifier(), LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]))
 
-
-def test_grouped_conv_is_refused_clearly():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(TypeError, match="grouped Conv2d"):
-        get_peft_model(model, LoraConfig(target_modules=["0"]))
-    assert type(model[0]) is nn.Conv2d

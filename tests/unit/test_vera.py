@@ -181,7 +181,7 @@ def test_adapters_that_cannot_share_the_projections_are_refused(second, first, m
 
 def test_layer_types_vera_cannot_wrap_are_refused():
     with pytest.raises(TypeError, match=r"target module 'emb' is a Embedding, which vera cannot wrap \(supported: "
-                                        r"Conv1D, Linear\)"):
+                                        r"Conv1D, Linear, NF4Linear\)"):
         get_peft_model(Mixed(), VeraConfig(r=4, target_modules=["a", "emb"]))
 
 

@@ -86,9 +86,12 @@ def layer_shape(module: nn.Module) -> str | None:
         return f"{module.weight.shape[0]} -> {module.weight.shape[1]}"
     if isinstance(module, nn.Embedding):
         return f"{module.num_embeddings} x {module.embedding_dim}"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         kernel = "x".join(map(str, module.kernel_size))
-        return f"{module.in_channels} -> {module.out_channels}, kernel {kernel}"
+        groups = f", groups {module.groups}" if module.groups > 1 else ""
+        return f"{module.in_channels} -> {module.out_channels}, kernel {kernel}{groups}"
+    if isinstance(module, nn.MultiheadAttention):
+        return f"{module.embed_dim} wide, {module.num_heads} heads"
     return None
 
 

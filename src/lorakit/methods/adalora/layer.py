@@ -104,10 +104,14 @@ class SVDConv2d(AdaLoraLayer):
     """AdaLoRA on nn.Conv2d: Q is (r, d_in * kh * kw); the update P diag(E) Q, reshaped to the kernel's shape, is
     convolved with the input like the base kernel."""
 
+    @classmethod
+    def wrap_refusal(cls, base_layer: nn.Conv2d) -> str | None:
+        if base_layer.groups == 1:
+            return None
+        return (f"with groups={base_layer.groups}: AdaLoRA on a grouped Conv2d is not supported; exclude this module "
+                "(exclude_modules)")
+
     def __init__(self, base_layer: nn.Conv2d) -> None:
-        if base_layer.groups != 1:
-            raise TypeError(f"AdaLoRA on a grouped Conv2d (groups={base_layer.groups}) is not supported; exclude this "
-                            "module (exclude_modules)")
         super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels)
 
     @property

@@ -137,6 +137,10 @@ def combine_lora_adapters(peft_model, adapters: list[str], weights: list[float],
                          svd_driver, svd_full_matrices)
     model = peft_model.get_base_model()
     holders = adapter_holders(model)
+    for path, holder in holders:  # the combinations need each update in the base weight's layout
+        if isinstance(holder, LoraLayer) and any(holder.has_adapter(a) for a in adapters) and holder.merge_refusal():
+            raise ValueError(f"add_weighted_adapter: {path}: {holder.merge_refusal()}. Combine adapters that leave "
+                             "this module out.")
     copies = _trained_copies(holders, adapters)
     targets = sorted(path for path, h in holders if isinstance(h, LoraLayer) and any(h.has_adapter(a) for a in adapters))
     new_config = dataclasses.replace(

@@ -47,7 +47,8 @@ def dense_row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scal
 
 class DoraVariant:
     """DoRA for one adapter of one LoRA layer. The layer provides the matrix view (layer.py): `to_matrix`,
-    `from_matrix`, `matrix_factors`, `magnitude_shape`, `lora_input`, `lora_output`."""
+    `from_matrix`, `matrix_factors`, `norm_factors` (the factors the norm uses), `magnitude_shape`, `lora_input`,
+    `lora_output`."""
 
     label = "DoRA"
 
@@ -58,7 +59,7 @@ class DoraVariant:
     def create(cls, layer, name: str) -> "DoraVariant":
         """Add `lora_magnitude_vector[name]` = ||W0 + s B A|| (computed as PEFT does, for identical files)."""
         with torch.no_grad():
-            a, b = layer.matrix_factors(name)
+            a, b = layer.norm_factors(name)
             weight = layer.to_matrix(layer.dense_base_weight())
             norm = dense_row_norms(weight, a, b, layer.scaling[name])
         layer.lora_magnitude_vector[name] = nn.Parameter(norm.to(a.dtype).reshape(layer.magnitude_shape()))
@@ -67,7 +68,7 @@ class DoraVariant:
     def reset(self, layer, name: str) -> None:
         """Set `lora_magnitude_vector[name]` in place to ||W + s B A|| for the current W, A, B."""
         with torch.no_grad():
-            a, b = layer.matrix_factors(name)
+            a, b = layer.norm_factors(name)
             norm = dense_row_norms(layer.to_matrix(layer.dense_base_weight()), a, b, layer.scaling[name])
             magnitude = layer.lora_magnitude_vector[name]
             magnitude.copy_(norm.to(magnitude.dtype).reshape(magnitude.shape))
@@ -75,7 +76,7 @@ class DoraVariant:
     def scale(self, layer, name: str) -> torch.Tensor:
         """m / ||W + s B A||, shaped like m (broadcasts over the layer's output); the norm carries no gradient."""
         magnitude = layer.lora_magnitude_vector[name]
-        norm = row_norms(layer.to_matrix(layer.dense_base_weight()), *layer.matrix_factors(name),
+        norm = row_norms(layer.to_matrix(layer.dense_base_weight()), *layer.norm_factors(name),
                          layer.scaling[name])
         return magnitude / norm.view(magnitude.shape)
 

@@ -8,10 +8,12 @@ files match PEFT.
 
 Every layer type also offers a "matrix view" of itself, so that initialisations (init.py), variants (dora.py)
 and adapter arithmetic (arithmetic.py) are written once for all types: `to_matrix(W)` gives the base weight
-as a (d_out, d_in) matrix (GPT-2's Conv1D and embeddings are stored transposed, a Conv2d kernel is flattened to
-(out, in*kh*kw)), `from_matrix` goes back, and `matrix_factors(name)` gives A as (r, d_in) and B as (d_out, r).
+as a (d_out, d_in) matrix (GPT-2's Conv1D and embeddings are stored transposed, a convolution kernel is flattened
+to (out, in*k)), `from_matrix` goes back, and `matrix_factors(name)` gives A as (r, d_in) and B as (d_out, r).
 An adapter may carry a variant: a strategy object that replaces the plain `s B A x` term and the merge
 (`VARIANTS`; DoRA today).
+
+Convolutions (Conv1d/2d/3d, grouped or not) are in conv.py, nn.MultiheadAttention in mha.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapter_layer import AdapterLayer, adapter_dtype
+from lorakit.adapter_layer import AdapterLayer, UnsupportedLayerError, adapter_dtype
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.dora import DoraVariant
 from lorakit.methods.lora.fused import compute_dtype, lora_linear
@@ -92,18 +94,19 @@ class LoraLayer(AdapterLayer):
         variant = requested_variant(config)
         if variant is not None and variant not in self.variants:
             flag = next(f for f, v in VARIANT_FLAGS.items() if v == variant)
-            raise TypeError(f"LoraConfig.{flag}=True: {VARIANTS[variant].label} cannot run on {module_name}, a "
-                            f"{type(self.base_layer).__name__} ({type(self).__name__}); exclude this module "
-                            f"(exclude_modules) or set {flag}=False")
+            raise UnsupportedLayerError(
+                f"LoraConfig.{flag}=True: {VARIANTS[variant].label} cannot run on {module_name}, a "
+                f"{type(self.base_layer).__name__} ({type(self).__name__}); exclude this module (exclude_modules) or "
+                f"set {flag}=False")
         return variant
 
     def _init_fn(self, config: LoraConfig, module_name: str):
         key = init_key(config.init_lora_weights)
         if key not in self.init_fns:
-            raise TypeError(f"LoraConfig.init_lora_weights={config.init_lora_weights!r} cannot initialise "
-                            f"{module_name}, a {type(self.base_layer).__name__}; this layer type takes "
-                            f"{allowed_values(self.init_fns)}. Exclude the module (exclude_modules) or choose "
-                            "another init.")
+            raise UnsupportedLayerError(
+                f"LoraConfig.init_lora_weights={config.init_lora_weights!r} cannot initialise {module_name}, a "
+                f"{type(self.base_layer).__name__}; this layer type takes {allowed_values(self.init_fns)}. Exclude the "
+                "module (exclude_modules) or choose another init.")
         return self.init_fns[key]
 
     def reset_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
@@ -135,6 +138,11 @@ class LoraLayer(AdapterLayer):
     def matrix_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A as (r, d_in), B as (d_out, r)): views of the live tensors."""
         raise NotImplementedError
+
+    def norm_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) such that s B A is what DoRA's weight norm adds to the rows of to_matrix(W): the matrix factors,
+        except where the update does not have W's layout (grouped convolutions, conv.py)."""
+        return self.matrix_factors(name)
 
     def magnitude_shape(self) -> tuple[int, ...]:
         """Shape of DoRA's magnitude vector, one value per output channel, broadcastable over this layer's
@@ -294,42 +302,3 @@ class LoraEmbedding(LoraLayer):
                               base.norm_type, base.scale_grad_by_freq, base.sparse)
         return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
 
-
-class LoraConv2d(LoraLayer):
-    """LoRA on nn.Conv2d: A is a conv with the base's kernel, stride, padding (r output channels),
-    B a 1x1 conv from r to the output channels. As matrices: W (out, in*kh*kw), A (r, in*kh*kw), B (out, r)."""
-
-    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
-    init_fns = {key: INIT_FNS[key] for key in PLAIN_INITS}  # PEFT has no PiSSA/OLoRA for convolutions
-
-    def __init__(self, base_layer: nn.Conv2d) -> None:
-        if base_layer.groups != 1:
-            raise TypeError(f"LoRA on a grouped Conv2d (groups={base_layer.groups}) is not supported; "
-                            "exclude this module (exclude_modules)")
-        super().__init__(base_layer)
-        self.kernel_shape = tuple(base_layer.weight.shape)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
-    def _create_tensors(self, name: str, r: int) -> None:
-        base = self.base_layer
-        kwargs = dict(bias=False, device=self.base_weight.device, dtype=adapter_dtype(self.base_weight))
-        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                      base.dilation, padding_mode=base.padding_mode, **kwargs)
-        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), **kwargs)
-
-    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.reshape(weight.shape[0], -1)
-
-    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.reshape(self.kernel_shape)
-
-    def matrix_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.r[name]
-        return self.lora_A[name].weight.view(r, -1), self.lora_B[name].weight.view(-1, r)
-
-    def magnitude_shape(self) -> tuple[int, ...]:
-        return (1, self.kernel_shape[0], 1, 1)
-
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]

@@ -8,7 +8,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.methods.lora.config import LoraConfig
-from lorakit.methods.lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.methods.lora.conv import LoraConv
+from lorakit.methods.lora.layer import LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.methods.lora.mha import LoraMultiheadAttention
 from lorakit.methods.quant import NF4Linear
 from lorakit.registry import register_method
 from lorakit.state import adapter_holders
@@ -27,7 +29,8 @@ class LoraTuner(Tuner):
     display_name = "LoRA"
     # NF4Linear (QLoRA): a quantized linear base layer, wrapped like nn.Linear (its `weight` gives shape and dtype)
     layers = {nn.Linear: LoraLinear, Conv1D: LoraLinear, NF4Linear: LoraLinear, nn.Embedding: LoraEmbedding,
-              nn.Conv2d: LoraConv2d}
+              nn.Conv1d: LoraConv, nn.Conv2d: LoraConv, nn.Conv3d: LoraConv,
+              nn.MultiheadAttention: LoraMultiheadAttention}
     train_options = frozenset({"loraplus_lr_ratio", "lora_fa"})
 
     def __init__(self, host: nn.Module, config: LoraConfig, adapter_name: str) -> None:
@@ -94,15 +97,17 @@ class LoraTuner(Tuner):
 
     @classmethod
     def sample_configs(cls, target_modules: list[str], identity: bool, base_layer: nn.Module) -> dict[str, LoraConfig]:
-        """Plain LoRA and DoRA on every layer type; PiSSA and OLoRA (which rewrite the base weight) on linear layers
-        (their init is the identity either way; the suite perturbs identity=False adapters)."""
+        """Plain LoRA, and each variant (DoRA) and base-rewriting init (PiSSA, OLoRA) the layer class wrapping
+        `base_layer` can run (their init is the identity either way; the suite perturbs identity=False adapters)."""
         plain = cls.sample_config(target_modules, identity)
-        configs = {"plain": plain, "dora": dataclasses.replace(plain, use_dora=True)}
-        if isinstance(base_layer, (nn.Linear, Conv1D)):
-            configs["pissa"] = dataclasses.replace(plain, init_lora_weights="pissa")
-            configs["olora"] = dataclasses.replace(plain, init_lora_weights="olora")
+        layer_cls = cls.layer_class_for(base_layer)
+        configs = {"plain": plain}
+        if "dora" in layer_cls.variants:
+            configs["dora"] = dataclasses.replace(plain, use_dora=True)
+        for init in ("pissa", "olora"):
+            if init in layer_cls.init_fns:
+                configs[init] = dataclasses.replace(plain, init_lora_weights=init)
         return configs
-
 
 def enable_lora_fa(peft_model, adapter_names: list[str] | None = None) -> None:
     """LoRA-FA from Python: freeze the A matrices of these LoRA adapters (default: the active ones) for good, so

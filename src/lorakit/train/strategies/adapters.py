@@ -53,9 +53,13 @@ def adapter_layers(model: PeftModel) -> list[tuple[str, AdapterLayer, str]]:
 
 
 def check_dense_base(layers, title: str) -> None:
-    """Strategies that write W need a float weight Parameter (not a quantized base layer's packed codes)."""
+    """Strategies that write W need a float weight Parameter (not a quantized base layer's packed codes) and an
+    update that fits it (not LoRA on a grouped convolution: merge_refusal)."""
     for path, layer, _ in layers:
-        weight = getattr(layer.base_layer, "weight", None)
+        if layer.merge_refusal():
+            raise ValueError(f"{title} changes the base weights by the adapter's update, but {path}: "
+                             f"{layer.merge_refusal()}. Leave this module out of target_modules.")
+        weight = layer.base_weight  # the weight adapters change (a MultiheadAttention's in_proj_weight)
         if not isinstance(weight, nn.Parameter) or not weight.is_floating_point() or \
                 hasattr(layer.base_layer, "dequantized_weight"):
             raise ValueError(f"{title} changes the base weights, but {path} is a {type(layer.base_layer).__name__} "
@@ -65,7 +69,7 @@ def check_dense_base(layers, title: str) -> None:
 def base_weight_names(model: PeftModel, layers) -> list[str]:
     """Parameter names (in model.named_parameters()) of the base weights under `layers`."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return sorted({names[id(layer.base_layer.weight)] for _, layer, _ in layers})
+    return sorted({names[id(layer.base_weight)] for _, layer, _ in layers})
 
 
 def adapter_parameters(layers) -> list[nn.Parameter]:
