@@ -4,6 +4,8 @@ Each command lives in its own module with two functions; the module docstring is
 
     add_arguments(parser: argparse.ArgumentParser) -> None   # the command's options
     run(args: argparse.Namespace) -> int                      # does the work, returns the exit code
+    parse_args(parser, argv) -> argparse.Namespace            # optional: a command with subcommands (argparse
+                                                              # cannot parse those intermixed), e.g. `bench`
 
 A command's module is imported only when that command runs (or its --help is asked for), so a missing
 or broken command never stops the others.
@@ -44,6 +46,7 @@ COMMANDS = (
     Command("merge", "lorakit.cli.merge", "merge an adapter into its base model and save a plain model"),
     Command("inspect", "lorakit.cli.inspect", "show a model's modules, target candidates and adapter size"),
     Command("data", "lorakit.cli.data", "show how training renders, masks and counts the data (no weights loaded)"),
+    Command("bench", "lorakit.cli.bench", "benchmarks, printed as ratios (train and infer vs PEFT, scale)"),
     # demo.py is written separately; until it exists `lorakit demo` says the command is not available
     Command("demo", "lorakit.cli.demo", "a short fine-tuning demo on the embedded SmolLM2 (offline)"),
 )
@@ -116,7 +119,9 @@ def _main(argv: list[str] | None) -> int:
         command = COMMANDS_BY_NAME[argv[at]]
         module = load_command(command)
         # intermixed: options may come before, between or after positionals (train CONFIG a=1 --overwrite b=2)
-        args = build_command_parser(command, module).parse_intermixed_args(argv[at + 1:])
+        command_parser = build_command_parser(command, module)
+        parse = getattr(module, "parse_args", None)
+        args = parse(command_parser, argv[at + 1:]) if parse else command_parser.parse_intermixed_args(argv[at + 1:])
     except SystemExit as done:  # --help, --version, or a usage error (already printed)
         return done.code if isinstance(done.code, int) else EXIT_OK
     except CommandUnavailable as err:

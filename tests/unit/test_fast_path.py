@@ -1,0 +1,156 @@
+"""The training fast path (docs/performance.md): the fused LoRA linear function against the reference module
+composition, the chunked LM-head cross-entropy against F.cross_entropy, and the head watch that decides when
+the loss may skip the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.eval.metrics import IGNORE_INDEX, summed_token_loss
+from lorakit.methods.lora.fused import LoraLinearFunction
+from lorakit.ops.cross_entropy import linear_cross_entropy
+from lorakit.ops.lm_head import output_head, returns_head_output
+from lorakit.ops.matmul import BACKEND_ENV
+from tests.tiny import tiny_llama
+
+
+def _layer(alpha: int, r: int = 4, d_in: int = 24, d_out: int = 40, bias: bool = True, seed: int = 0):
+    """A LoRA-wrapped linear with random A and B (B nonzero, so the adapter's term matters)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, d_out, bias=bias))
+    wrapped = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False))
+    layer = wrapped.get_base_model()[0]
+    return wrapped, layer
+
+
+def _reference(layer, x):
+    """The reference LoRA linear: base_layer(x) + lora_B(lora_A(x)) * s, as plain modules (PEFT's formula)."""
+    return layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+
+
+def _output_and_grads(layer, x, forward):
+    x = x.detach().clone().requires_grad_(True)
+    out = forward(x)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad_out)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    grads = (x.grad.clone(), a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("alpha", [8, 12])  # s = 2 (a power of two: scaled on the rank-r side), s = 3 (output side)
+def test_fused_fp32_is_bit_for_bit_the_reference_on_the_reference_kernels(monkeypatch, alpha):
+    monkeypatch.setenv(BACKEND_ENV, "aten")  # the reference's kernels: then the math must give the same bits
+    _, layer = _layer(alpha)
+    layer.train()
+    x = torch.randn(3, 5, 24)
+    fused_calls = []
+    original = LoraLinearFunction.forward
+    monkeypatch.setattr(LoraLinearFunction, "forward",
+                        staticmethod(lambda *a: fused_calls.append(1) or original(*a)))
+    fused = _output_and_grads(layer, x, layer)
+    assert fused_calls, "the layer did not take the fused path"
+    reference = _output_and_grads(layer, x, lambda t: _reference(layer, t))
+    for got, want, what in zip(fused, reference, ("output", "dX", "dA", "dB")):
+        assert torch.equal(got, want), f"{what} differs from the reference by {(got - want).abs().max()}"
+
+
+def test_fused_fp32_on_the_default_kernels_agrees_to_fp32_rounding():
+    _, layer = _layer(8)
+    x = torch.randn(3, 5, 24)
+    fused = _output_and_grads(layer, x, layer)
+    reference = _output_and_grads(layer, x, lambda t: _reference(layer, t))
+    for got, want in zip(fused, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_bf16_autocast_returns_fp32_gradients_for_fp32_adapters():
+    _, layer = _layer(8)
+    x = torch.randn(2, 7, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    reference = _reference(layer, x)
+    torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
+
+
+def test_several_adapters_take_the_general_path_with_the_same_result():
+    wrapped, layer = _layer(8)
+    wrapped.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(4, 24)
+    layer.active_adapters = ["default", "other"]
+    both = layer(x)
+    expected = _reference(layer, x) + layer.lora_B["other"](layer.lora_A["other"](x)) * layer.scaling["other"]
+    torch.testing.assert_close(both, expected)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_cross_entropy_matches_full_logits_and_skips_ignored(with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    head = nn.Linear(16, 50, bias=with_bias)
+    labels = torch.randint(0, 50, (37,))
+    labels[::3] = IGNORE_INDEX
+    total = linear_cross_entropy(hidden, head.weight, labels, head.bias, chunk_logits=50 * 5)  # 5 tokens a chunk
+    total.backward()
+    got = (total.detach(), hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad = head.weight.grad = None
+    expected = F.cross_entropy(head(hidden), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(got[0], expected.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], hidden.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], head.weight.grad, rtol=1e-5, atol=1e-5)
+    assert got[1][::3].abs().max() == 0  # an ignored position gets no gradient
+
+
+def _batch(vocab: int, seed: int = 0) -> dict:
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX  # a masked prompt
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _full_logits_loss(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def test_loss_switches_to_hidden_states_after_one_forward_and_keeps_its_value():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    head = output_head(model)
+    assert head is not None and not returns_head_output(head)  # not known before a forward
+    for seed in (0, 1):  # the first batch takes the full logits and watches the head; the second the fast path
+        batch = _batch(model.config.vocab_size, seed)
+        total, count = summed_token_loss(model, batch)
+        assert count == int((F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX).sum())
+        torch.testing.assert_close(total, _full_logits_loss(model, batch), rtol=1e-5, atol=1e-4)
+    assert returns_head_output(head)
+
+
+def test_logits_changed_after_the_head_keep_the_full_logits_loss():
+    """Soft-capped / scaled logits (Gemma 2, Cohere, Granite): the model's logits are not the head's output."""
+    model = tiny_llama()
+    original_forward = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = original_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled_forward
+    head = output_head(model)
+    for seed in (0, 1):
+        batch = _batch(model.config.vocab_size, seed)
+        total, _ = summed_token_loss(model, batch)
+        torch.testing.assert_close(total, _full_logits_loss(model, batch), rtol=1e-5, atol=1e-4)
+    assert not returns_head_output(head)
