@@ -43,7 +43,7 @@ def test_bench_infer_quick_reports_ratios_to_base(model_dir, capsys, tmp_path):
     assert code == 0, stderr
     report = json.loads(out.read_text())
     assert [r["mode"] for r in report["rows"]] == ["base", "mixed", "peft-mixed"]
-    assert report["ratios_to_base"]["base"] == {"forward": 1.0, "decode": 1.0}
+    assert report["ratios_to_base"]["base"] == {"forward": 1.0, "decode": 1.0, "forward_cpu": 1.0, "decode_cpu": 1.0}
     assert all(r["forward_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in report["rows"])
     assert "decode ms/token" in stdout
 

@@ -154,3 +154,60 @@ def test_logits_changed_after_the_head_keep_the_full_logits_loss():
         total, _ = summed_token_loss(model, batch)
         torch.testing.assert_close(total, _full_logits_loss(model, batch), rtol=1e-5, atol=1e-4)
     assert not returns_head_output(head)
+
+
+def _two_adapter_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8))
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False))
+    wrapped.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_modules=["0"], init_lora_weights=False))
+    _train_both(wrapped)
+    return wrapped
+
+
+def _train_both(wrapped) -> None:
+    for name, param in wrapped.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatch):
+    import lorakit.methods.lora.layer as layer_module
+
+    taken = []
+    original = layer_module.mixed_lora_forward
+    monkeypatch.setattr(layer_module, "mixed_lora_forward",
+                        lambda *a: (lambda out: taken.append(out is not None) or out)(original(*a)))
+    wrapped = _two_adapter_model()
+    rows = ["default", "__base__", "other", "default"]  # ranks 4 and 2 (zero-padded), and a base row
+    x = torch.randn(4, 3, 12)
+    mixed = wrapped(x, adapter_names=rows)
+    assert taken and all(taken), "the gathered path did not run"
+    mixed.square().sum().backward()
+    got_grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    wrapped.zero_grad(set_to_none=True)
+    alone = []
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with wrapped.disable_adapter():
+                alone.append(wrapped(x[i:i + 1]))
+        else:
+            wrapped.set_adapter(name)
+            _train_both(wrapped)
+            alone.append(wrapped(x[i:i + 1]))
+    expected = torch.cat(alone)
+    expected.square().sum().backward()
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, wrapped.get_parameter(name).grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in got_grads.items() if ".other." in n)  # both adapters were reached
+
+
+def test_mixed_batch_without_grad_reuses_the_gathered_weights_within_one_call_only():
+    wrapped = _two_adapter_model().eval()
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        first = wrapped(x, adapter_names=["other", "default"])
+        with torch.no_grad():  # a changed adapter shows in the next call: nothing outlives the routing
+            wrapped.get_base_model()[0].lora_B["other"].weight.mul_(2)
+        second = wrapped(x, adapter_names=["other", "default"])
+    assert not torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

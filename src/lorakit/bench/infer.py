@@ -90,18 +90,23 @@ def measure(spec: dict) -> dict:
     prompt = ids[:, :spec["prompt_tokens"]]
     settings = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False,
                     pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    forward_ms, decode_ms = [], []
+    wall: dict[str, list[float]] = {"forward": [], "decode": []}
+    cpu: dict[str, list[float]] = {"forward": [], "decode": []}
+
+    def timed(kind: str, per: int, call) -> None:
+        started, started_cpu = time.perf_counter(), time.process_time()
+        call()
+        wall[kind].append(1000 * (time.perf_counter() - started) / per)
+        cpu[kind].append(1000 * (time.process_time() - started_cpu) / per)
+
     with torch.no_grad():
         model(input_ids=ids, **extra)  # warm-up
         model.generate(input_ids=prompt, **settings, **extra)
         for _ in range(spec["iterations"]):
-            started = time.perf_counter()
-            model(input_ids=ids, **extra)
-            forward_ms.append(1000 * (time.perf_counter() - started))
-            started = time.perf_counter()
-            model.generate(input_ids=prompt, **settings, **extra)
-            decode_ms.append(1000 * (time.perf_counter() - started) / spec["new_tokens"])
-    return {"forward_ms": harness.median(forward_ms), "decode_ms_per_token": harness.median(decode_ms),
+            timed("forward", 1, lambda: model(input_ids=ids, **extra))
+            timed("decode", spec["new_tokens"], lambda: model.generate(input_ids=prompt, **settings, **extra))
+    return {"forward_ms": harness.median(wall["forward"]), "decode_ms_per_token": harness.median(wall["decode"]),
+            "forward_cpu_ms": harness.median(cpu["forward"]), "decode_cpu_ms_per_token": harness.median(cpu["decode"]),
             "threads": torch.get_num_threads()}
 
 
@@ -138,25 +143,33 @@ def run(args: argparse.Namespace) -> int:
             print(f"  run {repeat + 1}: {mode:14} forward {result['forward_ms']:8.1f} ms   decode "
                   f"{result['decode_ms_per_token']:7.2f} ms/token  (load {result['load_before']:.1f})", flush=True)
     rows = []
-    base = {k: harness.median(r[k] for r in results["base"]) for k in ("forward_ms", "decode_ms_per_token")}
+    keys = ("forward_ms", "decode_ms_per_token", "forward_cpu_ms", "decode_cpu_ms_per_token")
+    base = {k: harness.median(r[k] for r in results["base"]) for k in keys}
     for mode in modes:
-        forward = harness.median(r["forward_ms"] for r in results[mode])
-        decode = harness.median(r["decode_ms_per_token"] for r in results[mode])
-        rows.append({"mode": mode, "forward_ms": round(forward, 2), "decode_ms_per_token": round(decode, 3),
-                     "forward_ratio": round(forward / base["forward_ms"], 3),
-                     "decode_ratio": round(decode / base["decode_ms_per_token"], 3),
-                     "load_average": harness.median(r["load_before"] for r in results[mode])})
+        row = {"mode": mode}
+        for key in keys:
+            row[key] = round(harness.median(r[key] for r in results[mode]), 3)
+        row.update(forward_ratio=round(row["forward_ms"] / base["forward_ms"], 3),
+                   decode_ratio=round(row["decode_ms_per_token"] / base["decode_ms_per_token"], 3),
+                   # CPU time of this process: steadier than the wall clock on a shared machine
+                   forward_cpu_ratio=round(row["forward_cpu_ms"] / base["forward_cpu_ms"], 3),
+                   decode_cpu_ratio=round(row["decode_cpu_ms_per_token"] / base["decode_cpu_ms_per_token"], 3),
+                   load_average=harness.median(r["load_before"] for r in results[mode]))
+        rows.append(row)
     report = {"benchmark": "infer", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine(),
               "workload": {k: getattr(args, k) for k in ("model", "dtype", "r", "adapters", "batch", "seq",
                                                           "prompt_tokens", "new_tokens", "iterations", "repeats",
                                                           "quick")},
               "measures": {"forward": "ms per forward over batch x seq tokens",
                            "decode": "ms per generated token (greedy generate(), KV cache, divided by new tokens)"},
-              "rows": rows, "ratios_to_base": {r["mode"]: {"forward": r["forward_ratio"], "decode": r["decode_ratio"]}
-                                               for r in rows}}
+              "rows": rows,
+              "ratios_to_base": {r["mode"]: {"forward": r["forward_ratio"], "decode": r["decode_ratio"],
+                                             "forward_cpu": r["forward_cpu_ratio"], "decode_cpu": r["decode_cpu_ratio"]}
+                                 for r in rows}}
     print()
-    print(harness.table(["mode", "forward ms", "x base", "decode ms/token", "x base", "load"],
-                        [[r["mode"], r["forward_ms"], r["forward_ratio"], r["decode_ms_per_token"], r["decode_ratio"],
-                          r["load_average"]] for r in rows]))
+    print(harness.table(["mode", "forward ms", "x base", "(CPU)", "decode ms/token", "x base", "(CPU)", "load"],
+                        [[r["mode"], r["forward_ms"], r["forward_ratio"], r["forward_cpu_ratio"],
+                          r["decode_ms_per_token"], r["decode_ratio"], r["decode_cpu_ratio"], r["load_average"]]
+                         for r in rows]))
     harness.write_json(args.json, report)
     return 0

@@ -29,6 +29,7 @@ from lorakit.adapter_layer import AdapterLayer, UnsupportedLayerError, adapter_d
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.dora import DoraVariant
 from lorakit.methods.lora.fused import compute_dtype, lora_linear
+from lorakit.methods.lora.mixed import mixed_lora_forward
 from lorakit.methods.lora.init import (
     EMBEDDING_INIT_FNS,
     INIT_FNS,
@@ -232,6 +233,13 @@ class LoraLinear(LoraLayer):
         if weight is None:
             base_out = self.base_layer(x)
         return lora_linear(x, lora_x, base_out, weight, bias, lora_a, lora_b, self.scaling[name])
+
+    def _mixed_batch_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Rows with different adapters: two batched matmuls over per-row weights (mixed.py) where it applies."""
+        if self.merged_adapters:
+            return super()._mixed_batch_forward(x, base_out)  # which refuses
+        fast = mixed_lora_forward(self, x, base_out)
+        return super()._mixed_batch_forward(x, base_out) if fast is None else fast
 
     def _single_running_adapter(self, x: torch.Tensor) -> str | None:
         """The one adapter forward() would add, when exactly one plain-LoRA adapter runs and fused.py applies."""
