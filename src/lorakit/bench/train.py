@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
           f"repetition(s) of {len(runs)} runs, each in a fresh process; load average {harness.load_average()}",
           flush=True)
     results: dict[tuple, list[dict]] = {key: [] for key in runs}
+    failures: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         init_paths = {}
         for variant in {v for _, _, v in runs}:
@@ -157,12 +158,18 @@ def run(args: argparse.Namespace) -> int:
                         "alpha": args.alpha, "lr": args.lr, "steps": args.steps, "warmup": args.warmup,
                         "seed": args.seed, "threads": args.threads, "init_path": init_paths[variant],
                         "memory_split": args.memory_split}
-                result = harness.run_worker(spec)
+                try:
+                    result = harness.run_worker(spec)
+                except harness.WorkerError as err:  # one failed run costs its row, not the others' results
+                    failures.append({"library": library, "setting": setting, "variant": variant, "error": str(err)})
+                    print(f"  run {repeat + 1}: {library:7} {setting:8} {variant:5} FAILED: {err}", flush=True)
+                    continue
                 results[(library, setting, variant)].append(result)
                 print(f"  run {repeat + 1}: {library:7} {setting:8} {variant:5} {result['tokens_per_second']:8.1f} "
                       f"tokens/s  peak RSS {result['peak_rss_mb']:7.0f} MB  (load {result['load_before']:.1f}"
                       f"->{result['load_after']:.1f})", flush=True)
-    report = summarize(args, runs, results)
+    report = summarize(args, [key for key in runs if results[key]], results)
+    report["failed_runs"] = failures
     print()
     print(format_report(report))
     plot = args.plot or (os.path.splitext(args.json)[0] + "_loss.png" if args.json else None)
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         plot_loss_curves(report, plot)
         report["loss_plot"] = plot
     harness.write_json(args.json, report)
-    return 0
+    return 1 if failures else 0
 
 
 def summarize(args, runs, results) -> dict:

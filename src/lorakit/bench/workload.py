@@ -17,6 +17,7 @@ same random-token batches, so their loss curves are comparable step by step.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import torch
@@ -62,11 +63,17 @@ def write_initial_adapter(path: str, model_name: str, r: int, alpha: int, seed: 
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, path)
 
 
+def _common_name(name: str) -> str:
+    """A parameter name both libraries agree on: PEFT holds DoRA's magnitude in a module (`...default.weight`),
+    lorakit in a ParameterDict (`...default`)."""
+    return re.sub(r"(lora_magnitude_vector\.[^.]+)\.weight$", r"\1", name)
+
+
 def load_initial_adapter(model, path: str) -> None:
     from safetensors.torch import load_file
 
-    saved = load_file(path)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {_common_name(n): t for n, t in load_file(path).items()}
+    trainable = {_common_name(n): p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(trainable):
         missing = sorted(set(saved) ^ set(trainable))[:3]
         raise RuntimeError(f"the initial adapter does not match the model's trainable parameters ({missing})")
