@@ -10,8 +10,10 @@ Two measures, both on a batch of --batch rows (eval mode, no gradients):
            milliseconds per generated token (the whole generate() divided by the new tokens)
 Modes: base (the plain transformers model), merged (lorakit, adapter merged into the weights, its layers still
 in place), unmerged (one adapter computed beside the weights), mixed (--adapters adapters loaded, row i uses
-adapter i % N: `adapter_names=`), and peft-unmerged / peft-mixed for reference (--no-peft to skip). Every mode
-runs in a fresh process, the modes take turns, medians of --repeats runs. Targets (docs/performance.md): merged
+adapter i % N: `adapter_names=`), and peft-unmerged / peft-mixed for reference (--no-peft to skip). lorakit's
+modes are built side by side in one fresh process and timed in turns, iteration after iteration (so that load
+changes on a shared machine hit them alike); PEFT's modes likewise in another process, with a base model of
+their own; ratios are to the base timed in the same process; medians of --repeats runs. Targets (docs/performance.md): merged
 <= 1.02x base, unmerged <= 1.10x, mixed <= 1.25x.
 """
 
@@ -80,34 +82,43 @@ def _build(spec: dict):
 
 
 def measure(spec: dict) -> dict:
+    """Every mode of spec["modes"] built side by side in this process, then timed in turns, iteration after
+    iteration, so that load changes hit them alike: {mode: {forward_ms, decode_ms_per_token, *_cpu_*}}."""
     import torch
 
-    model, adapter_names = _build(spec)
-    extra = {"adapter_names": adapter_names} if adapter_names else {}
-    vocab = model.config.vocab_size
+    built = {mode: _build(dict(spec, mode=mode)) for mode in spec["modes"]}
+    vocab = next(iter(built.values()))[0].config.vocab_size
     generator = torch.Generator().manual_seed(spec["seed"])
     ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=generator)
     prompt = ids[:, :spec["prompt_tokens"]]
     settings = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False,
                     pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    wall: dict[str, list[float]] = {"forward": [], "decode": []}
-    cpu: dict[str, list[float]] = {"forward": [], "decode": []}
+    times = {mode: {key: [] for key in ("forward_ms", "decode_ms_per_token", "forward_cpu_ms",
+                                          "decode_cpu_ms_per_token")} for mode in built}
 
-    def timed(kind: str, per: int, call) -> None:
+    def timed(mode: str, kind: str, per: int, call) -> None:
         started, started_cpu = time.perf_counter(), time.process_time()
         call()
-        wall[kind].append(1000 * (time.perf_counter() - started) / per)
-        cpu[kind].append(1000 * (time.process_time() - started_cpu) / per)
+        times[mode][f"{kind}_ms" + ("_per_token" if kind == "decode" else "")].append(
+            1000 * (time.perf_counter() - started) / per)
+        times[mode][f"{kind}_cpu_ms" + ("_per_token" if kind == "decode" else "")].append(
+            1000 * (time.process_time() - started_cpu) / per)
 
     with torch.no_grad():
-        model(input_ids=ids, **extra)  # warm-up
-        model.generate(input_ids=prompt, **settings, **extra)
-        for _ in range(spec["iterations"]):
-            timed("forward", 1, lambda: model(input_ids=ids, **extra))
-            timed("decode", spec["new_tokens"], lambda: model.generate(input_ids=prompt, **settings, **extra))
-    return {"forward_ms": harness.median(wall["forward"]), "decode_ms_per_token": harness.median(wall["decode"]),
-            "forward_cpu_ms": harness.median(cpu["forward"]), "decode_cpu_ms_per_token": harness.median(cpu["decode"]),
-            "threads": torch.get_num_threads()}
+        for iteration in range(spec["iterations"] + 1):  # iteration 0 warms every mode up
+            order = list(built) if iteration % 2 else list(reversed(built))
+            for mode in order:
+                model, adapter_names = built[mode]
+                extra = {"adapter_names": adapter_names} if adapter_names else {}
+                if not iteration:
+                    model(input_ids=ids, **extra)
+                    model.generate(input_ids=prompt, **settings, **extra)
+                    continue
+                timed(mode, "forward", 1, lambda: model(input_ids=ids, **extra))
+                timed(mode, "decode", spec["new_tokens"],
+                      lambda: model.generate(input_ids=prompt, **settings, **extra))
+    return {"modes": {mode: {key: harness.median(values) for key, values in measured.items()}
+                      for mode, measured in times.items()}, "threads": torch.get_num_threads()}
 
 
 # ---- in the parent process ----------------------------------------------------------------------------------
@@ -131,29 +142,42 @@ def run(args: argparse.Namespace) -> int:
           f"of {args.seq} tokens, decode of {args.new_tokens} tokens after {args.prompt_tokens}; {args.repeats} "
           f"repetition(s), each mode in a fresh process; load average {harness.load_average()}", flush=True)
     results: dict[str, list[dict]] = {m: [] for m in modes}
+    # lorakit's modes share one process (interleaved, measure()); PEFT's modes another (PEFT's layers would
+    # otherwise wrap the same base weights); the two processes take turns, repetition after repetition
+    groups = [g for g in ([m for m in modes if not m.startswith("peft")], [m for m in modes if m.startswith("peft")])
+              if g]
+    if "base" not in groups[-1]:
+        groups[-1] = ["base", *groups[-1]]  # each process times the base too: ratios within one process
     for repeat in range(args.repeats):
-        for mode in (modes if repeat % 2 == 0 else list(reversed(modes))):
-            spec = {"kind": "infer", "mode": mode, "library": "peft" if mode.startswith("peft") else "lorakit",
+        for group in (groups if repeat % 2 == 0 else list(reversed(groups))):
+            library = "peft" if any(m.startswith("peft") for m in group) else "lorakit"
+            spec = {"kind": "infer", "modes": group, "library": library,
                     "model": args.model, "dtype": args.dtype, "r": args.r, "adapters": args.adapters,
                     "batch": args.batch, "seq": args.seq, "prompt_tokens": args.prompt_tokens,
                     "new_tokens": args.new_tokens, "iterations": args.iterations, "seed": args.seed,
                     "threads": args.threads}
             result = harness.run_worker(spec)
-            results[mode].append(result)
-            print(f"  run {repeat + 1}: {mode:14} forward {result['forward_ms']:8.1f} ms   decode "
-                  f"{result['decode_ms_per_token']:7.2f} ms/token  (load {result['load_before']:.1f})", flush=True)
+            base_in_process = result["modes"]["base"]
+            for mode, measured in result["modes"].items():
+                if mode == "base" and library == "peft":
+                    continue
+                ratios = {f"{key}_ratio": measured[key] / base_in_process[key] for key in measured}
+                results[mode].append({**measured, **ratios, "load_before": result["load_before"]})
+                print(f"  run {repeat + 1}: {mode:14} forward {measured['forward_ms']:8.1f} ms   decode "
+                      f"{measured['decode_ms_per_token']:7.2f} ms/token   CPU-time ratios to base in the same "
+                      f"process {ratios['forward_cpu_ms_ratio']:.3f} / {ratios['decode_cpu_ms_per_token_ratio']:.3f}"
+                      f"  (load {result['load_before']:.1f})", flush=True)
     rows = []
     keys = ("forward_ms", "decode_ms_per_token", "forward_cpu_ms", "decode_cpu_ms_per_token")
-    base = {k: harness.median(r[k] for r in results["base"]) for k in keys}
     for mode in modes:
         row = {"mode": mode}
         for key in keys:
             row[key] = round(harness.median(r[key] for r in results[mode]), 3)
-        row.update(forward_ratio=round(row["forward_ms"] / base["forward_ms"], 3),
-                   decode_ratio=round(row["decode_ms_per_token"] / base["decode_ms_per_token"], 3),
-                   # CPU time of this process: steadier than the wall clock on a shared machine
-                   forward_cpu_ratio=round(row["forward_cpu_ms"] / base["forward_cpu_ms"], 3),
-                   decode_cpu_ratio=round(row["decode_cpu_ms_per_token"] / base["decode_cpu_ms_per_token"], 3),
+        # ratios to the base measured in the same process, then the median over the repetitions
+        row.update(forward_ratio=_median_ratio(results[mode], "forward_ms"),
+                   decode_ratio=_median_ratio(results[mode], "decode_ms_per_token"),
+                   forward_cpu_ratio=_median_ratio(results[mode], "forward_cpu_ms"),
+                   decode_cpu_ratio=_median_ratio(results[mode], "decode_cpu_ms_per_token"),
                    load_average=harness.median(r["load_before"] for r in results[mode]))
         rows.append(row)
     report = {"benchmark": "infer", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine(),
@@ -173,3 +197,7 @@ def run(args: argparse.Namespace) -> int:
                          for r in rows]))
     harness.write_json(args.json, report)
     return 0
+
+
+def _median_ratio(measured: list[dict], key: str) -> float:
+    return round(harness.median(r[f"{key}_ratio"] for r in measured), 3)

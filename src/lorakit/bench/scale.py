@@ -87,25 +87,35 @@ def run(args: argparse.Namespace) -> int:
                       flush=True)
     rows = []
     for sweep in ("length", "batch"):
-        first = None
+        first = first_cpu = None
         for point in (p for p in todo if p[0] == sweep):
             measured = results[point[1:]]
             speed = harness.median(r["tokens_per_second"] for r in measured)
             first = first or speed
+            cpu_speed = harness.median(point[1] * point[2] / harness.median(r["cpu_seconds"]) for r in measured)
+            first_cpu = first_cpu or cpu_speed
             rows.append({"sweep": sweep, "batch": point[1], "seq": point[2], "tokens_per_step": point[1] * point[2],
                          "tokens_per_second": speed, "relative": round(speed / first, 3),
+                         # per second of the process's CPU time: steadier than the wall clock on a shared machine
+                         "tokens_per_cpu_second": round(cpu_speed, 2), "relative_cpu": round(cpu_speed / first_cpu, 3),
                          "peak_rss_mb": harness.median(r["peak_rss_mb"] for r in measured),
                          "load_average": harness.median(r["load_before"] for r in measured)})
     spread = {s: round(min(r["relative"] for r in rows if r["sweep"] == s) /
                        max(r["relative"] for r in rows if r["sweep"] == s), 3) for s in ("length", "batch")}
+    spread_cpu = {s: round(min(r["relative_cpu"] for r in rows if r["sweep"] == s) /
+                           max(r["relative_cpu"] for r in rows if r["sweep"] == s), 3) for s in ("length", "batch")}
     report = {"benchmark": "scale", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine(),
               "workload": {"model": args.model, "r": args.r, "alpha": args.alpha, "setting": args.setting,
                            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick},
-              "rows": rows, "slowest_over_fastest": spread}
+              "rows": rows, "slowest_over_fastest": spread,
+              "slowest_over_fastest_cpu": spread_cpu}
     print()
-    print(harness.table(["sweep", "batch", "seq", "tokens/s", "relative", "peak RSS MB", "load"],
-                        [[r["sweep"], r["batch"], r["seq"], r["tokens_per_second"], r["relative"], r["peak_rss_mb"],
-                          r["load_average"]] for r in rows]))
-    print(f"slowest / fastest point: lengths {spread['length']}, batches {spread['batch']}")
+    print(harness.table(["sweep", "batch", "seq", "tokens/s", "relative", "tokens/CPU-s", "relative", "peak RSS MB",
+                         "load"],
+                        [[r["sweep"], r["batch"], r["seq"], r["tokens_per_second"], r["relative"],
+                          r["tokens_per_cpu_second"], r["relative_cpu"], r["peak_rss_mb"], r["load_average"]]
+                         for r in rows]))
+    print(f"slowest / fastest point: lengths {spread['length']}, batches {spread['batch']} (per CPU second: "
+          f"lengths {spread_cpu['length']}, batches {spread_cpu['batch']})")
     harness.write_json(args.json, report)
     return 0
