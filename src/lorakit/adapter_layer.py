@@ -173,8 +173,12 @@ class AdapterLayer(AdapterHolder):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output for x (a layer may compute it on a faster kernel: LoraLinear)."""
+        return self.base_layer(x, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base_out = self.base_layer(x, *args, **kwargs)
+        base_out = self.base_forward(x, *args, **kwargs)
         if self.disabled:
             return base_out
         if self.routing is not None:

@@ -211,3 +211,20 @@ def test_mixed_batch_without_grad_reuses_the_gathered_weights_within_one_call_on
             wrapped.get_base_model()[0].lora_B["other"].weight.mul_(2)
         second = wrapped(x, adapter_names=["other", "default"])
     assert not torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_inference_base_matmul_on_the_fast_kernel_matches_the_base_layer(monkeypatch):
+    wrapped, layer = _layer(8)
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        with wrapped.disable_adapter():
+            fast = layer(x)
+            monkeypatch.setenv(BACKEND_ENV, "aten")
+            exact = layer(x)
+            monkeypatch.delenv(BACKEND_ENV)
+        plain = layer.base_layer(x)
+    assert torch.equal(exact, plain)  # on the base layer's own kernels: the base layer's bits
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    out = layer(x.requires_grad_(True))  # with autograd the base layer runs itself (gradients flow to x)
+    out.sum().backward()
+    assert x.grad is not None
