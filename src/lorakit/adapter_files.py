@@ -22,10 +22,17 @@ RUN_ADAPTER_SUBDIR = "adapter"  # where `lorakit train` puts the adapter inside 
 RUN_MODEL_SUBDIR = "model"  # ... and a whole model (full fine-tuning, or a result merged by a trainer strategy)
 
 
-def resolve_adapter_dir(path_or_id: str, **hub_kwargs) -> str:
+def resolve_adapter_dir(path_or_id: str, subfolder: str | None = None, **hub_kwargs) -> str:
     """The adapter directory meant by `path_or_id`: the directory itself, `<dir>/adapter` for a training run's
-    output_dir, or a Hugging Face Hub repo id ("owner/name"), downloaded (works for online users)."""
+    output_dir, or a Hugging Face Hub repo id ("owner/name"), of which only the adapter files are downloaded
+    (lorakit.integrations.hub). subfolder: the adapter inside that directory or repo (PEFT's `subfolder`, e.g. a
+    second adapter saved as `<dir>/<name>`). hub_kwargs: revision, token, cache_dir, local_files_only,
+    force_download (used only for a download)."""
     path = os.fspath(path_or_id)
+    if subfolder:
+        local = os.path.join(path, subfolder)
+        if os.path.isdir(path) or os.path.isdir(local):
+            return resolve_adapter_dir(local)
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return path
     if os.path.isfile(os.path.join(path, RUN_ADAPTER_SUBDIR, CONFIG_NAME)):
@@ -41,21 +48,9 @@ def resolve_adapter_dir(path_or_id: str, **hub_kwargs) -> str:
         raise FileNotFoundError(f"adapter {path!r} is a file; give the adapter directory")
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or not path:
         raise FileNotFoundError(f"adapter {path!r} does not exist")
-    return _download_adapter(path, **hub_kwargs)
+    from lorakit.integrations.hub import download_adapter
 
-
-def _download_adapter(repo_id: str, **hub_kwargs) -> str:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*/" + CONFIG_NAME,
-                                                          "*/" + WEIGHTS_NAME], **hub_kwargs)
-    except Exception as err:  # offline, unknown repo, bad id: all mean the same to the user
-        raise FileNotFoundError(
-            f"Adapter {repo_id!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Pass the directory that "
-            f"holds {CONFIG_NAME} and {WEIGHTS_NAME}."
-        ) from None
+    return download_adapter(path, subfolder=subfolder, **hub_kwargs)
 
 
 def write_adapter(directory: str, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> None:

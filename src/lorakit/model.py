@@ -22,6 +22,9 @@ from lorakit.adapter_files import (
 )
 from lorakit.adapter_layer import BASE_ADAPTER, AdapterHolder, AdapterLayer, BatchRouting
 from lorakit.config import PeftConfig
+from lorakit.integrations.hub import push_adapter
+from lorakit.integrations.model_card import facts_from_model, training_info_from_run, write_model_card
+from lorakit.integrations.signature import forward_with_model_signature
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.registry import method_for_config
 from lorakit.state import adapter_holders, detached_copies, load_adapter_state_dict
@@ -82,6 +85,7 @@ class PeftModel(nn.Module):
         return {name: tuner.config for name, tuner in self.tuners.items()}
 
     # ---- running ---------------------------------------------------------------------------------
+    @forward_with_model_signature  # trainers see the wrapped model's inputs and labels (integrations/signature.py)
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward. adapter_names: one adapter name (or "__base__") per input row."""
         tuners = self._running_tuners()
@@ -243,6 +247,9 @@ class PeftModel(nn.Module):
                     holder.merge(merged[path])
 
     _disabled = False  # inside disable_adapter(): no tuner rewrites inputs or outputs
+    # How the adapter was trained, for its model card (integrations/model_card.py): set by from_pretrained for a
+    # `lorakit train` run's adapter and by the Trainer integration; None: unknown.
+    training_info = None
 
     def _holders(self) -> list[tuple[str, AdapterHolder]]:
         return adapter_holders(self.get_base_model())
@@ -344,7 +351,8 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; give a directory")
         base_name = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
-        for name in self._names_or_active(selected_adapters or list(self.peft_config)):
+        names = self._names_or_active(selected_adapters or list(self.peft_config))
+        for name in names:
             tensors = self.adapter_state_dict(name)  # on every process: sharded tensors are gathered
             if not is_main_process:
                 continue
@@ -356,6 +364,8 @@ class PeftModel(nn.Module):
                                          base_model_name_or_path=config.base_model_name_or_path or base_name)
             directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
             write_adapter(directory, config, tensors)
+        if is_main_process:  # README.md, as PEFT writes one; a README lorakit did not write is kept
+            write_model_card(save_directory, facts_from_model(self, names))
 
     def adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         """One adapter's tensors keyed as in PEFT files (adapter name removed), without those its method rebuilds
@@ -385,6 +395,7 @@ class PeftModel(nn.Module):
         except Exception:
             peft_model.unload()  # give the caller back the model exactly as it was
             raise
+        peft_model.training_info = training_info_from_run(directory)
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
@@ -399,6 +410,12 @@ class PeftModel(nn.Module):
         except Exception:
             self._forget(adapter_name)
             raise
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapter files and a model card (README.md) to the Hub repository `repo_id`, and nothing of
+        the base model. Keyword arguments as transformers' push_to_hub (commit_message, private, token, revision,
+        create_pr, tags, ...) plus selected_adapters; see lorakit.integrations.hub."""
+        return push_adapter(self, repo_id, **kwargs)
 
     # ---- training ---------------------------------------------------------------------------------
     def configure_training(self, args) -> None:

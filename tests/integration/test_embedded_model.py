@@ -41,3 +41,29 @@ def test_minilm_sequence_classification_forward():
         logits = model(**batch).logits
     assert logits.shape == (2, 2)
     assert torch.isfinite(logits).all()
+
+
+def test_adapters_name_an_embedded_base_by_its_hub_id(tmp_path, capsys):
+    """adapter_config.json records HuggingFaceTB/SmolLM2-135M-Instruct, not this machine's cache path, and lorakit
+    resolves that id back to the embedded copy offline: `lorakit generate --adapter X` needs no --model."""
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.models import SMOLLM2, converted_model_dir
+    from tests.integration.cli_support import run_cli
+
+    model, _ = load_model_and_tokenizer("smollm2", device="cpu")
+    assert model.config.name_or_path == SMOLLM2.hub_id
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path)
+    config = (tmp_path / "adapter_config.json").read_text()
+    assert f'"base_model_name_or_path": "{SMOLLM2.hub_id}"' in config and str(converted_model_dir()) not in config
+    card = (tmp_path / "README.md").read_text()
+    assert f"base_model: {SMOLLM2.hub_id}" in card and "lorakit's embedded copy" in card
+    code, out, err = run_cli(capsys, "generate", "--adapter", tmp_path, "--prompt", "Hi", "--max-new-tokens", "2")
+    assert code == 0, err
+    assert out.strip()
+
+
+def test_the_hub_id_of_minilm_loads_the_embedded_copy():
+    model, _ = load_model_and_tokenizer("sentence-transformers/all-MiniLM-L6-v2", task_type="SEQ_CLS", num_labels=2,
+                                        device="cpu")
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.config.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"

@@ -8,7 +8,6 @@ import torch
 
 import lorakit
 from tests.interop.conftest import (
-    ARCHS,
     Arch,
     arch_params,
     assert_adapter_acts,

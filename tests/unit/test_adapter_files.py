@@ -23,7 +23,7 @@ def saved(tmp_path):
 
 def test_files_use_peft_names_and_layout(saved, tmp_path):
     model, directory = saved
-    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(directory)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     keys = sorted(load_file(directory / "adapter_model.safetensors"))
     assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" and len(keys) == 8
     config = json.loads((directory / "adapter_config.json").read_text())

@@ -67,7 +67,7 @@ def test_disable_adapter_while_merged_then_merged_again(two_adapters):
 
 
 def test_several_active_adapters_add_up(two_adapters):
-    base, only_a = logits(tiny_llama()), logits(two_adapters)
+    only_a = logits(two_adapters)
     two_adapters.set_adapter("b")
     only_b = logits(two_adapters)
     two_adapters.set_adapter(["a", "b"])

@@ -63,12 +63,13 @@ def must_not_convert(out_dir: Path) -> None:
 # --- aliases and the cache location -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("alias", ["smollm2", "SmolLM2", "SmolLM2-135M-Instruct", " smollm2-135m-instruct "])
+@pytest.mark.parametrize("alias", ["smollm2", "SmolLM2", "SmolLM2-135M-Instruct", " smollm2-135m-instruct ",
+                                   "HuggingFaceTB/SmolLM2-135M-Instruct"])
 def test_smollm2_aliases(alias):
     assert embedded_model_for(alias) is SMOLLM2
 
 
-@pytest.mark.parametrize("alias", ["minilm", "MiniLM", "all-MiniLM-L6-v2"])
+@pytest.mark.parametrize("alias", ["minilm", "MiniLM", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"])
 def test_minilm_aliases(alias):
     assert embedded_model_for(alias) is MINILM
 

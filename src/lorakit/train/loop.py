@@ -28,6 +28,7 @@ from lorakit.adapter_files import RUN_ADAPTER_SUBDIR, RUN_MODEL_SUBDIR
 from lorakit.atomic import disk_full_says, replace_directory, tensor_bytes
 from lorakit.config import write_json_atomic
 from lorakit.eval.metrics import summed_token_loss
+from lorakit.integrations.model_card import write_run_card
 from lorakit.label_names import write_label_names
 from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
@@ -366,6 +367,8 @@ def _write_final(result: TrainResult, cfg: RunConfig, log: MetricsLog, merge_res
     with disk_full_says("train_results.json and loss_curve.png", out, advice=f"The {os.path.basename(target)} is "
                         f"saved in {target}."):
         write_json_atomic(os.path.join(out, "train_results.json"), summary)
+        if os.path.basename(target) == RUN_ADAPTER_SUBDIR:  # the adapter's model card, now with the final metrics
+            write_run_card(target)
         plot_loss_curve(log.records(), os.path.join(out, "loss_curve.png"))
 
 
