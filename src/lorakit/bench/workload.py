@@ -5,7 +5,7 @@ Training settings (both libraries unless noted):
   fp32      fp32 weights, fp32 compute (lorakit: the exact path)
   bf16      weights loaded in bf16, adapters fp32 (both libraries' default for a bf16 model), no autocast
   autocast  fp32 weights under torch.autocast(bf16)
-  default   lorakit only: what `lorakit train` does with its defaults (train.bf16=auto: frozen weights in bf16
+  default   lorakit only: what `lorakit train train.bf16=auto` does ( frozen weights in bf16
             where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py)
 
 One step = forward, loss, backward, AdamW step. PEFT's loss is the model's own (`labels=` in the forward, as a

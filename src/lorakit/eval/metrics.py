@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit.eval.generation import model_device
 from lorakit.ops.cross_entropy import linear_cross_entropy
-from lorakit.ops.lm_head import head_returns_its_input, output_head, returns_head_output, watch_head
+from lorakit.ops.lm_head import head_returns_its_input, plain_output_head
 
 IGNORE_INDEX = -100  # label value that takes no part in the loss (HF convention)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -117,10 +117,10 @@ def summed_token_loss(model: nn.Module, batch: Mapping, config=None) -> tuple[to
     """(sum of per-token cross-entropies as an fp32 tensor with grad, number of label tokens) for one batch.
 
     Causal LM: logits[:, t] predicts labels[:, t + 1]; the labels are shifted (not the logits, which would copy
-    them). Once a forward has shown that the model returns its head's output unchanged (lorakit.ops.lm_head),
-    the loss is computed from the final hidden states in chunks (lorakit.ops.cross_entropy): the full logits
-    are never formed, and positions without a label cost nothing. Otherwise (and for that first batch) from the
-    logits, in fp32 so that a bf16 model's loss sum keeps its precision over many tokens.
+    them). When the model returns its head's output unchanged (lorakit.ops.lm_head), the loss is computed from
+    the final hidden states in chunks (lorakit.ops.cross_entropy): the full logits are never formed, and
+    positions without a label cost nothing. Otherwise from the logits, in fp32 so that a bf16 model's loss sum
+    keeps its precision over many tokens.
     Encoder-decoder: the model builds decoder inputs from `labels`; logits and labels are aligned.
     Sequence classification (labels of shape (B,)): one "token" per example.
     Decoder models run with use_cache=False: a KV cache would disable packed-sequence masking.
@@ -136,16 +136,14 @@ def summed_token_loss(model: nn.Module, batch: Mapping, config=None) -> tuple[to
     causal = labels.dim() > 1 and not encoder_decoder
     if causal:
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t is scored against token t + 1
-    head = output_head(model) if causal else None
-    if returns_head_output(head):
+    head = plain_output_head(model) if causal else None
+    if head is not None:
         with head_returns_its_input(head):
             hidden = _logits(model(**inputs))
         total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1),
                                      head.bias)
     else:
-        with watch_head(head) as watched:  # a head seen for the first time: does the model return its output?
-            logits = _logits(model(**inputs))
-        watched.conclude(logits)
+        logits = _logits(model(**inputs))
         total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
     return total, int((labels != IGNORE_INDEX).sum())

@@ -69,9 +69,10 @@ class TrainArgs:
     # Clip the gradient norm to this value; 0 = no clipping.
     max_grad_norm: float = 1.0
     # bfloat16 compute with fp32 master weights: auto (where bf16 matmuls are fast: CUDA, CPUs with AVX512-BF16
-    # or AMX), true, or false (fp32 throughout, the exact path). Adapter runs store the frozen weights in bf16;
-    # trained weights and the optimizer state stay fp32 (lorakit/train/precision.py).
-    bf16: bool | str = "auto"
+    # or AMX), true, or false (fp32 throughout, the exact path; the default). Adapter runs store the frozen
+    # weights in bf16 (so the returned in-memory model holds bf16 base weights); trained weights and the optimizer
+    # state stay fp32 (lorakit/train/precision.py).
+    bf16: bool | str = False
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
     # Seed of initialisation, data order and dropout: the same seed gives the same run.

@@ -188,8 +188,8 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                 if args.eval_steps and position.step % args.eval_steps == 0 and val_rows:
                     _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, autocast)
                     wrapped.train()
-                # one process: the flag as it is now; several: as the step's one all-reduce saw it on any of them
-                interrupted = stop_everywhere if ctx.enabled else stop.requested
+                # the flag as the step read it (once per step), summed over the processes by the step's all-reduce
+                interrupted = stop_everywhere
                 if interrupted or (args.save_steps and position.step % args.save_steps == 0):
                     _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, fingerprint, meter,
                                      info, cfg, ctx)

@@ -1,4 +1,4 @@
-"""The numeric precision of a training run: `train.bf16` = auto (default) | true | false.
+"""The numeric precision of a training run: `train.bf16` = auto | true | false (default).
 
 - false: fp32 everywhere, the exact path.
 - true: bf16 compute with fp32 master weights. In adapter runs the frozen weights are stored in bf16 (cast once,
@@ -19,6 +19,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from lorakit.state import adapter_holders
 
 BF16_CHOICES = ("auto", True, False)
 
@@ -56,9 +58,12 @@ def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset())
     """Cast every frozen floating-point parameter of `model` to bf16 in place, except those named in `keep`
     (and any sharing storage with a trainable one). Returns the number of values cast."""
     trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
+    # adapter tensors stay as they are, frozen ones too (LoRA-FA's A is saved in the adapter file in fp32)
+    adapter_tensors = {id(p) for _, holder in adapter_holders(model)
+                       for name, p in holder.named_parameters() if not name.startswith("base_layer.")}
     cast = 0
     for name, param in model.named_parameters(remove_duplicate=False):
-        if param.requires_grad or name in keep or not param.is_floating_point() or param.dtype == torch.bfloat16:
+        if param.requires_grad or name in keep or id(param) in adapter_tensors or not param.is_floating_point() or param.dtype == torch.bfloat16:
             continue
         if param.untyped_storage().data_ptr() in trainable:
             continue
