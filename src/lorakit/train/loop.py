@@ -188,8 +188,8 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                 if args.eval_steps and position.step % args.eval_steps == 0 and val_rows:
                     _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, autocast)
                     wrapped.train()
-                # the flag as the step read it (once per step), summed over the processes by the step's all-reduce
-                interrupted = stop_everywhere
+                # read once per step, after it (a Ctrl-C during step k stops after step k), on every process
+                interrupted = ctx.any_flag(stop.requested)
                 if interrupted or (args.save_steps and position.step % args.save_steps == 0):
                     _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, fingerprint, meter,
                                      info, cfg, ctx)
@@ -248,7 +248,7 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     sums = torch.stack([local_loss.to(ctx.device), torch.tensor(float(local_inputs), dtype=torch.float64,
-                        device=ctx.device), torch.tensor(float(stop.requested), dtype=torch.float64, device=ctx.device)])
+                        device=ctx.device), torch.tensor(0.0, dtype=torch.float64, device=ctx.device)])
     summed_loss, inputs, stops = ctx.sum_tensor(sums).tolist()
     loss, grad_norm = summed_loss / max(total_tokens, 1), float(grad_norm)
     if math.isfinite(loss) and math.isfinite(grad_norm):
