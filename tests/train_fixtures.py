@@ -116,7 +116,8 @@ def base_run_dict(tmp_path, model=None, data=None, output: str = "run") -> dict:
         "output_dir": str(tmp_path / output),
         "data": {"path": str(data)},
         "adapter": {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
-        "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 4, "logging_steps": 1},
+        # fp32: these runs check exact numerics (bf16=auto would pick bf16 on CPUs with native bf16)
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 4, "logging_steps": 1, "bf16": False},
         "eval": {"generate": False, "max_new_tokens": 4, "max_samples": 2, "batch_size": 4},
     }
 

@@ -40,6 +40,9 @@ class BatchRouting:
     def __init__(self, names: list[str]):
         self.names = list(names)
         self._cache: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+        # what a layer may keep while this routing lasts (one mixed batch, or one generate() call), by its own
+        # key: e.g. its adapters' weights gathered per row (methods/lora/mixed.py); dropped with the routing
+        self.layer_state: dict = {}
 
     def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """[(adapter name, LongTensor of row indices)] covering every row once."""
@@ -54,6 +57,14 @@ class BatchRouting:
                 rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
             self._cache[key] = [(n, torch.tensor(r, device=device)) for n, r in rows.items()]
         return self._cache[key]
+
+    def row_names(self, batch_size: int) -> list[str]:
+        """The adapter name of every row of a batch of `batch_size` rows (names repeated as groups() does)."""
+        if batch_size % len(self.names):
+            raise ValueError(f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
+                             "give one adapter name per input row")
+        repeat = batch_size // len(self.names)
+        return [name for name in self.names for _ in range(repeat)]
 
 
 class AdapterHolder(nn.Module):
@@ -188,8 +199,12 @@ class AdapterLayer(AdapterHolder):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output for x (a layer may compute it on a faster kernel: LoraLinear)."""
+        return self.base_layer(x, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base_out = self.base_layer(x, *args, **kwargs)
+        base_out = self.base_forward(x, *args, **kwargs)
         if self.disabled:
             return base_out
         if self.routing is not None:

@@ -130,6 +130,15 @@ def one_cpu_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def same_matmul_kernels_as_peft(monkeypatch):
+    """PEFT's layers multiply with PyTorch's own kernels (MKL on CPU); lorakit's fused LoRA layer picks oneDNN
+    for CPU fp32 where it is faster (lorakit/ops/matmul.py), which sums in another order. These tests compare
+    the math, several of them bit for bit, so both libraries run the same kernels here;
+    tests/unit/test_fast_path.py compares the two kernel choices."""
+    monkeypatch.setenv("LORAKIT_MATMUL", "aten")
+
+
 def arch_params(only: Callable[[Arch], bool] = lambda a: True) -> list:
     return [pytest.param(a, id=a.name) for a in ARCHS.values() if only(a)]
 

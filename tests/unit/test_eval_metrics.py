@@ -184,7 +184,8 @@ def test_evaluate_loss_restores_training_mode_and_uses_eval_mode():
     first = evaluate_loss(model, [batch])["loss"]
     second = evaluate_loss(model, [batch])["loss"]
     assert model.training is True
-    assert seen_modes == [False, False]
+    # every forward in eval mode (the first also runs the LM-head probe's forwards, lorakit/ops/lm_head.py)
+    assert len(seen_modes) >= 2 and not any(seen_modes)
     assert first == second  # dropout off, so deterministic
     assert all(p.grad is None for p in model.parameters())
 

@@ -1,10 +1,15 @@
 """Benchmarks: lorakit against the obvious alternative on this machine, printed as ratios.
 
-    lorakit bench serve --quick          # a smoke run in about a minute
-    lorakit bench serve                  # the full serving benchmark (docs/serving.md explains the numbers)
+    lorakit bench train --json out.json  # training step vs HuggingFace PEFT: speed, memory, loss curves
+    lorakit bench infer                  # inference latency: base / merged / unmerged / mixed batch of 8 adapters
+    lorakit bench scale                  # training tokens/s over sequence lengths 128..2048 and batches 1..16
+    lorakit bench serve                  # serving 8 adapters mixed vs the base alone and vs PEFT one at a time
+    lorakit bench train --quick          # any of them as a smoke run (a minute or two)
 
 Each benchmark is a module of lorakit.bench with add_arguments(parser) and run(args), like a command;
-`lorakit bench <name> --help` shows its options. Benchmarks are never run as timed tests.
+`lorakit bench <name> --help` shows its options. Every measurement runs in a fresh process, the compared ways
+take turns, and medians are reported with the load average (lorakit/bench/harness.py; docs/performance.md).
+Benchmarks are never run as timed tests. docs/serving.md explains the serving benchmark's numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import importlib
 
 # benchmark name -> (module, one-line summary); add a benchmark by adding a line here
 BENCHMARKS = {
+    "train": ("lorakit.bench.train", "LoRA training step vs PEFT: tokens/s, peak memory, loss curves"),
+    "infer": ("lorakit.bench.infer", "inference latency of base, merged, unmerged and mixed-adapter batches"),
+    "scale": ("lorakit.bench.scale", "training tokens/s over sequence lengths and batch sizes"),
     "serve": ("lorakit.bench.serve", "mixed-adapter batched serving vs the base model alone and vs PEFT one at a time"),
 }
 

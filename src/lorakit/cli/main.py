@@ -47,7 +47,7 @@ COMMANDS = (
     Command("inspect", "lorakit.cli.inspect", "show a model's modules, target candidates and adapter size"),
     Command("data", "lorakit.cli.data", "show how training renders, masks and counts the data (no weights loaded)"),
     Command("serve", "lorakit.cli.serve", "serve a base model and many adapters over an OpenAI-compatible HTTP API"),
-    Command("bench", "lorakit.cli.bench", "benchmarks, printed as ratios (serve: batched adapters vs base and PEFT)"),
+    Command("bench", "lorakit.cli.bench", "benchmarks, printed as ratios (train, infer and serve vs PEFT; scale)"),
     # demo.py is written separately; until it exists `lorakit demo` says the command is not available
     Command("demo", "lorakit.cli.demo", "a short fine-tuning demo on the embedded SmolLM2 (offline)"),
 )

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_run_config
     from lorakit.train.loop import run_training
+    from lorakit.train.runtime import tune_process
 
     cfg = load_run_config(args.config, args.overrides)
     main = is_main_process()
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if main:
         print(f"training {cfg.model} ({cfg.finetuning_type}) on {cfg.data.path} -> {cfg.output_dir}", flush=True)
+    tune_process()  # the process is ours: keep freed memory for reuse (lorakit/train/runtime.py)
     result = run_training(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
     if not main:
         return 130 if result.interrupted else 0

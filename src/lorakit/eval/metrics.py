@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.eval.generation import model_device
+from lorakit.ops.cross_entropy import linear_cross_entropy
+from lorakit.ops.lm_head import head_returns_its_input, plain_output_head
 
 IGNORE_INDEX = -100  # label value that takes no part in the loss (HF convention)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -112,9 +114,13 @@ def perplexity(mean_loss: float) -> float:
 
 
 def summed_token_loss(model: nn.Module, batch: Mapping, config=None) -> tuple[torch.Tensor, int]:
-    """(sum of per-token cross-entropies as a tensor with grad, number of label tokens) for one batch.
+    """(sum of per-token cross-entropies as an fp32 tensor with grad, number of label tokens) for one batch.
 
-    Causal LM: logits[:, t] predicts labels[:, t + 1], so labels are shifted by one as HF does.
+    Causal LM: logits[:, t] predicts labels[:, t + 1]; the labels are shifted (not the logits, which would copy
+    them). When the model returns its head's output unchanged (lorakit.ops.lm_head), the loss is computed from
+    the final hidden states in chunks (lorakit.ops.cross_entropy): the full logits are never formed, and
+    positions without a label cost nothing. Otherwise from the logits, in fp32 so that a bf16 model's loss sum
+    keeps its precision over many tokens.
     Encoder-decoder: the model builds decoder inputs from `labels`; logits and labels are aligned.
     Sequence classification (labels of shape (B,)): one "token" per example.
     Decoder models run with use_cache=False: a KV cache would disable packed-sequence masking.
@@ -127,15 +133,24 @@ def summed_token_loss(model: nn.Module, batch: Mapping, config=None) -> tuple[to
     inputs = {k: v for k, v in batch.items() if k != "labels" or encoder_decoder}
     if getattr(config, "use_cache", None) is not None and labels.dim() > 1:
         inputs["use_cache"] = False
-    outputs = model(**inputs)
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    if labels.dim() > 1 and not encoder_decoder:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    # fp32 so a bf16 model's loss sum does not lose precision over many tokens
-    total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    causal = labels.dim() > 1 and not encoder_decoder
+    if causal:
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t is scored against token t + 1
+    head = plain_output_head(model) if causal else None
+    if head is not None:
+        with head_returns_its_input(head):
+            hidden = _logits(model(**inputs))
+        total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1),
+                                     head.bias)
+    else:
+        logits = _logits(model(**inputs))
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
     return total, int((labels != IGNORE_INDEX).sum())
+
+
+def _logits(outputs) -> torch.Tensor:
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
 
 
 def _batch_to_device(batch, index: int, device: torch.device) -> dict:

@@ -29,6 +29,7 @@ from lorakit.registry import get_method
 from lorakit.tasks import TRAINABLE_TASK_TYPES
 from lorakit.text_files import read_text
 from lorakit.train.data import DataConfig
+from lorakit.train.precision import check_bf16_option
 
 # adapter: train the adapter described by `adapter:` (any method); "lora" is the same (kept from before
 # methods other than LoRA existed). full: every weight. freeze: the last train.freeze_trainable_layers blocks.
@@ -67,8 +68,11 @@ class TrainArgs:
     gradient_accumulation_steps: int = 1
     # Clip the gradient norm to this value; 0 = no clipping.
     max_grad_norm: float = 1.0
-    # Compute in bfloat16 with autocast (weights and optimizer state stay fp32).
-    bf16: bool = False
+    # bfloat16 compute with fp32 master weights: auto (where bf16 matmuls are fast: CUDA, CPUs with AVX512-BF16
+    # or AMX), true, or false (fp32 throughout, the exact path; the default). Adapter runs store the frozen
+    # weights in bf16 (so the returned in-memory model holds bf16 base weights); trained weights and the optimizer
+    # state stay fp32 (lorakit/train/precision.py).
+    bf16: bool | str = False
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
     # Seed of initialisation, data order and dropout: the same seed gives the same run.
@@ -131,6 +135,7 @@ class TrainArgs:
                 check_positive(owner, name, getattr(self, name), integer=True)
         if self.loraplus_lr_ratio is not None:
             check_positive(owner, "loraplus_lr_ratio", self.loraplus_lr_ratio)
+        check_bf16_option(self.bf16)
         if not isinstance(self.lora_fa, bool):
             raise ValueError(f"{owner}.lora_fa must be true or false, got {self.lora_fa!r}")
 

@@ -48,6 +48,12 @@ class DistContext:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over the processes (one all-reduce for several scalars); the tensor itself alone."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
     def sum(self, value: float) -> float:
         if not self.enabled:
             return value

@@ -33,6 +33,7 @@ from lorakit.label_names import write_label_names
 from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import precision
 from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
 from lorakit.train.config import RunConfig
 from lorakit.train.data import build_datasets, load_splits, make_collator
@@ -125,6 +126,9 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
         hook.setup(model)
     state_names = run_state_names(model, hooks)  # what checkpoints save: trainable + hook-changed base weights
     merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
+    bf16 = precision.resolve_bf16(args.bf16, ctx.device)
+    if bf16 and cfg.uses_adapter:  # frozen weights in bf16; those hooks rewrite stay fp32 (precision.py)
+        precision.store_frozen_weights_in_bf16(model, keep=set(state_names))
     trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
     total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
@@ -154,7 +158,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
         _write_run_config(cfg)
 
     model_config = getattr(model, "config", None)
-    autocast = _autocast(ctx.device, args.bf16)
+    autocast = precision.autocast(ctx.device, bf16)
     bar = tqdm(total=total_steps, initial=position.step, unit="step", dynamic_ncols=True,
                disable=not (ctx.is_main and show_progress))
     interrupted = False
@@ -164,9 +168,9 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
             batches = epoch_batches(len(train_rows), global_batch, args.seed, position.epoch)
             while position.batch_in_epoch < len(batches) and position.step < total_steps:
                 indices = batches[position.batch_in_epoch]
-                loss, tokens, inputs, grad_norm = _train_step(
+                loss, tokens, inputs, grad_norm, stop_everywhere = _train_step(
                     wrapped, params, model_config, train_rows, indices, collate, optimizer, scheduler, args, ctx,
-                    autocast, hooks, position.step)
+                    autocast, hooks, position.step, stop)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise RunError(_diverged_message(loss, grad_norm, position.step + 1, out, args.learning_rate))
                 position.step += 1
@@ -182,8 +186,9 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                                    "loss": train_loss, "lr": scheduler.get_last_lr()[0],
                                    "grad_norm": grad_norm, "tokens_per_second": speed})
                 if args.eval_steps and position.step % args.eval_steps == 0 and val_rows:
-                    _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step)
+                    _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, position.step, autocast)
                     wrapped.train()
+                # read once per step, after it (a Ctrl-C during step k stops after step k), on every process
                 interrupted = ctx.any_flag(stop.requested)
                 if interrupted or (args.save_steps and position.step % args.save_steps == 0):
                     _save_checkpoint(model, state_names, optimizer, scheduler, hooks, position, fingerprint, meter,
@@ -202,7 +207,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     result.model = _save_final_model(result.model, cfg, tokenizer, ctx, merge_result, info.label_names)
     if val_rows:
         result.metrics = _log_eval(result.model, tokenizer, val_rows, collate, cfg, ctx, log, position.step,
-                                   final=True)
+                                   autocast, final=True)
     if ctx.is_main:
         _write_final(result, cfg, log, merge_result)
     ctx.barrier()
@@ -210,16 +215,21 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
 
 
 def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast,
-                hooks, steps_done):
-    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm).
-    `hooks` are called as training_hooks.py describes; `steps_done` counts the steps before this one."""
+                hooks, steps_done, stop):
+    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm, whether
+    any process asked to stop). `hooks` are called as training_hooks.py describes; `steps_done` counts the steps
+    before this one. The loss stays on the device until the step's end: one host sync per step, and one
+    all-reduce (loss, input tokens and the stop flag together) when there are several processes."""
     total_tokens = sum(trained_tokens(rows[i]) for i in indices)
     share = process_share(indices, ctx.rank, ctx.world_size)
     # A process with no rows (a short last batch) still runs forward/backward, scaled by 0, to stay in sync.
     chunks, weight = (micro_batches(share, args.batch_size), 1.0) if share else ([indices[:1]], 0.0)
-    local_loss, local_inputs = 0.0, 0
+    local_loss, local_inputs = None, 0
     for j, chunk in enumerate(chunks):
-        batch = {k: v.to(ctx.device) for k, v in collate([rows[i] for i in chunk]).items()}
+        host_batch = collate([rows[i] for i in chunk])
+        local_inputs += int(host_batch["attention_mask"].sum()) if "attention_mask" in host_batch \
+            else host_batch["input_ids"].numel()
+        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in host_batch.items()}
         sync = j == len(chunks) - 1
         no_sync = wrapped.no_sync() if ctx.enabled and not sync and hasattr(wrapped, "no_sync") else \
             contextlib.nullcontext()
@@ -233,11 +243,14 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
                 share = sum(trained_tokens(rows[i]) for i in chunk) / max(total_tokens, 1)
                 objective = objective + sum(extra) * (weight * ctx.world_size * share)
             objective.backward()
-        local_loss += float(loss_sum.detach()) * weight
-        local_inputs += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        term = loss_sum.detach().double() * weight
+        local_loss = term if local_loss is None else local_loss + term
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    loss = ctx.sum(local_loss) / max(total_tokens, 1)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    sums = torch.stack([local_loss.to(ctx.device), torch.tensor(float(local_inputs), dtype=torch.float64,
+                        device=ctx.device), torch.tensor(0.0, dtype=torch.float64, device=ctx.device)])
+    summed_loss, inputs, stops = ctx.sum_tensor(sums).tolist()
+    loss, grad_norm = summed_loss / max(total_tokens, 1), float(grad_norm)
     if math.isfinite(loss) and math.isfinite(grad_norm):
         for hook in hooks:
             hook.before_optimizer_step(steps_done)
@@ -250,7 +263,7 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
             hook.on_step_end(steps_done + 1, optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
-    return loss, total_tokens, int(ctx.sum(local_inputs)), grad_norm
+    return loss, total_tokens, int(inputs), grad_norm, stops > 0
 
 
 def _enable_activation_checkpointing(model) -> None:
@@ -263,14 +276,9 @@ def _enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, step, final=False) -> dict:
-    metrics = evaluate_model(model, tokenizer, val_rows, collate, cfg, ctx, with_generation=final)
+def _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, step, autocast, final=False) -> dict:
+    with autocast:  # the precision of training (bf16 frozen weights need it)
+        metrics = evaluate_model(model, tokenizer, val_rows, collate, cfg, ctx, with_generation=final)
     if ctx.is_main and metrics:
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     return metrics

@@ -28,6 +28,9 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.adapter_layer import AdapterLayer, UnsupportedLayerError, adapter_dtype
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.dora import DoraVariant
+from lorakit.methods.lora.fused import compute_dtype, lora_linear
+from lorakit.methods.lora.mixed import mixed_lora_forward
+from lorakit.ops.matmul import linear, use_onednn
 from lorakit.methods.lora.init import (
     EMBEDDING_INIT_FNS,
     INIT_FNS,
@@ -225,6 +228,60 @@ class LoraLinear(LoraLayer):
         # With A frozen (LoRA-FA), autograd keeps only A x (r values per token) for the backward, never x: linear
         # saves its input only for its weight's gradient (tests/unit/test_lora_variants.py checks this).
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The common case, one unmerged plain-LoRA adapter, runs as one autograd function (fused.py); everything
+        else (several adapters, DoRA, mixed-adapter batches, fp16 activations on fp32 adapters) takes the
+        general path of AdapterLayer."""
+        name = None if args or kwargs else self._single_running_adapter(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        lora_x = self.lora_dropout[name](x) if self.dropout_acts(name) else None
+        weight, bias, base_out = self._fused_base_weight()
+        if weight is None:
+            base_out = self.base_layer(x)
+        return lora_linear(x, lora_x, base_out, weight, bias, lora_a, lora_b, self.scaling[name])
+
+    def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Without autograd (inference: merged, disabled, mixed batches), a dense base layer multiplies on the
+        fastest kernel (lorakit.ops.matmul: oneDNN for CPU fp32, 2.1x MKL here), as the fused training path
+        does; with autograd, or on any other layer or device, the base layer's own forward."""
+        if not args and not kwargs and not torch.is_grad_enabled() and x.is_floating_point():
+            weight, bias, _ = self._fused_base_weight()
+            if weight is not None and use_onednn(x, weight, bias):
+                return linear(x, weight, bias)
+        return self.base_layer(x, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Rows with different adapters: two batched matmuls over per-row weights (mixed.py) where it applies."""
+        if self.merged_adapters:
+            return super()._mixed_batch_forward(x, base_out)  # which refuses
+        fast = mixed_lora_forward(self, x, base_out)
+        return super()._mixed_batch_forward(x, base_out) if fast is None else fast
+
+    def _single_running_adapter(self, x: torch.Tensor) -> str | None:
+        """The one adapter forward() would add, when exactly one plain-LoRA adapter runs and fused.py applies."""
+        if self.disabled or self.routing is not None or not x.is_floating_point():
+            return None
+        running = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if len(running) != 1 or running[0] in self.lora_variant:
+            return None
+        adapter_dtype = self.lora_A[running[0]].weight.dtype
+        if compute_dtype(x) == torch.float16 and adapter_dtype != torch.float16:
+            return None  # fp16 activations: the adapter computes in its own fp32 (range), as PEFT does
+        return running[0]
+
+    def _fused_base_weight(self):
+        """(weight as (d_out, d_in), bias, None) for a dense frozen base layer the fused function multiplies
+        itself; (None, None, None) when the base layer must run its own forward (quantized, sharded, trained)."""
+        base = self.base_layer
+        if type(base) not in (nn.Linear, Conv1D):
+            return None, None, None
+        weight = base.weight
+        if weight.requires_grad or type(weight) not in (nn.Parameter, torch.Tensor):
+            return None, None, None
+        return self.to_matrix(weight), base.bias, None
 
 
 class LoraEmbedding(LoraLayer):

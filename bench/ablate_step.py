@@ -1,0 +1,88 @@
+"""What each training-step optimisation gains: the `lorakit bench train` workload with one optimisation off at a
+time, in one process, the variants taking turns step after step.
+
+    PYTHONPATH=src python bench/ablate_step.py --setting fp32 --batch 1 --seq 256 --rounds 4
+    PYTHONPATH=src python bench/ablate_step.py --setting default
+
+Variants: all on; no oneDNN (LORAKIT_MATMUL=aten: PyTorch's MKL/aten matmuls); no fused LoRA function (the
+layer's general module path); no chunked LM-head loss (full logits, then F.cross_entropy). Every variant runs the
+same model and batch (the optimizer is not stepped, so the weights stay the same); the figure is the median CPU
+time of this process per step (forward + loss + backward) over --rounds rounds. The glibc malloc setting
+(lorakit/train/runtime.py) is process-wide and cannot be switched per step: `lorakit bench train` measures it
+(lorakit runs apply it). docs/performance.md quotes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+from lorakit.bench.workload import SETTINGS, TrainingStep, random_batch
+
+
+@contextlib.contextmanager
+def no_onednn():
+    with mock.patch.dict(os.environ, {"LORAKIT_MATMUL": "aten"}):
+        yield
+
+
+@contextlib.contextmanager
+def no_fused():
+    from lorakit.methods.lora.layer import LoraLinear
+
+    with mock.patch.object(LoraLinear, "_single_running_adapter", lambda self, x: None):
+        yield
+
+
+@contextlib.contextmanager
+def no_chunked_loss():
+    import lorakit.eval.metrics as metrics
+
+    with mock.patch.object(metrics, "returns_head_output", lambda head: False):
+        yield
+
+
+VARIANTS = {"all on": contextlib.nullcontext, "no oneDNN": no_onednn, "no fused LoRA": no_fused,
+            "no chunked loss": no_chunked_loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="fp32", choices=[s for s in SETTINGS])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    run = TrainingStep("lorakit", args.setting, args.model, 16, 32, 2e-4, None)
+    batch = random_batch(0, args.batch, args.seq, run.vocab, 0)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for round_ in range(args.rounds + 1):  # round 0 warms every variant up
+        for name, switch in VARIANTS.items():
+            with switch():
+                started = time.process_time()
+                loss = run.loss(batch)
+                loss.backward()
+                elapsed = time.process_time() - started
+            run.optimizer.zero_grad(set_to_none=True)
+            if round_:
+                times[name].append(elapsed)
+    base = statistics.median(times["all on"])
+    print(f"lorakit {args.setting}: {args.batch} x {args.seq} tokens, {args.threads} thread(s), median CPU seconds "
+          f"per forward+backward over {args.rounds} rounds")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:18} {median:6.3f} s  {args.batch * args.seq / median:7.1f} tokens/CPU-s  x{median / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""How the benchmarks measure: every measurement in a fresh process, the compared ways interleaved, medians.
+
+On a machine shared with other work, one slow minute would hit whatever runs during it. So each measurement
+(one library, one setting, a few timed steps) runs in its own subprocess (`python -m lorakit.bench.worker`):
+nothing is shared between them (allocator state, oneDNN caches, threads), peak RSS is the process's own, and
+the ways being compared take turns, repetition after repetition, so that load changes hit them alike. The
+reported figure is the median over the repetitions; each measurement records the 1-minute load average
+before and after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Iterable
+
+RESULT_PREFIX = "LORAKIT-BENCH-RESULT "
+
+
+class WorkerError(RuntimeError):
+    """A measurement subprocess failed (its stderr tail is in the message)."""
+
+
+def run_worker(spec: dict, timeout: float | None = None) -> dict:
+    """Run one measurement in a fresh Python process and return its result dict."""
+    command = [sys.executable, "-m", "lorakit.bench.worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_worker_env())
+    except subprocess.TimeoutExpired as err:
+        raise WorkerError(f"the {spec.get('kind')} measurement {_label(spec)} took over {timeout:.0f} s") from err
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = "\n".join(done.stderr.strip().splitlines()[-12:])
+    raise WorkerError(f"the {spec.get('kind')} measurement {_label(spec)} failed (exit code {done.returncode}):\n{tail}")
+
+
+def _worker_env() -> dict:
+    """The parent's environment, with this lorakit first on the path (also when run from a source tree)."""
+    env = dict(os.environ)
+    source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _label(spec: dict) -> str:
+    keys = ("library", "setting", "mode", "batch", "seq")
+    return "(" + ", ".join(f"{k}={spec[k]}" for k in keys if k in spec) + ")"
+
+
+def emit(result: dict) -> None:
+    """What a worker prints as its last line."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def median(values: Iterable[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A plain aligned text table."""
+    cells = [[_cell(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def write_json(path: str | None, report: dict) -> None:
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+    print(f"wrote {path}")

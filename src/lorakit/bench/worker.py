@@ -1,0 +1,43 @@
+"""One measurement, in its own process: `python -m lorakit.bench.worker '<json spec>'` (harness.py runs it).
+
+The spec's "kind" names the measurement (train, infer); the result is printed as one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+from lorakit.bench.harness import emit, load_average
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    load_before = load_average()
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(spec["threads"]))
+    if spec["kind"] == "train" and spec.get("library") == "lorakit":
+        from lorakit.train.runtime import tune_process
+
+        tune_process()  # as `lorakit train` does (lorakit/train/runtime.py)
+    started = time.perf_counter()
+    if spec["kind"] == "train":
+        from lorakit.bench.train import measure
+    elif spec["kind"] == "infer":
+        from lorakit.bench.infer import measure
+    else:
+        raise ValueError(f"unknown measurement kind {spec['kind']!r}")
+    result = measure(spec)
+    result.update(load_before=load_before, load_after=load_average(),
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  process_seconds=round(time.perf_counter() - started, 1))
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""The LoRA linear layer as one autograd function: what the training step of a LoRA model spends its time in.
+
+    y = x W0^T + b + (s A x) B^T          A: (r, d_in), B: (d_out, r), s = lora_alpha / r
+
+The plain module composition (base_layer(x) + lora_B(lora_A(x)) * s, layer.py) is the reference. This function
+computes the same quantities with fewer passes over full-width tensors:
+
+- the scaling multiplies the rank-r intermediate u = A x (r values per token) instead of the d_out-wide output
+  when s is a power of two (alpha = 2r, the usual choice), which gives the same value bit for bit; any other s
+  (rsLoRA's alpha / sqrt(r), ...) multiplies the output as the reference does, so that it stays exact too;
+- the adapter's term is added in the output stage of its matmul (no separate full-width add);
+- the backward computes dX = dY W0 + s (dY B) A in one pass (the second product is added in the output stage
+  of the first), dB = dY^T (s u) and dA = s (dY B)^T x, and saves only x (for dA; not even x when A is
+  frozen, as in LoRA-FA) and s u: no dropout or dtype-cast copies of x, no full-width intermediates;
+- the matmuls go to the fastest kernel (lorakit.ops.matmul: oneDNN for CPU fp32, 2.1x MKL here).
+
+Precision: the compute dtype is that of autocast when it is on, else the input's. With bf16 activations (bf16
+base weights, or autocast) the adapter computes in bf16 too, from its fp32 master weights, and its gradients
+return to fp32: autocast's semantics, without its per-op dispatch. In fp32 everything is fp32.
+
+The layer (LoraLinear.forward) uses this function when exactly one unmerged plain-LoRA adapter is active and no
+mixed-adapter routing is set; with dropout the adapter reads dropout(x), passed separately. A base layer that is
+not a dense linear (NF4, ...) runs its own forward and backward (`base_out` mode): the function then adds the
+adapter's term to that output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorakit.ops.matmul import linear, linear_add
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's when autocast is on for x's device, else x's own."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _to(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (tokens, d), a view when possible."""
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Inputs: x (..., d_in); lora_x: dropout(x), or None when the adapter reads x itself; base_out: the base
+    layer's output for x when it ran its own forward (else None, and `weight` (d_out, d_in) / `bias` are the
+    dense base layer's); lora_a (r, d_in), lora_b (d_out, r); scaling s; dtype: the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
+        ctx.scaling, ctx.dtype, ctx.fused_base = scaling, dtype, base_out is None
+        ctx.x_dtype = x.dtype
+        ctx.lora_x_dtype = None if lora_x is None else lora_x.dtype
+        ctx.base_out_dtype = None if base_out is None else base_out.dtype
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
+        xc = _to(x, dtype)
+        lx = xc if lora_x is None else _to(lora_x, dtype)
+        a, b = _to(lora_a, dtype), _to(lora_b, dtype)
+        if base_out is None:
+            base_out = linear(xc, _to(weight, dtype), _to(bias, dtype))
+        else:
+            base_out = _to(base_out, dtype).contiguous()
+        u = linear(lx, a)
+        ctx.scale_intermediate = _is_power_of_two(scaling)
+        if ctx.scale_intermediate:
+            u.mul_(scaling)  # s A x: the scaling on the rank-r intermediate
+            out = linear_add(u, b, base_out)
+        else:  # where the reference puts it, so that the result is the same bit for bit
+            out = linear(u, b).mul_(scaling).add_(base_out)
+        # x (or dropout(x)) only for A's gradient: LoRA-FA (A frozen) keeps the r-wide u alone
+        saved_x = lx if lora_a.requires_grad else None
+        ctx.save_for_backward(saved_x, u, weight, lora_a, lora_b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved_x, u, weight, lora_a, lora_b = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scaling
+        needs = ctx.needs_input_grad  # x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype
+        dy = _to(grad_out, dtype).contiguous()
+        a, b = _to(lora_a, dtype), _to(lora_b, dtype)
+        if ctx.scale_intermediate:
+            lora_dy = dy
+            g = linear(dy, b.T).mul_(s)  # s dY B: (..., r)
+        else:
+            lora_dy = dy * s  # the reference's order: the scaling's backward comes first
+            g = linear(lora_dy, b.T)
+        grad_x = grad_lora_x = grad_base = grad_bias = grad_a = grad_b = None
+        lora_input_grad = needs[1] if ctx.lora_x_dtype is not None else needs[0]
+        if ctx.fused_base:
+            if needs[0] and ctx.lora_x_dtype is None:
+                grad_x = linear_add(g, a.T, linear(dy, _to(weight, dtype).T))  # dY W0 + s (dY B) A, one pass
+            else:
+                if needs[0]:
+                    grad_x = linear(dy, _to(weight, dtype).T)
+                if lora_input_grad:
+                    grad_lora_x = linear(g, a.T)
+        else:
+            grad_base = _to(grad_out, ctx.base_out_dtype) if needs[2] else None
+            if lora_input_grad:
+                grad_lora = linear(g, a.T)
+                grad_x, grad_lora_x = (grad_lora, None) if ctx.lora_x_dtype is None else (None, grad_lora)
+        if needs[4]:
+            grad_bias = _flat(dy).sum(0).to(ctx.param_dtypes[2])
+        if needs[5]:
+            grad_a = (_flat(g).T @ _flat(saved_x)).to(ctx.param_dtypes[0])  # s (dY B)^T x: (r, d_in)
+        if needs[6]:
+            grad_b = (_flat(lora_dy).T @ _flat(u)).to(ctx.param_dtypes[1])  # dY^T (s A x): (d_out, r)
+        grad_x = _to(grad_x, ctx.x_dtype)
+        grad_lora_x = _to(grad_lora_x, ctx.lora_x_dtype) if grad_lora_x is not None else None
+        return grad_x, grad_lora_x, grad_base, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _is_power_of_two(value: float) -> bool:
+    mantissa, _ = math.frexp(value)
+    return mantissa == 0.5  # also for 2**-k: multiplying by it is exact (barring under/overflow)
+
+
+def lora_linear(x: torch.Tensor, lora_x: torch.Tensor | None, base_out: torch.Tensor | None,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """base(x) + s B A lora_x (lora_x defaults to x); see LoraLinearFunction for the arguments."""
+    return LoraLinearFunction.apply(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling),
+                                    compute_dtype(x))

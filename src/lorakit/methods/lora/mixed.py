@@ -1,0 +1,84 @@
+"""Mixed-adapter batches of LoRA linear layers as two batched matmuls over per-row adapter weights.
+
+    y_i = base(x_i) + s_i (x_i A_i^T) B_i^T        row i of the batch uses adapter i (A_i: (r, d_in), B_i: (d_out, r))
+
+The general path (AdapterLayer._mixed_batch_forward) runs each adapter on its rows: per adapter and layer a
+gather of the rows, two matmuls, a scaling and a scatter-add of the full output, so a batch of 8 rows with 8
+adapters costs ~50 small operators per layer, which dominate a decoding step (every generated token runs them).
+Here the adapters' A and B are stacked once per mixed batch (zero-padded to the largest rank; a row without an
+adapter, "__base__", gets zeros), gathered per row, and every row's update is two `bmm`s, one scaling and one
+add, whatever the number of adapters: the approach of S-LoRA / Punica's batched gather matmul, in plain PyTorch.
+
+Zero padding adds exact zeros, so the result equals the general path to fp32 rounding (the matmuls sum over the
+padded rank). Used when every adapter routed through the layer is plain LoRA without active dropout, all in
+one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the general path.
+Without autograd (inference) the gathered weights are kept for the duration of the mixed batch (one
+`generate()` call decodes every token with them); with autograd they are rebuilt on every forward, so that
+gradients reach each adapter's own tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gathered_weights(layer, names: list[str], device: torch.device):
+    """(A per row (rows, r_max, d_in), B per row (rows, d_out, r_max), s per row (rows, 1, 1)) for the adapters
+    named per row, or None when the general path must run. `layer` is a LoraLinear."""
+    held = sorted({n for n in names if n in layer.lora_A})
+    if not held:
+        return None
+    if any(n in layer.lora_variant or layer.dropout_acts(n) for n in held):
+        return None
+    factors = {n: layer.matrix_factors(n) for n in held}
+    dtypes = {t.dtype for pair in factors.values() for t in pair}
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    r_max = max(a.shape[0] for a, _ in factors.values())
+    d_out, d_in = layer.out_features, layer.in_features
+    # slot 0: zeros, for rows without an adapter in this layer
+    a_stack = torch.zeros(len(held) + 1, r_max, d_in, dtype=dtype, device=device)
+    b_stack = torch.zeros(len(held) + 1, d_out, r_max, dtype=dtype, device=device)
+    scales = torch.zeros(len(held) + 1, dtype=dtype, device=device)
+    if torch.is_grad_enabled():  # differentiable stacking: each slot is its adapter's tensor
+        a_stack = torch.stack([a_stack[0]] + [_pad_rows(factors[n][0], r_max) for n in held])
+        b_stack = torch.stack([b_stack[0]] + [_pad_cols(factors[n][1], r_max) for n in held])
+    else:
+        for slot, name in enumerate(held, start=1):
+            a, b = factors[name]
+            a_stack[slot, :a.shape[0]] = a
+            b_stack[slot, :, :b.shape[1]] = b
+    for slot, name in enumerate(held, start=1):
+        scales[slot] = layer.scaling[name]
+    slot_of = {name: slot for slot, name in enumerate(held, start=1)}
+    rows = torch.tensor([slot_of.get(n, 0) for n in names], device=device)
+    return a_stack[rows], b_stack[rows], scales[rows].view(-1, 1, 1)
+
+
+def _pad_rows(a: torch.Tensor, r_max: int) -> torch.Tensor:
+    return a if a.shape[0] == r_max else torch.cat([a, a.new_zeros(r_max - a.shape[0], a.shape[1])])
+
+
+def _pad_cols(b: torch.Tensor, r_max: int) -> torch.Tensor:
+    return b if b.shape[1] == r_max else torch.cat([b, b.new_zeros(b.shape[0], r_max - b.shape[1])], dim=1)
+
+
+def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor | None:
+    """base_out plus each row's own adapter update, or None when the general path must run."""
+    if not x.is_floating_point() or x.dim() < 2:
+        return None
+    routing, batch = layer.routing, x.shape[0]
+    names = routing.row_names(batch)
+    key = (id(layer), batch, x.device)
+    cached = None if torch.is_grad_enabled() else routing.layer_state.get(key)
+    if cached is None:
+        cached = gathered_weights(layer, names, x.device)
+        if cached is None:
+            return None
+        if not torch.is_grad_enabled():
+            routing.layer_state[key] = cached
+    a_rows, b_rows, s_rows = cached
+    rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype)             # (rows, tokens, d_in)
+    update = torch.bmm(torch.bmm(rows_x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2)) * s_rows
+    return base_out + update.reshape(base_out.shape).to(base_out.dtype)

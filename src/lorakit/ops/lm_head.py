@@ -1,0 +1,80 @@
+"""Running a causal LM up to its output head, so that the loss can be computed from the final hidden states
+(cross_entropy.py) without the full logits.
+
+    head = plain_output_head(model)          # the head's nn.Linear, or None when the loss needs the logits
+    with head_returns_its_input(head):
+        hidden = model(**inputs).logits      # (batch, length, hidden size): what the head would have read
+
+The model is still called as a whole (through any DDP wrapper, hooks and adapters); only the head's forward is
+swapped, for the duration of the call, for the identity. That is right only when the model returns the head's
+output as it is: some architectures scale or soft-cap the logits after the head (Gemma 2, Cohere, Granite). So
+the first time a head is seen, a two-token probe runs the model both ways and compares head(hidden) with the
+logits, bit for bit; the answer is remembered on the head module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+_PLAIN_FLAG = "_lorakit_returns_logits_as_is"
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def head_returns_its_input(head: nn.Module):
+    """The head's forward is the identity inside the block (an instance attribute shadows the class method)."""
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def plain_output_head(model: nn.Module) -> nn.Linear | None:
+    """The output head as an nn.Linear whose output the model returns unchanged as `logits`, else None (no head
+    found, a head that is not a plain dense Linear, sharded weights, or logits post-processed by the model)."""
+    inner = _unwrapped(model)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear or type(head.weight) not in (nn.Parameter, torch.Tensor) \
+            or hasattr(head.weight, "full_tensor"):
+        return None
+    if not hasattr(head, _PLAIN_FLAG):
+        setattr(head, _PLAIN_FLAG, _logits_are_head_output(inner, head))
+    return head if getattr(head, _PLAIN_FLAG) else None
+
+
+@torch.no_grad()
+def _logits_are_head_output(model: nn.Module, head: nn.Linear) -> bool:
+    """Run two tokens through the model, with the head and with the identity in its place; True when the logits
+    are exactly head(hidden). Eval mode (no dropout, no random numbers drawn); the mode is restored."""
+    was_training = model.training
+    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
+    kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    try:
+        model.eval()
+        logits = _logits(model(input_ids=ids, **kwargs))
+        with head_returns_its_input(head):
+            hidden = _logits(model(input_ids=ids, **kwargs))
+        return (isinstance(logits, torch.Tensor) and isinstance(hidden, torch.Tensor)
+                and hidden.shape[-1] == head.in_features and torch.equal(head(hidden), logits))
+    except Exception:  # noqa: BLE001 - any model this probe cannot drive keeps the full-logits loss
+        return False
+    finally:
+        model.train(was_training)
+
+
+def _logits(outputs):
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]

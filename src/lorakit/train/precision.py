@@ -1,0 +1,72 @@
+"""The numeric precision of a training run: `train.bf16` = auto | true | false (default).
+
+- false: fp32 everywhere, the exact path.
+- true: bf16 compute with fp32 master weights. In adapter runs the frozen weights are stored in bf16 (cast once,
+  halving their memory; a model saved in bf16 loses nothing), except those a training hook rewrites (ReLoRA,
+  Delta-LoRA merge into them in fp32); the trained tensors stay fp32, and so does the optimizer state. Forward
+  and backward run under bf16 autocast, which also covers modules that keep fp32 weights; the loss is summed in
+  fp32. Full and freeze runs keep every weight in fp32 (LISA unfreezes blocks as it goes) and use autocast alone.
+  Evaluation during and after training runs under the same autocast.
+- auto: true where bf16 matmuls are fast (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX: ~3x fp32 on this
+  project's EPYC), false elsewhere (bf16 emulated in software is slower than fp32).
+
+A run with bf16 matches the fp32 run to within bf16 rounding (docs/performance.md shows the loss curves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from lorakit.state import adapter_holders
+
+BF16_CHOICES = ("auto", True, False)
+
+
+def check_bf16_option(value) -> None:
+    if value not in BF16_CHOICES or isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError(f"train.bf16 must be auto, true or false, got {value!r}")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """True when this device multiplies bf16 matrices natively (faster than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return torch.backends.mkldnn.is_available() and any(callable(p) and p() for p in probes)
+    return False
+
+
+def resolve_bf16(option, device: torch.device) -> bool:
+    """The bf16 option as a yes/no for this device."""
+    check_bf16_option(option)
+    return fast_bf16(device) if option == "auto" else bool(option)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """The context training and evaluation compute under."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset()) -> int:
+    """Cast every frozen floating-point parameter of `model` to bf16 in place, except those named in `keep`
+    (and any sharing storage with a trainable one). Returns the number of values cast."""
+    trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
+    # adapter tensors stay as they are, frozen ones too (LoRA-FA's A is saved in the adapter file in fp32)
+    adapter_tensors = {id(p) for _, holder in adapter_holders(model)
+                       for name, p in holder.named_parameters() if not name.startswith("base_layer.")}
+    cast = 0
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.requires_grad or name in keep or id(param) in adapter_tensors or not param.is_floating_point() or param.dtype == torch.bfloat16:
+            continue
+        if param.untyped_storage().data_ptr() in trainable:
+            continue
+        param.data = param.data.to(torch.bfloat16)  # tied parameters are one object: cast once, seen by both
+        cast += param.numel()
+    return cast

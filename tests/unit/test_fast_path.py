@@ -1,0 +1,209 @@
+"""The training fast path (docs/performance.md): the fused LoRA linear function against the reference module
+composition, the chunked LM-head cross-entropy against F.cross_entropy, and the head watch that decides when
+the loss may skip the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.eval.metrics import IGNORE_INDEX, summed_token_loss
+from lorakit.methods.lora.fused import LoraLinearFunction
+from lorakit.ops.cross_entropy import linear_cross_entropy
+from lorakit.ops.lm_head import plain_output_head
+from lorakit.ops.matmul import BACKEND_ENV
+from tests.tiny import tiny_llama
+
+
+def _layer(alpha: int, r: int = 4, d_in: int = 24, d_out: int = 40, bias: bool = True, seed: int = 0):
+    """A LoRA-wrapped linear with random A and B (B nonzero, so the adapter's term matters)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, d_out, bias=bias))
+    wrapped = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False))
+    layer = wrapped.get_base_model()[0]
+    return wrapped, layer
+
+
+def _reference(layer, x):
+    """The reference LoRA linear: base_layer(x) + lora_B(lora_A(x)) * s, as plain modules (PEFT's formula)."""
+    return layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+
+
+def _output_and_grads(layer, x, forward):
+    x = x.detach().clone().requires_grad_(True)
+    out = forward(x)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad_out)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    grads = (x.grad.clone(), a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("alpha", [8, 12])  # s = 2 (a power of two: scaled on the rank-r side), s = 3 (output side)
+def test_fused_fp32_is_bit_for_bit_the_reference_on_the_reference_kernels(monkeypatch, alpha):
+    monkeypatch.setenv(BACKEND_ENV, "aten")  # the reference's kernels: then the math must give the same bits
+    _, layer = _layer(alpha)
+    layer.train()
+    x = torch.randn(3, 5, 24)
+    fused_calls = []
+    original = LoraLinearFunction.forward
+    monkeypatch.setattr(LoraLinearFunction, "forward",
+                        staticmethod(lambda *a: fused_calls.append(1) or original(*a)))
+    fused = _output_and_grads(layer, x, layer)
+    assert fused_calls, "the layer did not take the fused path"
+    reference = _output_and_grads(layer, x, lambda t: _reference(layer, t))
+    for got, want, what in zip(fused, reference, ("output", "dX", "dA", "dB")):
+        assert torch.equal(got, want), f"{what} differs from the reference by {(got - want).abs().max()}"
+
+
+def test_fused_fp32_on_the_default_kernels_agrees_to_fp32_rounding():
+    _, layer = _layer(8)
+    x = torch.randn(3, 5, 24)
+    fused = _output_and_grads(layer, x, layer)
+    reference = _output_and_grads(layer, x, lambda t: _reference(layer, t))
+    for got, want in zip(fused, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_bf16_autocast_returns_fp32_gradients_for_fp32_adapters():
+    _, layer = _layer(8)
+    x = torch.randn(2, 7, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    reference = _reference(layer, x)
+    torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
+
+
+def test_several_adapters_take_the_general_path_with_the_same_result():
+    wrapped, layer = _layer(8)
+    wrapped.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(4, 24)
+    layer.active_adapters = ["default", "other"]
+    both = layer(x)
+    expected = _reference(layer, x) + layer.lora_B["other"](layer.lora_A["other"](x)) * layer.scaling["other"]
+    torch.testing.assert_close(both, expected)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_cross_entropy_matches_full_logits_and_skips_ignored(with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    head = nn.Linear(16, 50, bias=with_bias)
+    labels = torch.randint(0, 50, (37,))
+    labels[::3] = IGNORE_INDEX
+    total = linear_cross_entropy(hidden, head.weight, labels, head.bias, chunk_logits=50 * 5)  # 5 tokens a chunk
+    total.backward()
+    got = (total.detach(), hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad = head.weight.grad = None
+    expected = F.cross_entropy(head(hidden), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(got[0], expected.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], hidden.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], head.weight.grad, rtol=1e-5, atol=1e-5)
+    assert got[1][::3].abs().max() == 0  # an ignored position gets no gradient
+
+
+def _batch(vocab: int, seed: int = 0) -> dict:
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX  # a masked prompt
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _full_logits_loss(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def test_loss_from_hidden_states_equals_the_full_logits_loss():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert plain_output_head(model) is not None  # the probe found the logits to be the head's output
+    for seed in (0, 1):
+        batch = _batch(model.config.vocab_size, seed)
+        total, count = summed_token_loss(model, batch)
+        assert count == int((F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX).sum())
+        torch.testing.assert_close(total, _full_logits_loss(model, batch), rtol=1e-5, atol=1e-4)
+
+
+def _two_adapter_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8))
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False))
+    wrapped.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_modules=["0"], init_lora_weights=False))
+    _train_both(wrapped)
+    return wrapped
+
+
+def _train_both(wrapped) -> None:
+    for name, param in wrapped.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatch):
+    import lorakit.methods.lora.layer as layer_module
+
+    taken = []
+    original = layer_module.mixed_lora_forward
+    monkeypatch.setattr(layer_module, "mixed_lora_forward",
+                        lambda *a: (lambda out: taken.append(out is not None) or out)(original(*a)))
+    wrapped = _two_adapter_model()
+    rows = ["default", "__base__", "other", "default"]  # ranks 4 and 2 (zero-padded), and a base row
+    x = torch.randn(4, 3, 12)
+    mixed = wrapped(x, adapter_names=rows)
+    assert taken and all(taken), "the gathered path did not run"
+    mixed.square().sum().backward()
+    got_grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    wrapped.zero_grad(set_to_none=True)
+    alone = []
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with wrapped.disable_adapter():
+                alone.append(wrapped(x[i:i + 1]))
+        else:
+            wrapped.set_adapter(name)
+            _train_both(wrapped)
+            alone.append(wrapped(x[i:i + 1]))
+    expected = torch.cat(alone)
+    expected.square().sum().backward()
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, wrapped.get_parameter(name).grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in got_grads.items() if ".other." in n)  # both adapters were reached
+
+
+def test_mixed_batch_without_grad_reuses_the_gathered_weights_within_one_call_only():
+    wrapped = _two_adapter_model().eval()
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        first = wrapped(x, adapter_names=["other", "default"])
+        with torch.no_grad():  # a changed adapter shows in the next call: nothing outlives the routing
+            wrapped.get_base_model()[0].lora_B["other"].weight.mul_(2)
+        second = wrapped(x, adapter_names=["other", "default"])
+    assert not torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_inference_base_matmul_on_the_fast_kernel_matches_the_base_layer(monkeypatch):
+    wrapped, layer = _layer(8)
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        with wrapped.disable_adapter():
+            fast = layer(x)
+            monkeypatch.setenv(BACKEND_ENV, "aten")
+            exact = layer(x)
+            monkeypatch.delenv(BACKEND_ENV)
+        plain = layer.base_layer(x)
+    assert torch.equal(exact, plain)  # on the base layer's own kernels: the base layer's bits
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    out = layer(x.requires_grad_(True))  # with autograd the base layer runs itself (gradients flow to x)
+    out.sum().backward()
+    assert x.grad is not None
