@@ -156,7 +156,7 @@ def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatc
     original = layer_module.mixed_lora_forward
     monkeypatch.setattr(layer_module, "mixed_lora_forward",
                         lambda *a: (lambda out: taken.append(out is not None) or out)(original(*a)))
-    wrapped = _two_adapter_model()
+    wrapped = _two_adapter_model().eval()  # adapter_names is refused in training mode (as PEFT); gradients still flow
     rows = ["default", "__base__", "other", "default"]  # ranks 4 and 2 (zero-padded), and a base row
     x = torch.randn(4, 3, 12)
     mixed = wrapped(x, adapter_names=rows)
