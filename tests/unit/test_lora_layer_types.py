@@ -193,6 +193,30 @@ def test_mha_forward_leaves_base_parameters_alone_and_trains_both_projections():
     assert isinstance(model.get_base_model().mha.base_layer.in_proj_weight, nn.Parameter)
 
 
+def test_mha_adapter_acts_under_fsdp_with_original_parameters():
+    """FSDP(use_orig_params=True) shows parameters as plain tensor attributes during a no-grad forward; the adapter
+    must still change the output (equal to the unwrapped model's)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = attention_model(batch_first=True)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected = model(x)[0]
+        with model.disable_adapter():
+            base = model(x)[0]
+    assert not torch.allclose(expected, base)
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FSDP's deprecation notice
+            wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(x)[0], expected)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_mha_attributes_read_through():
     model = attention_model(batch_first=True)
     mha = model.get_base_model().mha

@@ -20,6 +20,8 @@ mixed-adapter batches work: each group of rows runs with its own adapter's weigh
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -126,7 +128,8 @@ class LoraMultiheadAttention(LoraLayer):
                    for key, layer, pending in self._pending(names)}
         if not weights:
             return self.base_layer(*args, **kwargs)
-        return functional_call(self.base_layer, weights, args, kwargs)
+        with _instance_attributes_replaced(self.base_layer, weights):
+            return functional_call(self.base_layer, weights, args, kwargs)
 
     def forward(self, *args, **kwargs):
         if self.disabled:
@@ -173,3 +176,23 @@ class LoraMultiheadAttention(LoraLayer):
             per_head = (rows[:, None] * heads + torch.arange(heads, device=rows.device)).reshape(-1)
             part["attn_mask"] = mask.index_select(0, per_head)
         return part
+
+
+@contextmanager
+def _instance_attributes_replaced(module: nn.Module, weights: dict[str, torch.Tensor]):
+    """Also replace the weights where an instance attribute shadows the registered parameter. FSDP with
+    use_orig_params shows parameters during a no-grad forward as plain tensors in the module's __dict__, which
+    attribute lookup finds before `_parameters` (the only place functional_call swaps): without this the adapter
+    would have no effect under FSDP."""
+    replaced = []
+    for key, value in weights.items():
+        owner_path, _, name = key.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if name in owner.__dict__:
+            replaced.append((owner, name, owner.__dict__[name]))
+            owner.__dict__[name] = value
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(replaced):
+            owner.__dict__[name] = original
