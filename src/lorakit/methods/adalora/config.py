@@ -11,8 +11,8 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from lorakit.config import PeftConfig, PeftType, check_choice, check_positive, check_range, check_target_fields, unsupported
-from lorakit.methods.lora.config import UNSUPPORTED_LORA_OPTIONS, LoraRuntimeConfig, _no_runtime_options
+from lorakit.config import PeftType, check_choice, check_positive, check_range, check_target_fields, unsupported
+from lorakit.methods.lora.config import LoraRuntimeConfig, UnsupportedLoraOptions, _no_runtime_options
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 # A rank_pattern key: "<module path>.lora_E", or PEFT's in-memory form with the adapter name after it.
@@ -20,7 +20,7 @@ RANK_PATTERN_KEY = re.compile(r"^(?P<module>.+)\.lora_E(\.[A-Za-z0-9_\-]+)?$")
 
 
 @dataclass
-class AdaLoraConfig(PeftConfig):
+class AdaLoraConfig(UnsupportedLoraOptions):
     """h = W0 x + lora_alpha / ranknum * P diag(E) Q dropout(x), P = lora_B (d_out, r), E = lora_E (r, 1),
     Q = lora_A (r, d_in); the rank budget shrinks from init_r to target_r per layer on average while training.
 
@@ -84,23 +84,6 @@ class AdaLoraConfig(PeftConfig):
     use_rslora: bool = unsupported(False, "rsLoRA scaling (AdaLoRA scales by lora_alpha / ranknum)")
     alpha_pattern: dict = unsupported({}, "per-module alphas")
     use_dora: bool = unsupported(False, "DoRA")
-    megatron_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["megatron_config"])
-    trainable_token_indices: list | dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["trainable_token_indices"])
-    loftq_config: dict = unsupported(*UNSUPPORTED_LORA_OPTIONS["loftq_config"])
-    eva_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["eva_config"])
-    corda_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["corda_config"])
-    lora_ga_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_ga_config"])
-    velora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["velora_config"])
-    alora_invocation_tokens: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["alora_invocation_tokens"])
-    use_qalora: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_qalora"])
-    monteclora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["monteclora_config"])
-    layer_replication: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["layer_replication"])
-    lora_bias: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_bias"])
-    target_parameters: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["target_parameters"])
-    use_bdlora: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_bdlora"])
-    arrow_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["arrow_config"])
-    kasa_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["kasa_config"])
-    ensure_weight_tying: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["ensure_weight_tying"])
 
     def __post_init__(self) -> None:
         if self.runtime_config is None:

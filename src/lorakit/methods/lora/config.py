@@ -72,7 +72,31 @@ UNSUPPORTED_LORA_OPTIONS = {
 
 
 @dataclass
-class LoraConfig(PeftConfig):
+class UnsupportedLoraOptions(PeftConfig):
+    """The fields of UNSUPPORTED_LORA_OPTIONS, for LoraConfig and the configs that extend PEFT's LoraConfig
+    (AdaLoRA): accepted at PEFT's default only."""
+
+    megatron_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["megatron_config"])
+    trainable_token_indices: list | dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["trainable_token_indices"])
+    loftq_config: dict = unsupported(*UNSUPPORTED_LORA_OPTIONS["loftq_config"])
+    eva_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["eva_config"])
+    corda_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["corda_config"])
+    lora_ga_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_ga_config"])
+    velora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["velora_config"])
+    alora_invocation_tokens: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["alora_invocation_tokens"])
+    use_qalora: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_qalora"])
+    monteclora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["monteclora_config"])
+    layer_replication: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["layer_replication"])
+    lora_bias: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_bias"])
+    target_parameters: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["target_parameters"])
+    use_bdlora: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_bdlora"])
+    arrow_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["arrow_config"])
+    kasa_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["kasa_config"])
+    ensure_weight_tying: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["ensure_weight_tying"])
+
+
+@dataclass
+class LoraConfig(UnsupportedLoraOptions):
     """h = W0 x + s * B A dropout(x), with s = lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora)."""
 
     peft_type: PeftType | str | None = PeftType.LORA
@@ -117,24 +141,6 @@ class LoraConfig(PeftConfig):
     qalora_group_size: int = 16
     # PEFT's per-run options (not saved); see LoraRuntimeConfig.
     runtime_config: LoraRuntimeConfig = unsupported(None, "ephemeral GPU offload", neutral=_no_runtime_options)
-    # --- PEFT options lorakit does not implement: accepted at PEFT's default only (UNSUPPORTED_LORA_OPTIONS) ---
-    megatron_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["megatron_config"])
-    trainable_token_indices: list | dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["trainable_token_indices"])
-    loftq_config: dict = unsupported(*UNSUPPORTED_LORA_OPTIONS["loftq_config"])
-    eva_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["eva_config"])
-    corda_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["corda_config"])
-    lora_ga_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_ga_config"])
-    velora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["velora_config"])
-    alora_invocation_tokens: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["alora_invocation_tokens"])
-    use_qalora: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_qalora"])
-    monteclora_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["monteclora_config"])
-    layer_replication: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["layer_replication"])
-    lora_bias: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["lora_bias"])
-    target_parameters: list | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["target_parameters"])
-    use_bdlora: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["use_bdlora"])
-    arrow_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["arrow_config"])
-    kasa_config: dict | None = unsupported(*UNSUPPORTED_LORA_OPTIONS["kasa_config"])
-    ensure_weight_tying: bool = unsupported(*UNSUPPORTED_LORA_OPTIONS["ensure_weight_tying"])
 
     def __post_init__(self) -> None:
         if self.runtime_config is None:
