@@ -15,6 +15,7 @@ import lorakit
 from lorakit import AdaLoraConfig, PeftModel, get_peft_model
 from lorakit.methods.adalora import RankAllocator, budget_schedule
 from tests.tiny import tiny_llama
+from tests.toy_task import train_on_toy_task
 
 
 class Three(nn.Module):
@@ -305,23 +306,7 @@ def test_adalora_learns_a_toy_mapping_while_the_budget_shrinks():
     targets = ["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"]
     model = get_peft_model(tiny_llama(), AdaLoraConfig(init_r=8, target_r=4, tinit=10, tfinal=20, total_step=80,
                                                        lora_alpha=32, target_modules=targets))
-    gen = torch.Generator().manual_seed(0)
-    mapping = torch.randperm(20, generator=gen) + 100
-    src = torch.randint(10, 30, (64, 6), generator=gen)
-    ids = torch.stack([src, mapping[src - 10]], dim=2).flatten(1)
-    labels = ids.clone()
-    labels[:, 0::2] = -100
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for step in range(1, 81):
-        batch = slice((step * 16) % 64, (step * 16) % 64 + 16)
-        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
-        loss.backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_on_toy_task(model, 80, first_step=1, after_optimizer_step=model.base_model.update_and_allocate)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.3 * first, (first, last)
     pattern = model.peft_config["default"].rank_pattern

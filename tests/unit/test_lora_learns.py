@@ -6,6 +6,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig, get_peft_model
 from tests.tiny import tiny_llama
+from tests.toy_task import train_on_toy_task
 
 # lm_head is targeted too: a random tiny base has too small logits to fit anything through its frozen head
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"]
@@ -19,37 +20,11 @@ def one_cpu_thread():
     torch.set_num_threads(previous)
 
 
-def toy_task():
-    """Pairs (t, f(t)) for a fixed random map f over 20 token ids; loss on the f(t) positions."""
-    gen = torch.Generator().manual_seed(0)
-    mapping = torch.randperm(20, generator=gen) + 100
-    src = torch.randint(10, 30, (64, 6), generator=gen)
-    ids = torch.stack([src, mapping[src - 10]], dim=2).flatten(1)  # (64, 12): t1 f(t1) t2 f(t2) ...
-    labels = ids.clone()
-    labels[:, 0::2] = -100
-    return ids, labels
-
-
-def train(model, steps: int, lr: float = 1e-2) -> list[float]:
-    ids, labels = toy_task()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for step in range(steps):
-        batch = slice((step * 16) % 64, (step * 16) % 64 + 16)
-        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_lora_learns_a_toy_mapping_and_base_is_untouched():
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     base_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    losses = train(model, 60)
+    losses = train_on_toy_task(model, 60)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.1 * first, (first, last)
     for name, param in model.named_parameters():
@@ -75,7 +50,7 @@ def test_each_variant_learns(variant):
         lorakit.enable_lora_fa(model)
     frozen_a = [p for n, p in model.named_parameters() if ".lora_A." in n and not p.requires_grad]
     a_before = [p.clone() for p in frozen_a]
-    losses = train(model, 30)
+    losses = train_on_toy_task(model, 30)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     # DoRA moves slowest here: the norm of each lm_head row is its magnitude, which starts at the tiny random
     # base's small row norms (PEFT's DoRA gives the same losses, tests/interop/test_lora_variants.py)

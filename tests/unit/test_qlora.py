@@ -14,6 +14,7 @@ from lorakit import LoraConfig, PeftModel, get_peft_model, quantize_model
 from lorakit.methods.lora import LoraLinear
 from lorakit.methods.quant import NF4Linear, quantization_summary, quantized_layers
 from tests.tiny import tiny_bert_classifier, tiny_llama, tiny_t5
+from tests.toy_task import train_on_toy_task
 from tests.train_fixtures import one_torch_thread  # noqa: F401  (tiny models: one thread is faster)
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -178,22 +179,7 @@ def test_lora_learns_on_an_nf4_base():
     targets = ["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"]  # lm_head stays dense, LoRA on it too
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     frozen = {n: b.clone() for n, b in model.named_buffers() if "weight_" in n}
-    gen = torch.Generator().manual_seed(0)
-    mapping = torch.randperm(20, generator=gen) + 100
-    src = torch.randint(10, 30, (64, 6), generator=gen)
-    ids = torch.stack([src, mapping[src - 10]], dim=2).flatten(1)
-    labels = ids.clone()
-    labels[:, 0::2] = -100
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for step in range(60):
-        batch = slice((step * 16) % 64, (step * 16) % 64 + 16)
-        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_on_toy_task(model, 60)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.1 * first, (first, last)
     assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers() if n in frozen)

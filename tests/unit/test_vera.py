@@ -15,6 +15,7 @@ import lorakit
 from lorakit import PeftModel, VeraConfig, get_peft_model
 from lorakit.methods.vera.projections import generate_projections
 from tests.tiny import tiny_gpt2, tiny_llama
+from tests.toy_task import train_on_toy_task
 
 
 class Mixed(nn.Module):
@@ -229,22 +230,7 @@ def test_vera_learns_a_toy_mapping():
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), VeraConfig(r=64, target_modules=["q_proj", "v_proj", "up_proj",
                                                                           "down_proj", "lm_head"]))
-    gen = torch.Generator().manual_seed(0)
-    mapping = torch.randperm(20, generator=gen) + 100
-    src = torch.randint(10, 30, (64, 6), generator=gen)
-    ids = torch.stack([src, mapping[src - 10]], dim=2).flatten(1)
-    labels = ids.clone()
-    labels[:, 0::2] = -100
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    losses = []
-    for step in range(60):
-        batch = slice((step * 16) % 64, (step * 16) % 64 + 16)
-        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_on_toy_task(model, 60, lr=5e-2)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
 
