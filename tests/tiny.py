@@ -82,3 +82,12 @@ def tiny_t5(seed: int = 0, **overrides) -> T5ForConditionalGeneration:
                decoder_start_token_id=0, pad_token_id=0, eos_token_id=4)
     cfg.update(overrides)
     return T5ForConditionalGeneration(T5Config(**cfg)).eval()
+
+
+def randomize_trainable(model, seed: int = 0, std: float = 0.3) -> None:
+    """Add seeded noise to every trainable parameter, so that adapters initialised to the identity act."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * std)

@@ -16,23 +16,20 @@ from lorakit.adapter_layer import UnsupportedLayerError
 from lorakit.methods.lora.conv import LoraConv
 from lorakit.methods.lora.layer import LoraLinear
 from lorakit.methods.lora.mha import LoraMultiheadAttention
-from lorakit.train.strategies.adapters import adapter_layers, base_weight_names, check_dense_base
+from lorakit.train.strategies.adapters import (
+    adapter_layers,
+    base_weight_names,
+    check_dense_base,
+)
+from tests.tiny import randomize_trainable
 
 pytestmark = pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
-
-
-def randomize(model, seed=0, std=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * std)
 
 
 def one_layer(layer: nn.Module, **config):
     """A PeftModel around one layer (module name "0"), random adapter."""
     model = get_peft_model(nn.Sequential(layer), LoraConfig(target_modules=["0"], **{"r": 4, **config}))
-    randomize(model)
+    randomize_trainable(model)
     return model.eval()
 
 
@@ -159,7 +156,7 @@ class Attention(nn.Module):
 
 def attention_model(batch_first=False, **config):
     model = get_peft_model(Attention(batch_first), LoraConfig(target_modules=["mha"], **{"r": 4, **config}))
-    randomize(model)
+    randomize_trainable(model)
     return model.eval()
 
 

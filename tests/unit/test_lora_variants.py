@@ -12,7 +12,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.methods.lora.dora import dense_row_norms, row_norms
 from lorakit.methods.lora.layer import LoraLayer, LoraLinear
 from lorakit.methods.lora.tuner import LoraTuner
-from tests.tiny import tiny_llama
+from tests.tiny import randomize_trainable, tiny_llama
 
 
 class Toy(nn.Module):
@@ -38,14 +38,6 @@ IDS = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(1))
 
 def layers(model) -> dict[str, LoraLayer]:
     return {n.split(".")[-1]: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def randomize(model, seed=0, std=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * std)
 
 
 # ---- DoRA ----------------------------------------------------------------------------------------------
@@ -77,7 +69,7 @@ def test_dora_magnitude_is_the_row_norm_of_w_per_layer_type():
 
 def test_dora_output_is_the_decomposed_weight_and_the_norm_gets_no_gradient():
     model = get_peft_model(Toy(), LoraConfig(r=2, target_modules=["lin"], use_dora=True))
-    randomize(model)
+    randomize_trainable(model)
     layer = layers(model)["lin"]
     x = torch.randn(4, 12)
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
@@ -96,7 +88,7 @@ def test_dora_output_is_the_decomposed_weight_and_the_norm_gets_no_gradient():
 
 def test_dora_with_dropout_recomputes_the_base_term_on_the_dropped_input():
     model = get_peft_model(Toy(), LoraConfig(r=2, target_modules=["lin"], use_dora=True, lora_dropout=0.5))
-    randomize(model)
+    randomize_trainable(model)
     layer = layers(model)["lin"].train()
     x = torch.randn(4, 12)
     torch.manual_seed(3)
@@ -112,7 +104,7 @@ def test_dora_with_dropout_recomputes_the_base_term_on_the_dropped_input():
 
 def test_dora_merge_unmerge_restores_the_weight_for_every_layer_type():
     model = get_peft_model(Toy(), LoraConfig(r=2, target_modules=["emb", "lin", "fused", "conv"], use_dora=True))
-    randomize(model)
+    randomize_trainable(model)
     before = {k: layer.base_layer.weight.clone() for k, layer in layers(model).items()}
     expected = model(IDS)
     model.merge_adapter()
@@ -208,7 +200,7 @@ def test_conversion_to_plain_lora_reproduces_the_trained_model_on_the_original_b
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["lin", "fused"], init_lora_weights=init, bias="lora_only")
     model = get_peft_model(Toy(), config)
     model.save_pretrained(str(tmp_path / "init"))
-    randomize(model, seed=5)  # "training", biases included
+    randomize_trainable(model, seed=5)  # "training", biases included
     trained = model(IDS)
     model.save_pretrained(str(tmp_path / "lora"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     converted = lorakit.LoraConfig.from_pretrained(str(tmp_path / "lora"))
@@ -235,7 +227,7 @@ def test_conversion_refusals(tmp_path):
 def test_plain_lora_from_zero_converts_to_itself_at_twice_the_rank(tmp_path):
     model = get_peft_model(Toy(), LoraConfig(r=2, target_modules=["lin"], use_rslora=True))
     model.save_pretrained(str(tmp_path / "init"))
-    randomize(model)
+    randomize_trainable(model)
     expected = model(IDS)
     model.save_pretrained(str(tmp_path / "out"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     loaded = lorakit.PeftModel.from_pretrained(Toy(), str(tmp_path / "out"))
