@@ -72,7 +72,7 @@ class TrainArgs:
     # or AMX), true, or false (fp32 throughout, the exact path; the default). Adapter runs store the frozen
     # weights in bf16 (so the returned in-memory model holds bf16 base weights); trained weights and the optimizer
     # state stay fp32 (lorakit/train/precision.py).
-    bf16: bool | str = False
+    bf16: bool | str = "auto"
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
     # Seed of initialisation, data order and dropout: the same seed gives the same run.
