@@ -88,7 +88,7 @@ def test_a_restart_leaves_the_model_function_unchanged(tmp_path, monkeypatch, pr
     overrides = (precision_override,) if precision_override else ()
     bf16 = precision.resolve_bf16(tiny_run_config(tmp_path, *overrides).train.bf16, torch.device("cpu"))
     ids = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(0))
-    logits = {}
+    logits, dtypes = {}, {}
 
     def record(event, step, model, optimizer):
         if step == 3 and event in ("after_step", "step_end"):
@@ -97,8 +97,13 @@ def test_a_restart_leaves_the_model_function_unchanged(tmp_path, monkeypatch, pr
                 if event == "after_step":
                     with model.disable_adapter():
                         logits["without the adapter"] = model(input_ids=ids).logits.float()
+                    # the weights ReLoRA merges into stay fp32; the other frozen ones are stored in bf16
+                    dtypes["merged into"] = {layer.base_layer.weight.dtype for _, layer in layers_of(model)}
+                    dtypes["embedding"] = model.get_input_embeddings().weight.dtype
 
-    spy_run(tmp_path, monkeypatch, Spy(record), *RELORA, *overrides)
+    result, _ = spy_run(tmp_path, monkeypatch, Spy(record), *RELORA, *overrides)
+    assert dtypes == {"merged into": {torch.float32}, "embedding": torch.bfloat16 if bf16 else torch.float32}
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}  # the merged model, in its dtype
     before = logits["after_step"]
     atol = 2 ** -6 * float(before.abs().max()) if bf16 else 1e-5
     torch.testing.assert_close(logits["step_end"], before, rtol=0, atol=atol)
