@@ -84,6 +84,14 @@ def test_bf16_trains_with_fp32_trained_weights_bf16_frozen_ones_and_returns_the_
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}
     base = [p for n, p in result.model.named_parameters() if not p.requires_grad]
     assert all(torch.equal(p, p.to(torch.bfloat16).float()) for p in base)
+    # so it runs without autocast, and merges in fp32 (to fp32 rounding of the unmerged model)
+    ids = torch.randint(5, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = result.model.eval()(input_ids=ids).logits
+        assert unmerged.dtype == torch.float32
+        merged = result.model.merge_and_unload()
+        assert {p.dtype for p in merged.parameters()} == {torch.float32}
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, atol=1e-5, rtol=0)
     # bf16 really computed something different from fp32, but close to it
     assert losses != train_losses(tmp_path / "fp32")
     assert losses[1] == pytest.approx(train_losses(tmp_path / "fp32")[1], rel=2e-2)
