@@ -69,8 +69,8 @@ def autocast(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset()) -> dict[str, torch.dtype]:
-    """Cast every frozen floating-point parameter of `model` to bf16 in place, except those named in `keep`
-    (and any sharing storage with a trainable one). Returns {name: dtype before} of those cast, for
+    """Cast every frozen parameter of `model` wider than bf16 (fp32) to bf16 in place, except those named in
+    `keep` (and any sharing storage with a trainable one). Returns {name: dtype before} of those cast, for
     restore_stored_dtypes (a tied parameter appears once: it is one object)."""
     trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
     # adapter tensors stay as they are, frozen ones too (LoRA-FA's A is saved in the adapter file in fp32)
@@ -78,8 +78,9 @@ def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset())
                        for name, p in holder.named_parameters() if not name.startswith("base_layer.")}
     stored = {}
     for name, param in model.named_parameters(remove_duplicate=False):
+        # only wider types gain (fp32: half the memory); fp16 weights keep their finer mantissa in the same bytes
         if param.requires_grad or name in keep or id(param) in adapter_tensors or not param.is_floating_point() \
-                or param.dtype == torch.bfloat16:
+                or param.element_size() <= 2:
             continue
         if param.untyped_storage().data_ptr() in trainable:
             continue
