@@ -93,8 +93,8 @@ def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset())
 def restore_stored_dtypes(model: nn.Module, stored: dict[str, torch.dtype]) -> None:
     """Give the parameters store_frozen_weights_in_bf16 cast their earlier dtype back, in place (`model` named as
     then). The values stay the bf16 ones the run trained against (every bf16 value is exact in fp32: only the
-    storage changes). Entries are removed from `stored` as they are restored, so a
-    second call does nothing. Sharded parameters (FSDP) stay bf16: their storage belongs to the sharding."""
+    storage changes). Entries are removed from `stored` as they are restored, so a second call does nothing.
+    Sharded parameters (FSDP) stay bf16: their storage belongs to the sharding."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in list(stored):
         param = params.get(name)
