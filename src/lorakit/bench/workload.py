@@ -5,8 +5,8 @@ Training settings (both libraries unless noted):
   fp32      fp32 weights, fp32 compute (lorakit: the exact path)
   bf16      weights loaded in bf16, adapters fp32 (both libraries' default for a bf16 model), no autocast
   autocast  fp32 weights under torch.autocast(bf16)
-  default   lorakit only: what `lorakit train train.bf16=auto` does ( frozen weights in bf16
-            where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py)
+  default   lorakit only: what `lorakit train` does with its default precision (train.bf16=auto: frozen weights
+            in bf16 where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py)
 
 One step = forward, loss, backward, AdamW step. PEFT's loss is the model's own (`labels=` in the forward, as a
 PEFT user computes it); lorakit's is the trainer's (`summed_token_loss`, mean over tokens). Both libraries start
@@ -108,8 +108,9 @@ class TrainingStep:
             self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         elif setting == "default":
             from lorakit.train import precision
+            from lorakit.train.config import TrainArgs
 
-            bf16 = precision.resolve_bf16("auto", torch.device("cpu"))
+            bf16 = precision.resolve_bf16(TrainArgs().bf16, torch.device("cpu"))  # whatever the default is
             if bf16:
                 precision.store_frozen_weights_in_bf16(self.model)
             self.autocast = precision.autocast(torch.device("cpu"), bf16)

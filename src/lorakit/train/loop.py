@@ -64,7 +64,8 @@ class Position:
 @dataclass
 class TrainResult:
     output_dir: str
-    # the trained model: a PeftModel for adapter runs, the merged model when training hooks changed base weights
+    # the trained model: a PeftModel for adapter runs, the merged model when training hooks changed base weights;
+    # in the dtype it was loaded in, its frozen weights holding the bf16 values a bf16 run trained against
     model: torch.nn.Module
     tokenizer: object
     steps: int
@@ -127,8 +128,10 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     state_names = run_state_names(model, hooks)  # what checkpoints save: trainable + hook-changed base weights
     merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
     bf16 = precision.resolve_bf16(args.bf16, ctx.device)
-    if bf16 and cfg.uses_adapter:  # frozen weights in bf16; those hooks rewrite stay fp32 (precision.py)
-        precision.store_frozen_weights_in_bf16(model, keep=set(state_names))
+    # frozen weights in bf16 until the run ends (after the adapter's init: PiSSA's residual is computed in fp32);
+    # those hooks rewrite stay fp32 (precision.py)
+    stored_in_bf16 = precision.store_frozen_weights_in_bf16(model, keep=set(state_names)) \
+        if bf16 and cfg.uses_adapter else {}
     trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
     total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
@@ -151,7 +154,6 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     for hook in hooks:
         hook.on_train_start(position.step, optimizer)
     if not resume_dir:
-        set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
         set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), position.step if args.resume_from_checkpoint else None)
     if ctx.is_main:
@@ -201,6 +203,11 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     bar.close()
     result = TrainResult(out, model, tokenizer, position.step, meter.train_seconds(), meter.train_loss,
                          trainable_params, total_params, interrupted=interrupted)
+    # The returned model holds its frozen weights in the dtype they were loaded in (with the bf16 values trained
+    # against): usable without autocast, merged in fp32 and saved in one dtype (precision.py). The final
+    # evaluation of an adapter still runs on the bf16 copies (no cast per use).
+    if interrupted or merge_result:
+        precision.restore_stored_dtypes(model, stored_in_bf16)
     if interrupted:
         return result
     # saved before the final evaluation, so a failing evaluation never costs the trained weights
@@ -208,6 +215,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     if val_rows:
         result.metrics = _log_eval(result.model, tokenizer, val_rows, collate, cfg, ctx, log, position.step,
                                    autocast, final=True)
+    precision.restore_stored_dtypes(model, stored_in_bf16)  # nothing left to do when restored above
     if ctx.is_main:
         _write_final(result, cfg, log, merge_result)
     ctx.barrier()
