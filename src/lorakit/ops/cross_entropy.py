@@ -26,7 +26,7 @@ import torch
 from lorakit.ops.matmul import linear
 
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 8 * 2 ** 20  # logits per chunk: 32 MB in fp32 (170 tokens of a 49k vocabulary)
+CHUNK_LOGITS = 4 * 2 ** 20  # logits per chunk: 32 MB in fp32 (170 tokens of a 49k vocabulary)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
