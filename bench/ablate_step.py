@@ -45,7 +45,7 @@ def no_fused():
 def no_chunked_loss():
     import lorakit.eval.metrics as metrics
 
-    with mock.patch.object(metrics, "returns_head_output", lambda head: False):
+    with mock.patch.object(metrics, "plain_output_head", lambda model: None):
         yield
 
 

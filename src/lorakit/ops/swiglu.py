@@ -9,6 +9,8 @@ recomputation (ops/recompute.py) so that down_proj keeps nothing full-width eith
     backward  du = dh * silu(g);  dg = silu_backward(dh * u, g)
 
 Both directions run the same operations as autograd does for the composition: the same results bit for bit.
+When down_proj's backward recomputes h, the silu(g) it computes on the way is handed to this function's
+backward, which runs right after (one elementwise pass saved per layer).
 """
 
 from __future__ import annotations
@@ -19,17 +21,31 @@ import torch.nn.functional as F
 from lorakit.ops import recompute
 
 
-def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+class _Product:
+    """silu(gate) * up, recomputed for down_proj's backward; keeps silu(gate) for SiluMulFunction.backward."""
+
+    __slots__ = ("silu",)
+
+    def __init__(self) -> None:
+        self.silu: torch.Tensor | None = None
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        self.silu = F.silu(gate)
+        return self.silu * up
+
+    def take_silu(self, gate: torch.Tensor) -> torch.Tensor:
+        silu, self.silu = self.silu, None
+        return F.silu(gate) if silu is None else silu
 
 
 class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        out = _silu_mul(gate, up)
+        out = F.silu(gate) * up
         ctx.save_for_backward(gate, up)
+        ctx.product = _Product()
         if any(ctx.needs_input_grad):
-            recompute.register(out, _silu_mul, gate, up)
+            recompute.register(out, ctx.product, gate, up)
         return out
 
     @staticmethod
@@ -37,7 +53,7 @@ class SiluMulFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
-            grad_up = grad_out * F.silu(gate)
+            grad_up = grad_out * ctx.product.take_silu(gate)
         if ctx.needs_input_grad[0]:
             grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
         return grad_gate, grad_up
