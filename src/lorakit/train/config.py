@@ -76,6 +76,9 @@ class TrainArgs:
     bf16: bool | str = "auto"
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
+    # Run RMSNorm and SwiGLU MLPs on fused kernels that keep half the activations for the backward (forward
+    # outputs equal bit for bit; lorakit/ops/fused_modules.py). false: the modules' own forwards.
+    fused_modules: bool = True
     # Seed of initialisation, data order and dropout: the same seed gives the same run.
     seed: int = 42
     # Log every N steps; evaluate the validation loss every N steps (0 = only at the end).

@@ -32,6 +32,8 @@ from lorakit.integrations.model_card import write_run_card
 from lorakit.label_names import write_label_names
 from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
+from lorakit.ops.fused_modules import restore_modules, use_fused_modules
+from lorakit.ops.recompute import recompute_saved_tensors
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import precision
 from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
@@ -132,6 +134,8 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     # those hooks rewrite stay fp32 (precision.py)
     stored_in_bf16 = precision.store_frozen_weights_in_bf16(model, keep=set(state_names)) \
         if bf16 and cfg.uses_adapter else {}
+    if args.fused_modules:
+        use_fused_modules(model)
     trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
     total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
@@ -201,6 +205,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                 position.epoch += 1
                 position.batch_in_epoch = 0
     bar.close()
+    restore_modules(model)  # the model handed back runs its own forwards (the fused ones compute the same)
     result = TrainResult(out, model, tokenizer, position.step, meter.train_seconds(), meter.train_loss,
                          trainable_params, total_params, interrupted=interrupted)
     # The returned model holds its frozen weights in the dtype they were loaded in (with the bf16 values trained
@@ -242,7 +247,7 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
         no_sync = wrapped.no_sync() if ctx.enabled and not sync and hasattr(wrapped, "no_sync") else \
             contextlib.nullcontext()
         with no_sync:
-            with autocast:
+            with autocast, recompute_saved_tensors():
                 loss_sum, _ = summed_token_loss(wrapped, batch, config=model_config)
             # DDP averages gradients over processes; scaling by world_size / tokens gives the global mean.
             objective = loss_sum * (weight * ctx.world_size / max(total_tokens, 1))
