@@ -158,15 +158,18 @@ def batch_tokens(batch: dict) -> tuple[int, int]:
 # ---- in the worker process ----------------------------------------------------------------------------------
 
 class StepClock:
-    """Wall and CPU time at the start of each step (and once more at the end)."""
+    """Wall and CPU time at the start of each step (and once more at the end); the epoch time of the first."""
 
     def __init__(self) -> None:
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.first_step_at: float | None = None
 
     def tick(self) -> None:
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
 
     def intervals(self, first: int, last: int) -> tuple[list[float], list[float]]:
         """Durations of steps first..last-1 (each from its start to the next step's start)."""
@@ -176,7 +179,6 @@ class StepClock:
 
 
 def measure(spec: dict) -> dict:
-    started = time.perf_counter()
     clock = StepClock()
     if spec["role"] == "trainer":
         extra = _run_trainer(spec, clock)
@@ -190,8 +192,11 @@ def measure(spec: dict) -> dict:
     wall, cpu = clock.intervals(warmup, warmup + steps)
     import torch
 
-    return {"role": spec["role"], "step_seconds": [round(t, 4) for t in wall], "cpu_seconds": [round(t, 4) for t in cpu],
-            "startup_seconds": round(clock.wall[0] - started, 2), "threads": torch.get_num_threads(), **extra}
+    return {"role": spec["role"], "step_seconds": [round(t, 4) for t in wall],
+            "cpu_seconds": [round(t, 4) for t in cpu],
+            # from the parent starting this process (interpreter, imports, model load, tokenisation, setup)
+            "startup_seconds": round(clock.first_step_at - spec["spawned_at"], 2),
+            "threads": torch.get_num_threads(), **extra}
 
 
 def _run_trainer(spec: dict, clock: StepClock) -> dict:
@@ -199,11 +204,14 @@ def _run_trainer(spec: dict, clock: StepClock) -> dict:
     import lorakit.train.loop as loop
     from lorakit.cli.main import main
 
-    step = loop._train_step
+    step, ends = loop._train_step, []
 
     def timed_step(*args, **kwargs):
         clock.tick()
-        return step(*args, **kwargs)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            ends.append(time.perf_counter())
 
     loop._train_step = timed_step
     code = main(["train", spec["config_path"], "--overwrite"])
@@ -212,7 +220,11 @@ def _run_trainer(spec: dict, clock: StepClock) -> dict:
     clock.tick()  # the last step's end; its interval is not timed
     with open(os.path.join(spec["output_dir"], "metrics.jsonl"), encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh if line.strip()]
-    return {"logged_losses": [[r["step"], r["loss"]] for r in records if "loss" in r]}
+    timed = range(spec["warmup"], spec["warmup"] + spec["steps"])
+    # the loop's own work between one step function's return and the next one's call (meter, progress bar, log)
+    between = [clock.wall[i + 1] - ends[i] for i in timed]
+    return {"logged_losses": [[r["step"], r["loss"]] for r in records if "loss" in r],
+            "between_steps_seconds": [round(t, 5) for t in between]}
 
 
 def _run_engine(spec: dict, clock: StepClock) -> dict:
@@ -315,13 +327,14 @@ def run(args: argparse.Namespace) -> int:
                     yaml.safe_dump({**raw, "output_dir": out}, fh)
                 spec = {"kind": "trainer", "role": role, "config_path": config_path, "output_dir": out,
                         "batches_path": batches_path, "warmup": args.warmup, "steps": args.steps,
-                        "threads": args.threads}
+                        "threads": args.threads, "spawned_at": time.time()}
                 result = harness.run_worker(spec)
                 result["tokens_per_second"] = round(timed_inputs / sum(result["step_seconds"]), 2)
                 result["tokens_per_cpu_second"] = round(timed_inputs / sum(result["cpu_seconds"]), 2)
                 results[role].append(result)
                 print(f"  run {repeat + 1}: {role:7} {result['tokens_per_second']:8.1f} tokens/s "
-                      f"{result['tokens_per_cpu_second']:8.1f} tokens/CPU-s  start-up {result['startup_seconds']:5.1f} s"
+                      f"{result['tokens_per_cpu_second']:8.1f} tokens/CPU-s  start-up "
+                      f"{result['startup_seconds']:5.1f} s"
                       f"  peak RSS {result['peak_rss_mb']:6.0f} MB  (load {result['load_before']:.1f}"
                       f"->{result['load_after']:.1f})", flush=True)
     report = summarize(args, results, counts, timed_inputs, timed_trained, padded, default_bf16)
@@ -344,7 +357,8 @@ def summarize(args, results, counts, timed_inputs, timed_trained, padded, defaul
                      "peak_rss_mb": harness.median(r["peak_rss_mb"] for r in measured),
                      "load_average": harness.median(r["load_before"] for r in measured),
                      "repeats": [{k: r[k] for k in ("tokens_per_second", "tokens_per_cpu_second", "startup_seconds",
-                                                    "peak_rss_mb", "load_before", "load_after")} for r in measured]})
+                                                    "peak_rss_mb", "load_before", "load_after", "step_seconds",
+                                                    "cpu_seconds", "threads")} for r in measured]})
     trainer, engine = rows
     paired = [round(t["tokens_per_cpu_second"] / e["tokens_per_cpu_second"], 3)
               for t, e in zip(results["trainer"], results["engine"])]
@@ -365,6 +379,9 @@ def summarize(args, results, counts, timed_inputs, timed_trained, padded, defaul
             "trainer_vs_engine_cpu_time": _ratio(trainer["tokens_per_cpu_second"], engine["tokens_per_cpu_second"]),
             "trainer_vs_engine_cpu_time_per_repeat": paired,
             "startup_seconds": {"trainer": trainer["startup_seconds"], "engine": engine["startup_seconds"]},
+            # the trainer loop's own work between steps (outside its step function), median per step
+            "trainer_between_steps_seconds": harness.median(t for r in results["trainer"]
+                                                            for t in r["between_steps_seconds"]),
             "loss_max_abs_diff": loss_difference(logged, engine_losses, counts),
             "trainer_logged_losses": logged}
 
@@ -396,6 +413,9 @@ def format_report(report: dict) -> str:
     lines.append(f"trainer vs engine: {report['trainer_vs_engine']:.3f}x tokens/s, "
                  f"{report['trainer_vs_engine_cpu_time']:.3f}x per CPU second (per repetition: "
                  f"{', '.join(str(r) for r in report['trainer_vs_engine_cpu_time_per_repeat'])})")
+    lines.append(f"start-up (process start to the first step): trainer {report['startup_seconds']['trainer']:.1f} s, "
+                 f"engine {report['startup_seconds']['engine']:.1f} s; the trainer loop's work between steps: "
+                 f"{report['trainer_between_steps_seconds'] * 1000:.2f} ms a step")
     if report["loss_max_abs_diff"] is not None:
         lines.append(f"largest difference between the trainer's logged losses and the engine's: "
                      f"{report['loss_max_abs_diff']:.2e} (the same model on the same batches)")
