@@ -59,6 +59,8 @@ def test_bench_trainer_quick_times_lorakit_train_against_the_engine_on_the_same_
     assert all(r["tokens_per_second"] > 0 and r["tokens_per_cpu_second"] > 0 and r["startup_seconds"] > 0
                for r in rows.values())
     assert report["trainer_vs_engine"] > 0 and len(report["trainer_vs_engine_cpu_time_per_repeat"]) == 1
+    assert report["trainer_between_steps_seconds"] >= 0
+    assert all(len(r["repeats"][0]["cpu_seconds"]) == report["workload"]["steps"] for r in rows.values())
     workload = report["workload"]
     assert (workload["batch"], workload["cutoff_len"], workload["data"]) == (2, 32, "source")
     assert workload["train_bf16"] == TrainArgs().bf16  # the trainer's default precision, not the bench's choice
