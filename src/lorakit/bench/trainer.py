@@ -36,10 +36,14 @@ trainer's logging windows must equal the loss the trainer logged (`loss_max_abs_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
+
+import yaml
 
 from lorakit.bench import harness
 from lorakit.bench.train import add_workload_arguments, resolve
@@ -47,7 +51,6 @@ from lorakit.bench.train import add_workload_arguments, resolve
 FULL = dict(batch=4, seq=256, steps=8, warmup=2, repeats=3)
 QUICK = dict(batch=2, seq=32, steps=2, warmup=1, repeats=1)
 ROLES = ("trainer", "engine")
-DATA_CHOICES = ("source", "demo")
 # characters per record of the source dataset, taking turns (about 3.5 characters per token of code)
 SOURCE_RECORD_CHARS = (350, 700, 1400)
 SOURCE_RECORDS = 400
@@ -109,9 +112,9 @@ def run_config(args, data: str, output_dir: str, total_steps: int) -> dict:
             "train": {"max_steps": total_steps, "batch_size": args.batch, "seed": args.seed}}
 
 
-def step_batches(cfg, total_steps: int) -> list[dict]:
+def step_batches(cfg, total_steps: int) -> tuple[list[dict], object]:
     """The batches of the first `total_steps` steps of a one-process run of `cfg`, built as the trainer builds
-    them (build_datasets, the epoch order of batching.py, the run's collator)."""
+    them (build_datasets, the epoch order of batching.py, the run's collator), and the data's DataInfo."""
     from lorakit.models.loading import load_tokenizer
     from lorakit.train.batching import epoch_batches, micro_batches
     from lorakit.train.data import build_datasets, make_collator
@@ -119,7 +122,13 @@ def step_batches(cfg, total_steps: int) -> list[dict]:
     if cfg.train.gradient_accumulation_steps != 1:
         raise ValueError("the engine loop runs one micro-batch per step")
     tokenizer = load_tokenizer(cfg.model)
-    rows, _, _ = build_datasets(cfg.data, tokenizer, cfg.task_type)
+    data_log = logging.getLogger("lorakit.train.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # records cut at cutoff_len are expected here: the header line counts them
+    try:
+        rows, _, info = build_datasets(cfg.data, tokenizer, cfg.task_type)
+    finally:
+        data_log.setLevel(level)
     collate = make_collator(cfg.data, tokenizer)
     batches, epoch = [], 0
     while len(batches) < total_steps:
@@ -129,7 +138,7 @@ def step_batches(cfg, total_steps: int) -> list[dict]:
             if len(batches) == total_steps:
                 break
         epoch += 1
-    return batches
+    return batches, info
 
 
 def write_batches(path: str, batches: list[dict]) -> None:
@@ -201,8 +210,8 @@ def measure(spec: dict) -> dict:
 
 def _run_trainer(spec: dict, clock: StepClock) -> dict:
     """`lorakit train CONFIG` in this process, the loop's step function wrapped by the clock."""
-    import lorakit.train.loop as loop
     from lorakit.cli.main import main
+    from lorakit.train import loop
 
     step, ends = loop._train_step, []
 
@@ -243,16 +252,12 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
     from lorakit.train.setup import prepare_model, run_state_names
 
     with open(spec["config_path"], encoding="utf-8") as fh:
-        import yaml
-
         cfg = build_run_config(yaml.safe_load(fh))
     args, device, total_steps = cfg.train, default_device(), cfg.train.max_steps
     set_seed(args.seed)
     base, _ = load_model_and_tokenizer(cfg.model, cfg.task_type, dtype=cfg.dtype, device=device,
                                        **cfg.quantization_kwargs)
-    if cfg.uses_adapter:
-        import dataclasses
-
+    if cfg.uses_adapter:  # as the trainer: fields the run decides (AdaLoRA's total_step)
         cfg = dataclasses.replace(cfg, adapter=cfg.adapter.fill_from_run(total_steps))
     set_seed(args.seed)
     model = prepare_model(base, cfg).to(device)
@@ -303,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         data = data_path(args.data, tmp)
         raw = run_config(args, data, os.path.join(tmp, "run"), total_steps)
         cfg = build_run_config(raw)
-        batches = step_batches(cfg, total_steps)
+        batches, info = step_batches(cfg, total_steps)
         batches_path = os.path.join(tmp, "batches.safetensors")
         write_batches(batches_path, batches)
         counts = [batch_tokens(b) for b in batches]
@@ -312,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         timed_trained = sum(counts[i][1] for i in timed)
         padded = sum(batches[i]["input_ids"].numel() for i in timed)
         print(f"lorakit bench trainer: {args.model}, LoRA r={args.r} alpha={args.alpha} all-linear, data {args.data} "
-              f"(cutoff {args.seq}), batch {args.batch}, train.bf16={default_bf16!r} (the default), {args.warmup} "
+              f"({info.num_train} records, {info.truncated_train} cut at {args.seq} tokens), batch {args.batch}, train.bf16={default_bf16!r} (the default), {args.warmup} "
               f"warm-up + {args.steps} timed steps ({timed_inputs} input tokens, {padded - timed_inputs} padding), "
               f"{args.repeats} repetition(s) of trainer and engine, each in a fresh process; load average "
               f"{harness.load_average()}", flush=True)
@@ -322,8 +327,6 @@ def run(args: argparse.Namespace) -> int:
                 out = os.path.join(tmp, f"run-{role}-{repeat}")
                 config_path = os.path.join(tmp, f"run-{role}-{repeat}.yaml")
                 with open(config_path, "w", encoding="utf-8") as fh:
-                    import yaml
-
                     yaml.safe_dump({**raw, "output_dir": out}, fh)
                 spec = {"kind": "trainer", "role": role, "config_path": config_path, "output_dir": out,
                         "batches_path": batches_path, "warmup": args.warmup, "steps": args.steps,
