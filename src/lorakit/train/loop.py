@@ -152,7 +152,6 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
         hook.on_train_start(position.step, optimizer)
     if not resume_dir:
         set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
-        set_seed(args.seed + ctx.rank)  # each process its own dropout stream; a resume restores the saved ones
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), position.step if args.resume_from_checkpoint else None)
     if ctx.is_main:
         _write_run_config(cfg)
