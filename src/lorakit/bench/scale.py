@@ -1,6 +1,6 @@
 """How training speed scales: tokens/s over sequence lengths (tokens per step held constant) and batch sizes.
 
-    lorakit bench scale --json scale.json      # lengths 128..2048 at 2,048 tokens a step; batches 1, 4, 8, 16 of 256
+    lorakit bench scale --json scale.json      # lengths 128..2048 at 2,048 tokens a step; batches 1,4,8,16 x 256
     lorakit bench scale --quick                # a smoke run
 
 The workload of `lorakit bench train` (SmolLM2-135M, LoRA r=16 all-linear, AdamW) at lorakit's default setting

@@ -317,9 +317,9 @@ def run(args: argparse.Namespace) -> int:
         timed_trained = sum(counts[i][1] for i in timed)
         padded = sum(batches[i]["input_ids"].numel() for i in timed)
         print(f"lorakit bench trainer: {args.model}, LoRA r={args.r} alpha={args.alpha} all-linear, data {args.data} "
-              f"({info.num_train} records, {info.truncated_train} cut at {args.seq} tokens), batch {args.batch}, train.bf16={default_bf16!r} (the default), {args.warmup} "
-              f"warm-up + {args.steps} timed steps ({timed_inputs} input tokens, {padded - timed_inputs} padding), "
-              f"{args.repeats} repetition(s) of trainer and engine, each in a fresh process; load average "
+              f"({info.num_train} records, {info.truncated_train} cut at {args.seq} tokens), batch {args.batch}, "
+              f"train.bf16={default_bf16!r} (the default), {args.warmup} warm-up + {args.steps} timed steps "
+              f"({timed_inputs} input tokens, {padded - timed_inputs} padding), {args.repeats} repetition(s) of trainer and engine, each in a fresh process; load average "
               f"{harness.load_average()}", flush=True)
         results: dict[str, list[dict]] = {role: [] for role in ROLES}
         for repeat in range(args.repeats):

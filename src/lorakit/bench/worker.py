@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(int(spec["threads"]))
-    if spec["kind"] == "trainer" or spec["kind"] == "train" and spec.get("library") == "lorakit":
+    if spec["kind"] == "trainer" or (spec["kind"] == "train" and spec.get("library") == "lorakit"):
         from lorakit.train.runtime import tune_process
 
         tune_process()  # as `lorakit train` does (lorakit/train/runtime.py)
