@@ -319,8 +319,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit bench trainer: {args.model}, LoRA r={args.r} alpha={args.alpha} all-linear, data {args.data} "
               f"({info.num_train} records, {info.truncated_train} cut at {args.seq} tokens), batch {args.batch}, "
               f"train.bf16={default_bf16!r} (the default), {args.warmup} warm-up + {args.steps} timed steps "
-              f"({timed_inputs} input tokens, {padded - timed_inputs} padding), {args.repeats} repetition(s) of trainer and engine, each in a fresh process; load average "
-              f"{harness.load_average()}", flush=True)
+              f"({timed_inputs} input tokens, {padded - timed_inputs} padding), {args.repeats} repetition(s) of "
+              f"trainer and engine, each in a fresh process; load average {harness.load_average()}", flush=True)
         results: dict[str, list[dict]] = {role: [] for role in ROLES}
         for repeat in range(args.repeats):
             for role in (ROLES if repeat % 2 == 0 else tuple(reversed(ROLES))):
