@@ -281,17 +281,25 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
     autocast, model_config = precision.autocast(device, bf16), model.config
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
     model.train()
-    losses = []
-    for step, batch in enumerate(batches[:total_steps]):
-        clock.tick()
+
+    # A function, as the trainer's step: its loss tensor and autograd graph go when it returns. Kept alive into the
+    # next step's forward (a bare `for` loop body), the graph's freed pieces interleave with the next step's
+    # activations on the heap (runtime.py keeps large blocks off mmap): +600 MB peak RSS at 4 x 256, and the trainer
+    # measured 1.05x this loop's speed.
+    def step(batch: dict, trained_tokens: int) -> torch.Tensor:
         with autocast:
             loss_sum, _ = summed_token_loss(model, batch, config=model_config)
-        (loss_sum * (1.0 / max(trained[step], 1))).backward()  # the trainer's objective on one process
+        (loss_sum * (1.0 / max(trained_tokens, 1))).backward()  # the trainer's objective on one process
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss_sum.detach())
+        return loss_sum.detach()
+
+    losses = []
+    for batch, tokens in zip(batches[:total_steps], trained):
+        clock.tick()
+        losses.append(step(batch, tokens))
     clock.tick()
     return {"losses": [float(loss) / max(n, 1) for loss, n in zip(losses, trained)], "bf16": bf16}
 
