@@ -5,7 +5,8 @@ time, in one process, the variants taking turns step after step.
     PYTHONPATH=src python bench/ablate_step.py --setting default
 
 Variants: all on; no oneDNN (LORAKIT_MATMUL=aten: PyTorch's MKL/aten matmuls); no fused LoRA function (the
-layer's general module path); no chunked LM-head loss (full logits, then F.cross_entropy). Every variant runs the
+layer's general module path); no chunked LM-head loss (full logits, then F.cross_entropy); no fused modules (the
+model's own RMSNorm and MLP forwards, ops/fused_modules.py). Every variant runs the
 same model and batch (the optimizer is not stepped, so the weights stay the same); the figure is the median CPU
 time of this process per step (forward + loss + backward) over --rounds rounds. The glibc malloc setting
 (lorakit/train/runtime.py) is process-wide and cannot be switched per step: `lorakit bench train` measures it
@@ -44,12 +45,30 @@ def no_fused():
 def no_chunked_loss():
     import lorakit.eval.metrics as metrics
 
-    with mock.patch.object(metrics, "returns_head_output", lambda head: False):
+    with mock.patch.object(metrics, "plain_output_head", lambda model: None):
         yield
 
 
-VARIANTS = {"all on": contextlib.nullcontext, "no oneDNN": no_onednn, "no fused LoRA": no_fused,
-            "no chunked loss": no_chunked_loss}
+class NoFusedModules:
+    """The model's own RMSNorm and MLP forwards for the step (ops/fused_modules.py), swapped back after it."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        from lorakit.ops.fused_modules import restore_modules
+
+        restore_modules(self.model)
+
+    def __exit__(self, *exc):
+        from lorakit.ops.fused_modules import use_fused_modules
+
+        use_fused_modules(self.model)
+
+
+VARIANTS = {"all on": lambda run: contextlib.nullcontext(), "no oneDNN": lambda run: no_onednn(),
+            "no fused LoRA": lambda run: no_fused(), "no chunked loss": lambda run: no_chunked_loss(),
+            "no fused modules": lambda run: NoFusedModules(run.model)}
 
 
 def main() -> None:
@@ -68,7 +87,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_ in range(args.rounds + 1):  # round 0 warms every variant up
         for name, switch in VARIANTS.items():
-            with switch():
+            with switch(run):
                 started = time.process_time()
                 loss = run.loss(batch)
                 loss.backward()

@@ -23,7 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.train.config import RunConfig, load_run_config
+from lorakit.train import precision
+from lorakit.train.config import RunConfig, TrainArgs, load_run_config
 from tests.tiny import tiny_bert_classifier, tiny_llama, tiny_tokenizer
 
 LABELS = ("negative", "neutral", "positive")
@@ -116,8 +117,7 @@ def base_run_dict(tmp_path, model=None, data=None, output: str = "run") -> dict:
         "output_dir": str(tmp_path / output),
         "data": {"path": str(data)},
         "adapter": {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
-        # fp32: these runs check exact numerics (bf16=auto would pick bf16 on CPUs with native bf16)
-        "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 4, "logging_steps": 1, "bf16": False},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 4, "logging_steps": 1},
         "eval": {"generate": False, "max_new_tokens": 4, "max_samples": 2, "batch_size": 4},
     }
 
@@ -153,6 +153,24 @@ def metrics_records(output_dir: str | os.PathLike) -> list[dict]:
 def train_losses(output_dir: str | os.PathLike) -> dict[int, float]:
     """step -> logged training loss (logging_steps=1 logs every step)."""
     return {r["step"]: r["loss"] for r in metrics_records(output_dir) if "loss" in r}
+
+
+def default_run_is_bf16() -> bool:
+    """Whether a run with the default train.bf16 (auto) trains in bf16 on this machine's CPU."""
+    return precision.resolve_bf16(TrainArgs().bf16, torch.device("cpu"))
+
+
+@torch.no_grad()
+def as_the_default_run_rounds_it(model: torch.nn.Module) -> torch.nn.Module:
+    """A freshly loaded base model with every floating-point weight rounded to bf16 (and kept in its dtype), as a
+    run with the default precision leaves the frozen weights where it trains in bf16 (train/precision.py);
+    unchanged where the default is fp32. Wrapped in the run's adapter afterwards (an init that does not rewrite
+    the base), it computes what the run's returned model computes, bit for bit."""
+    if default_run_is_bf16():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16).to(param.dtype)
+    return model
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:

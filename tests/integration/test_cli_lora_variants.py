@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import lorakit
 from lorakit import LoraConfig, get_peft_model
 from lorakit.train.config import load_run_config
+from lorakit.train import precision
 from lorakit.train.loop import run_training
 from tests.integration.cli_support import ALPACA_ROWS, make_model_dir, run_cli, write_jsonl
 
@@ -69,18 +70,40 @@ def test_train_a_variant_from_yaml(workspace, capsys, name, adapter):
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_a_trained_residual_init_adapter_reloads_on_the_original_base(workspace, init):
+def test_a_trained_residual_init_adapter_reloads_on_the_original_base(workspace, capsys, init):
     """The saved config says init_lora_weights=pissa: loading re-derives the same residual from the original base,
-    then puts the trained A, B in, which gives back the trained model."""
+    then puts the trained A, B in, which gives back the trained model.
+
+    Under the default precision (bf16 here: this CPU has AVX512-BF16) the run computed the residual from the fp32
+    weights, in fp32, then trained against its bf16 rounding; the model it returns is fp32 again, holding those
+    rounded values (train/precision.py). So a reload on the fp32 base equals it to within bf16 rounding of the
+    frozen weights, and exactly once its frozen weights are rounded the same way (which fails if the residual
+    had been computed from bf16 weights)."""
     config, out = train_yaml(workspace, f"reload-{init}",
                              f"{{method: lora, r: 4, target_modules: [q_proj, v_proj], init_lora_weights: {init}}}")
     result = run_training(load_run_config(str(config)), show_progress=False)
+    assert precision.resolve_bf16(load_run_config(str(config)).train.bf16, torch.device("cpu"))  # the bf16 path ran
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    trained = result.model.eval()(input_ids=ids).logits
-    base = AutoModelForCausalLM.from_pretrained(workspace[1])
-    assert not torch.allclose(base(input_ids=ids).logits, trained, atol=1e-4)
-    loaded = lorakit.PeftModel.from_pretrained(base, str(out / "adapter"))
-    torch.testing.assert_close(loaded(input_ids=ids).logits, trained, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids=ids).logits
+        bf16_rounding = 2 ** -8 * float(trained.abs().max())
+        base = AutoModelForCausalLM.from_pretrained(workspace[1])
+        assert (base(input_ids=ids).logits - trained).abs().max() > 10 * bf16_rounding  # it trained
+        loaded = lorakit.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, atol=bf16_rounding, rtol=0)
+        precision.restore_stored_dtypes(loaded, precision.store_frozen_weights_in_bf16(loaded))
+        assert torch.equal(loaded(input_ids=ids).logits, trained)
+    # lorakit merge on the output directory: the same model, merged
+    merged_dir = workspace[0] / f"merged-{init}"
+    code, _, err = run_cli(capsys, "merge", "--adapter", out / "adapter", "--output", merged_dir)
+    assert code == 0, err
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, atol=bf16_rounding, rtol=0)
+    code, _, err = run_cli(capsys, "generate", "--adapter", out / "adapter", "--prompt", "add 2 and 1",
+                           "--max-new-tokens", 3)
+    assert code == 0, err
 
 
 def test_lora_fa_from_yaml_trains_only_b(workspace, capsys):

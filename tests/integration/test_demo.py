@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from lorakit.cli.main import main
 from tests.train_fixtures import one_torch_thread, save_tiny_llama  # noqa: F401
@@ -26,6 +27,8 @@ def test_demo_writes_results_adapter_and_curve(tmp_path, capsys):
     assert results["train_seconds"] > 0 and results["peak_rss_mb"] > 0
     for name in ("adapter/adapter_model.safetensors", "loss_curve.png", "metrics.jsonl", "run_config.yaml"):
         assert os.path.exists(out / name), name
+    # the demo trains with lorakit train's default precision (bf16 where bf16 matmuls are fast)
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["train"]["bf16"] == "auto"
     printed = capsys.readouterr().out
     assert "ROUGE-L" in printed and "exact match" in printed and "request" in printed
 

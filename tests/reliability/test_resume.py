@@ -1,5 +1,7 @@
 """Exact resume: stop a run at step k (as Ctrl-C does), resume it from the checkpoint, and get bit for bit the
-run that was never interrupted: same final weights, same logged losses.
+run that was never interrupted: same final weights, same logged losses. Under the default precision (bf16 where
+bf16 matmuls are fast, as on this project's CPU): the checkpoint holds the fp32 trained tensors, and a resumed run
+casts the same freshly loaded weights to bf16 the same way, so the bf16 run resumes bit for bit too.
 
 Ctrl-C is simulated deterministically: the loop reads `_StopOnCtrlC.requested` once per step, after the
 step; `StopAtStep(k)` answers True at the k-th read, as if Ctrl-C had been pressed during step k. The real
@@ -64,6 +66,8 @@ CASES = {
     "lora with dropout (RNG restored)": (5, ("adapter.lora_dropout=0.3",)),
     "lora with gradient accumulation and LoRA+": (
         4, ("train.batch_size=2", "train.gradient_accumulation_steps=2", "train.loraplus_lr_ratio=4")),
+    # under the default precision (bf16 where fast) the residual W0 - s B A is computed in fp32, then stored in bf16
+    "pissa (residual base)": (5, ("adapter.init_lora_weights=pissa",)),
     "qlora (lora on an nf4 base)": (5, ("quantization=nf4",)),
     "vera with dropout": (5, ("adapter={method: vera, r: 16, target_modules: all-linear, vera_dropout: 0.2}",)),
     # total_step = the run's 12 steps: budget phase 3..9 (masks at even steps), final pattern at 9, then 10..12

@@ -17,7 +17,7 @@ from lorakit.train.loop import run_training, set_seed
 from lorakit.train.setup import prepare_model
 from lorakit.train.strategies.lora_drop import LoraDrop, select_blocks
 from tests.strategies.support import LEARNS, first_loss_and_last, four_block_llama, spy_run, straight_and_resumed
-from tests.train_fixtures import one_torch_thread, tiny_run_config  # noqa: F401
+from tests.train_fixtures import as_the_default_run_rounds_it, one_torch_thread, tiny_run_config  # noqa: F401
 
 DROP = ("train.max_steps=6", "train.lora_drop_threshold=0.5", "train.lora_drop_warmup_steps=4",
         "train.lora_drop_sample_ratio=0.5")
@@ -125,11 +125,12 @@ def test_the_shared_adapter_trains_saves_and_loads_in_lorakit_and_peft(tmp_path,
     ids = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = result.model.eval()(input_ids=ids).logits
-        ours = lorakit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
-                                                 str(tmp_path / "run" / "adapter")).eval()
+        # the base as the run trained against it (bf16-rounded under the default precision where bf16 is fast)
+        ours = lorakit.PeftModel.from_pretrained(as_the_default_run_rounds_it(
+            AutoModelForCausalLM.from_pretrained(model_dir)), str(tmp_path / "run" / "adapter")).eval()
         torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
-        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
-                                                str(tmp_path / "run" / "adapter")).eval()
+        theirs = peft.PeftModel.from_pretrained(as_the_default_run_rounds_it(
+            AutoModelForCausalLM.from_pretrained(model_dir)), str(tmp_path / "run" / "adapter")).eval()
         torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from lorakit import PeftModel
 from lorakit.adapter_layer import AdapterLayer
 from lorakit.methods.lora.tuner import LoraTuner
+from lorakit.train import precision
 from lorakit.train.loop import run_training
 from lorakit.train.optim import build_scheduler, lr_factor
 from lorakit.train.strategies.adapters import keep_largest
@@ -78,18 +79,35 @@ def test_each_restart_merges_reinitialises_and_prunes(tmp_path, monkeypatch):
     assert relora.restarts == 2
 
 
-def test_a_restart_leaves_the_model_function_unchanged(tmp_path, monkeypatch):
-    """After merge + re-init (B = 0), the model computes what it computed just before the restart."""
+@pytest.mark.parametrize("precision_override", ["train.bf16=false", None], ids=["fp32", "default precision"])
+def test_a_restart_leaves_the_model_function_unchanged(tmp_path, monkeypatch, precision_override):
+    """After merge + re-init (B = 0), the model computes what it computed just before the restart: to fp32
+    rounding on the exact path; to bf16 rounding under the default precision (bf16 where fast), whose frozen
+    weights are bf16 but whose merged-into base weights stay fp32. The model is run as the run computes
+    (under its autocast); the adapter's own effect is far larger than either tolerance."""
+    overrides = (precision_override,) if precision_override else ()
+    bf16 = precision.resolve_bf16(tiny_run_config(tmp_path, *overrides).train.bf16, torch.device("cpu"))
     ids = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(0))
-    logits = {}
+    logits, dtypes = {}, {}
 
     def record(event, step, model, optimizer):
         if step == 3 and event in ("after_step", "step_end"):
-            with torch.no_grad():
-                logits[event] = model(input_ids=ids).logits
+            with torch.no_grad(), precision.autocast(torch.device("cpu"), bf16):
+                logits[event] = model(input_ids=ids).logits.float()
+                if event == "after_step":
+                    with model.disable_adapter():
+                        logits["without the adapter"] = model(input_ids=ids).logits.float()
+                    # the weights ReLoRA merges into stay fp32; the other frozen ones are stored in bf16
+                    dtypes["merged into"] = {layer.base_layer.weight.dtype for _, layer in layers_of(model)}
+                    dtypes["embedding"] = model.get_input_embeddings().weight.dtype
 
-    spy_run(tmp_path, monkeypatch, Spy(record), *RELORA)
-    torch.testing.assert_close(logits["step_end"], logits["after_step"], rtol=0, atol=1e-5)
+    result, _ = spy_run(tmp_path, monkeypatch, Spy(record), *RELORA, *overrides)
+    assert dtypes == {"merged into": {torch.float32}, "embedding": torch.bfloat16 if bf16 else torch.float32}
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}  # the merged model, in its dtype
+    before = logits["after_step"]
+    atol = 2 ** -6 * float(before.abs().max()) if bf16 else 1e-5
+    torch.testing.assert_close(logits["step_end"], before, rtol=0, atol=atol)
+    assert (before - logits["without the adapter"]).abs().max() > 10 * atol
 
 
 def test_keep_largest_masks_exactly_the_share_asked():

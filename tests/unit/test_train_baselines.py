@@ -1,4 +1,5 @@
-"""finetuning_type baselines: lora trains only the adapter (the base stays bit-identical), full trains every
+"""finetuning_type baselines: lora trains only the adapter (the base stays bit-identical, up to the default
+precision's bf16 storage), full trains every
 weight, freeze trains the last N blocks (+ the head for SEQ_CLS); train_results.json counts them."""
 
 import json
@@ -10,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lorakit.train.loop import run_training
 from lorakit.train.setup import transformer_blocks
 from tests.train_fixtures import (
-    checkpoint_weights, format_rows, save_tiny_classifier, save_tiny_llama, tiny_run_config, write_rows,
+    as_the_default_run_rounds_it, checkpoint_weights, format_rows, save_tiny_classifier, save_tiny_llama,
+    tiny_run_config, write_rows,
 )
 from tests.train_fixtures import one_torch_thread  # noqa: F401  (an autouse fixture)
 
@@ -33,12 +35,15 @@ def test_lora_trains_only_the_adapter_and_leaves_the_base_untouched(tmp_path):
     assert summary["total_params"] == sum(p.numel() for p in result.model.parameters())
     assert summary["trainable_percent"] == pytest.approx(100 * summary["trainable_params"] / summary["total_params"],
                                                          abs=1e-4)
-    original = base_weights(tmp_path / "model")
+    # untouched but for the storage of the default precision: bf16 while training (where fast), the loaded dtype
+    # again in the returned model (train/precision.py)
+    original = dict(as_the_default_run_rounds_it(AutoModelForCausalLM.from_pretrained(tmp_path / "model"))
+                    .named_parameters())
     base = dict(result.model.get_base_model().named_parameters())
     for name, value in original.items():
         match = [n for n in base if n.replace(".base_layer", "") == name]
         assert len(match) == 1, name
-        assert torch.equal(base[match[0]], value), name
+        assert base[match[0]].dtype == torch.float32 and torch.equal(base[match[0]], value), name
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied embeddings"])

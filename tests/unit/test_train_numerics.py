@@ -6,11 +6,14 @@ import math
 import pytest
 import torch
 
+from lorakit.train import precision
+from lorakit.train.config import TrainArgs
 from lorakit.train.loop import run_training
 from lorakit.train.optim import lr_factor
 from tests.train_fixtures import (
     assert_same_tensors, metrics_records, tiny_run_config, train_losses, trained_weights, write_rows,
 )
+from tests.strategies.support import Spy, spy_run
 from tests.train_fixtures import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 
@@ -24,16 +27,24 @@ def varied_lengths(tmp_path) -> str:
     return write_rows(tmp_path / "varied.json", rows)
 
 
-@pytest.mark.parametrize("batch, accumulation", [(4, 2), (2, 4)])
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, batch, accumulation):
+# fp32 (pinned): the exact path, where splitting changes only the summation order (1e-6). Under the default
+# precision (bf16 where fast) the micro-batches' bf16 matmuls round differently from the big batch's: the same
+# up to bf16 rounding, still far below the first step's loss difference a mean of micro-batch means would give.
+@pytest.mark.parametrize("batch, accumulation, precision_overrides, weights_atol, loss_atol", [
+    (4, 2, ("train.bf16=false",), 1e-6, 1e-6),
+    (2, 4, ("train.bf16=false",), 1e-6, 1e-6),
+    (2, 4, (), 2e-3, 5e-4),
+], ids=["4x2-fp32", "2x4-fp32", "2x4-default-precision"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, batch, accumulation, precision_overrides,
+                                                    weights_atol, loss_atol):
     """The loss of a step is the mean over every trained token of the global batch (not a mean of micro-batch
     means), so splitting a batch of 8 changes nothing. 20 records: the third batch holds only 4."""
     data = varied_lengths(tmp_path)
-    big = train(tmp_path, "big", "train.batch_size=8", "train.max_steps=3", data=data)
+    big = train(tmp_path, "big", "train.batch_size=8", "train.max_steps=3", *precision_overrides, data=data)
     split = train(tmp_path, "split", f"train.batch_size={batch}", f"train.gradient_accumulation_steps={accumulation}",
-                  "train.max_steps=3", data=data)
-    assert_same_tensors(trained_weights(split.model), trained_weights(big.model), atol=1e-6)
-    assert train_losses(tmp_path / "split") == pytest.approx(train_losses(tmp_path / "big"), abs=1e-6)
+                  "train.max_steps=3", *precision_overrides, data=data)
+    assert_same_tensors(trained_weights(split.model), trained_weights(big.model), atol=weights_atol)
+    assert train_losses(tmp_path / "split") == pytest.approx(train_losses(tmp_path / "big"), abs=loss_atol)
 
 
 def test_the_same_seed_repeats_a_run_bit_for_bit_and_another_seed_does_not(tmp_path):
@@ -47,17 +58,55 @@ def test_the_same_seed_repeats_a_run_bit_for_bit_and_another_seed_does_not(tmp_p
     assert all(not torch.equal(a[name], c[name]) for name in a if ".lora_A." in name)  # another initialisation
 
 
-def test_bf16_runs_on_cpu_with_a_finite_loss_fp32_trained_weights_and_bf16_frozen_ones(tmp_path):
-    result = train(tmp_path, "bf16", "train.bf16=true", "train.max_steps=2", "data.val_size=4")
-    train(tmp_path, "fp32", "train.max_steps=2", "data.val_size=4")
+def frozen_dtypes_while_training(tmp_path, monkeypatch, output: str, *overrides: str):
+    """(the run's result, {dtype of the frozen parameters}, {dtype of the trained ones}) seen at the first step."""
+    seen = {}
+
+    def record(event, step, model, optimizer):
+        if event == "before_step" and not seen:
+            seen["frozen"] = {p.dtype for p in model.parameters() if not p.requires_grad}
+            seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
+
+    result, _ = spy_run(tmp_path, monkeypatch, Spy(record), *overrides, output=output)
+    return result, seen["frozen"], seen["trained"]
+
+
+def test_bf16_trains_with_fp32_trained_weights_bf16_frozen_ones_and_returns_the_model_in_its_dtype(tmp_path,
+                                                                                                     monkeypatch):
+    result, frozen, trained = frozen_dtypes_while_training(tmp_path, monkeypatch, "bf16", "train.bf16=true",
+                                                           "train.max_steps=2", "data.val_size=4")
+    train(tmp_path, "fp32", "train.bf16=false", "train.max_steps=2", "data.val_size=4")
     losses = train_losses(tmp_path / "bf16")
     assert all(math.isfinite(v) for v in losses.values()) and math.isfinite(result.metrics["loss"])
     # fp32 master weights for what trains; the frozen base weights are stored in bf16 (train/precision.py)
-    assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.requires_grad)
-    assert all(p.dtype == torch.bfloat16 for p in result.model.parameters() if not p.requires_grad)
+    assert (frozen, trained) == ({torch.bfloat16}, {torch.float32})
+    # the returned model is back in the loaded dtype (fp32), holding the bf16 values it trained against
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    base = [p for n, p in result.model.named_parameters() if not p.requires_grad]
+    assert all(torch.equal(p, p.to(torch.bfloat16).float()) for p in base)
+    # so it runs without autocast, and merges in fp32 (to fp32 rounding of the unmerged model)
+    ids = torch.randint(5, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = result.model.eval()(input_ids=ids).logits
+        assert unmerged.dtype == torch.float32
+        merged = result.model.merge_and_unload()
+        assert {p.dtype for p in merged.parameters()} == {torch.float32}
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, atol=1e-5, rtol=0)
     # bf16 really computed something different from fp32, but close to it
     assert losses != train_losses(tmp_path / "fp32")
     assert losses[1] == pytest.approx(train_losses(tmp_path / "fp32")[1], rel=2e-2)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["no fast bf16: fp32", "fast bf16: bf16"])
+def test_the_default_precision_is_auto_bf16_where_bf16_is_fast_and_fp32_elsewhere(tmp_path, monkeypatch, fast):
+    """train.bf16 defaults to auto, which is bf16 where bf16 matmuls are fast and fp32 elsewhere (a CPU without
+    AVX512-BF16/AMX, a GPU without bf16): forced both ways here, whatever this machine has."""
+    assert TrainArgs().bf16 == "auto" and tiny_run_config(tmp_path).train.bf16 == "auto"
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: fast)
+    _, frozen, trained = frozen_dtypes_while_training(tmp_path, monkeypatch, "default", "train.max_steps=2")
+    assert (frozen, trained) == ({torch.bfloat16 if fast else torch.float32}, {torch.float32})
+    train(tmp_path, "explicit", f"train.bf16={str(fast).lower()}", "train.max_steps=2")
+    assert train_losses(tmp_path / "default") == train_losses(tmp_path / "explicit")  # bit for bit
 
 
 def checkpointing_enabled(model) -> bool:

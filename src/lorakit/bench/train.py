@@ -6,8 +6,8 @@
 Workload (workload.py): the embedded SmolLM2-135M-Instruct, LoRA r=16, alpha=32 on all linear layers, AdamW, a
 batch of 4 x 256 random tokens, the same adapter initialisation and the same batches for both libraries.
 Settings: fp32, bf16 (weights loaded in bf16), autocast (fp32 weights, bf16 autocast), and lorakit's default
-(`lorakit train`'s: train.bf16=auto). Variants (--variants): lora, dora, qlora (lorakit only) at lorakit's
-default and PEFT's bf16 setting.
+(what `lorakit train` does by default: train.bf16=auto). Variants (--variants): lora, dora, qlora (lorakit
+only) at lorakit's default and PEFT's bf16 setting.
 
 Each measurement runs in a fresh process (harness.py): load, warm-up steps, timed steps; the settings and the
 two libraries take turns, repetition after repetition, and the median repetition is reported. Speed is tokens

@@ -5,8 +5,8 @@ Training settings (both libraries unless noted):
   fp32      fp32 weights, fp32 compute (lorakit: the exact path)
   bf16      weights loaded in bf16, adapters fp32 (both libraries' default for a bf16 model), no autocast
   autocast  fp32 weights under torch.autocast(bf16)
-  default   lorakit only: what `lorakit train train.bf16=auto` does ( frozen weights in bf16
-            where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py)
+  default   lorakit only: what `lorakit train` does with its default precision (train.bf16=auto: frozen weights
+            in bf16 where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py)
 
 One step = forward, loss, backward, AdamW step. PEFT's loss is the model's own (`labels=` in the forward, as a
 PEFT user computes it); lorakit's is the trainer's (`summed_token_loss`, mean over tokens). Both libraries start
@@ -108,21 +108,32 @@ class TrainingStep:
             self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         elif setting == "default":
             from lorakit.train import precision
+            from lorakit.train.config import TrainArgs
 
-            bf16 = precision.resolve_bf16("auto", torch.device("cpu"))
+            bf16 = precision.resolve_bf16(TrainArgs().bf16, torch.device("cpu"))  # whatever the default is
             if bf16:
                 precision.store_frozen_weights_in_bf16(self.model)
             self.autocast = precision.autocast(torch.device("cpu"), bf16)
+        if library == "lorakit":  # as `lorakit train` does (train.fused_modules, on by default)
+            from lorakit.ops.fused_modules import use_fused_modules
+
+            use_fused_modules(self.model)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
         self.vocab = self.model.config.vocab_size
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, on_keep=None) -> torch.Tensor:
+        """The step's loss; `on_keep(tensor)` sees each tensor autograd keeps for the backward."""
         with self.autocast:
             if self.library == "peft":
-                return self.model(**batch).loss
+                hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: on_keep(t) or t, lambda t: t) \
+                    if on_keep else contextlib.nullcontext()
+                with hooks:
+                    return self.model(**batch).loss
             from lorakit.eval.metrics import summed_token_loss
+            from lorakit.ops.recompute import recompute_saved_tensors
 
-            total, count = summed_token_loss(self.model, batch)
+            with recompute_saved_tensors(on_keep):
+                total, count = summed_token_loss(self.model, batch)
             return total / count
 
     def step(self, batch: dict) -> float:
@@ -142,14 +153,12 @@ class TrainingStep:
                         for t in state.values() if isinstance(t, torch.Tensor))
         saved: dict[int, tuple[int, bool]] = {}
 
-        def pack(tensor):
+        def count(tensor):
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in weights:
                 saved[storage.data_ptr()] = (storage.nbytes(), tensor.dim() > 0 and tensor.shape[-1] == self.vocab)
-            return tensor
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss(batch)
+        loss = self.loss(batch, on_keep=count)
         loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
         logits = sum(n for n, vocab_wide in saved.values() if vocab_wide)

@@ -68,13 +68,17 @@ class TrainArgs:
     gradient_accumulation_steps: int = 1
     # Clip the gradient norm to this value; 0 = no clipping.
     max_grad_norm: float = 1.0
-    # bfloat16 compute with fp32 master weights: auto (where bf16 matmuls are fast: CUDA, CPUs with AVX512-BF16
-    # or AMX), true, or false (fp32 throughout, the exact path; the default). Adapter runs store the frozen
-    # weights in bf16 (so the returned in-memory model holds bf16 base weights); trained weights and the optimizer
-    # state stay fp32 (lorakit/train/precision.py).
-    bf16: bool | str = False
+    # bfloat16 compute with fp32 master weights: auto (the default: bf16 where bf16 matmuls are fast, CUDA and
+    # CPUs with AVX512-BF16 or AMX; fp32 elsewhere), true, or false (fp32 throughout, the exact path). Adapter runs
+    # store the frozen weights in bf16 while training (PiSSA/OLoRA residuals computed in fp32 first) and give them
+    # their loaded dtype back at the end; trained weights and the optimizer state stay fp32
+    # (lorakit/train/precision.py).
+    bf16: bool | str = "auto"
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
+    # Run RMSNorm and SwiGLU MLPs on fused kernels that keep half the activations for the backward (forward
+    # outputs equal bit for bit; lorakit/ops/fused_modules.py). false: the modules' own forwards.
+    fused_modules: bool = True
     # Seed of initialisation, data order and dropout: the same seed gives the same run.
     seed: int = 42
     # Log every N steps; evaluate the validation loss every N steps (0 = only at the end).

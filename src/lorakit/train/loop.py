@@ -32,6 +32,8 @@ from lorakit.integrations.model_card import write_run_card
 from lorakit.label_names import write_label_names
 from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
+from lorakit.ops.fused_modules import restore_modules, use_fused_modules
+from lorakit.ops.recompute import recompute_saved_tensors
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import precision
 from lorakit.train.batching import epoch_batches, micro_batches, process_share, steps_per_epoch, trained_tokens
@@ -64,7 +66,8 @@ class Position:
 @dataclass
 class TrainResult:
     output_dir: str
-    # the trained model: a PeftModel for adapter runs, the merged model when training hooks changed base weights
+    # the trained model: a PeftModel for adapter runs, the merged model when training hooks changed base weights;
+    # in the dtype it was loaded in, its frozen weights holding the bf16 values a bf16 run trained against
     model: torch.nn.Module
     tokenizer: object
     steps: int
@@ -127,8 +130,12 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     state_names = run_state_names(model, hooks)  # what checkpoints save: trainable + hook-changed base weights
     merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
     bf16 = precision.resolve_bf16(args.bf16, ctx.device)
-    if bf16 and cfg.uses_adapter:  # frozen weights in bf16; those hooks rewrite stay fp32 (precision.py)
-        precision.store_frozen_weights_in_bf16(model, keep=set(state_names))
+    # frozen weights in bf16 until the run ends (after the adapter's init: PiSSA's residual is computed in fp32);
+    # those hooks rewrite stay fp32 (precision.py)
+    stored_in_bf16 = precision.store_frozen_weights_in_bf16(model, keep=set(state_names)) \
+        if bf16 and cfg.uses_adapter else {}
+    if args.fused_modules:
+        use_fused_modules(model)
     trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
     total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
@@ -198,8 +205,14 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                 position.epoch += 1
                 position.batch_in_epoch = 0
     bar.close()
+    restore_modules(model)  # the model handed back runs its own forwards (the fused ones compute the same)
     result = TrainResult(out, model, tokenizer, position.step, meter.train_seconds(), meter.train_loss,
                          trainable_params, total_params, interrupted=interrupted)
+    # The returned model holds its frozen weights in the dtype they were loaded in (with the bf16 values trained
+    # against): usable without autocast, merged in fp32 and saved in one dtype (precision.py). The final
+    # evaluation of an adapter still runs on the bf16 copies (no cast per use).
+    if interrupted or merge_result:
+        precision.restore_stored_dtypes(model, stored_in_bf16)
     if interrupted:
         return result
     # saved before the final evaluation, so a failing evaluation never costs the trained weights
@@ -207,6 +220,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     if val_rows:
         result.metrics = _log_eval(result.model, tokenizer, val_rows, collate, cfg, ctx, log, position.step,
                                    autocast, final=True)
+    precision.restore_stored_dtypes(model, stored_in_bf16)  # nothing left to do when restored above
     if ctx.is_main:
         _write_final(result, cfg, log, merge_result)
     ctx.barrier()
@@ -233,7 +247,7 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
         no_sync = wrapped.no_sync() if ctx.enabled and not sync and hasattr(wrapped, "no_sync") else \
             contextlib.nullcontext()
         with no_sync:
-            with autocast:
+            with autocast, recompute_saved_tensors():
                 loss_sum, _ = summed_token_loss(wrapped, batch, config=model_config)
             # DDP averages gradients over processes; scaling by world_size / tokens gives the global mean.
             objective = loss_sum * (weight * ctx.world_size / max(total_tokens, 1))

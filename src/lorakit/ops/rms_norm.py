@@ -1,0 +1,53 @@
+"""RMSNorm as one autograd function (Llama, Mistral, Qwen2 and the other models whose norm is
+`weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)`).
+
+The module's composition keeps x upcast to fp32 (twice the bytes of a bf16 x) and its normalised output for the
+backward; this function keeps x as it came and the per-token 1/rms (one fp32 value per token), and registers its
+output for recomputation (ops/recompute.py), so that the projections reading it keep nothing either.
+
+    forward   y = w * cast(x32 * r),  r = rsqrt(mean(x32^2, -1) + eps),  x32 = x in fp32
+    backward  n = x32 * r, g = dy * w (fp32);  dx = r * (g - n * mean(g * n, -1));  dw = sum(dy * cast(n))
+
+The forward is the module's, operation for operation (the same result bit for bit); the backward computes in
+fp32 and agrees with autograd's to rounding (tests/unit/test_fused_modules.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.ops import recompute
+
+
+def _normalise(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight * (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        if any(ctx.needs_input_grad):
+            recompute.register(out, _normalise, x, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.to(torch.float32) * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            g = grad_out.to(torch.float32) * weight.to(torch.float32)
+            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            contribution = grad_out.to(torch.float32) * normed.to(x.dtype).to(torch.float32)
+            grad_weight = contribution.reshape(-1, contribution.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x.float() * rsqrt(mean(x.float()^2, -1) + eps)).to(x.dtype), x: (..., d), weight: (d,)."""
+    return RMSNormFunction.apply(x, weight, float(eps))

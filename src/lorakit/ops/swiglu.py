@@ -1,0 +1,64 @@
+"""The gated activation of Llama-style MLPs, silu(gate) * up, as one autograd function.
+
+The module's composition keeps gate (for SiLU's backward), silu(gate) and up (for the product's) and, in
+down_proj, the product itself: four (tokens x intermediate) tensors per layer, the largest activations of a
+step. This function keeps gate and up only, recomputes silu(gate) in its backward, and registers the product for
+recomputation (ops/recompute.py) so that down_proj keeps nothing full-width either.
+
+    forward   h = silu(g) * u
+    backward  du = dh * silu(g);  dg = silu_backward(dh * u, g)
+
+Both directions run the same operations as autograd does for the composition: the same results bit for bit.
+When down_proj's backward recomputes h, the silu(g) it computes on the way is handed to this function's
+backward, which runs right after (one elementwise pass saved per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.ops import recompute
+
+
+class _Product:
+    """silu(gate) * up, recomputed for down_proj's backward; keeps silu(gate) for SiluMulFunction.backward."""
+
+    __slots__ = ("silu",)
+
+    def __init__(self) -> None:
+        self.silu: torch.Tensor | None = None
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        self.silu = F.silu(gate)
+        return self.silu * up
+
+    def take_silu(self, gate: torch.Tensor) -> torch.Tensor:
+        silu, self.silu = self.silu, None
+        return F.silu(gate) if silu is None else silu
+
+
+class SiluMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        out = F.silu(gate) * up
+        ctx.save_for_backward(gate, up)
+        ctx.product = _Product()
+        if any(ctx.needs_input_grad):
+            recompute.register(out, ctx.product, gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad_out * ctx.product.take_silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
+        return grad_gate, grad_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; gate and up: (..., intermediate), of one dtype."""
+    return SiluMulFunction.apply(gate, up)
