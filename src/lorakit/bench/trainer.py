@@ -19,10 +19,10 @@ Two measurements, each in a fresh process, taking turns, --repeats times (harnes
            coarse to drop warm-up steps): the time between the starts of consecutive steps, so each timed step
            includes the loop's own per-step work (metrics, progress bar, logging, the stop-flag check).
   engine   the same model built by the trainer's own setup functions (prepare_model, run_hooks, precision,
-           build_optimizer, build_scheduler) and a bare loop over exactly the same batches (the tensors the data
-           pipeline produced, written once to a safetensors file both read): forward and loss
-           (summed_token_loss, as the trainer), backward, gradient clipping, optimizer and schedule step,
-           zero_grad; no logging, no metrics, no host sync.
+           use_fused_modules, build_optimizer, build_scheduler) and a bare loop over exactly the same batches
+           (the tensors the data pipeline produced, written once to a safetensors file both read): forward and
+           loss (summed_token_loss under the trainer's autocast and recompute_saved_tensors), backward, gradient
+           clipping, optimizer and schedule step, zero_grad; no logging, no metrics, no host sync.
 
 Both run warm-up + timed + 1 steps (the last step only ends the last timed interval). Tokens are counted the way
 the trainer's own tokens/s counts them: input tokens that are not padding (the attention mask's ones); trained
@@ -244,6 +244,8 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
 
     from lorakit.eval.metrics import summed_token_loss
     from lorakit.models.loading import default_device, load_model_and_tokenizer
+    from lorakit.ops.fused_modules import use_fused_modules
+    from lorakit.ops.recompute import recompute_saved_tensors
     from lorakit.train import precision
     from lorakit.train.config import build_run_config
     from lorakit.train.hooks import RunContext, run_hooks
@@ -268,6 +270,8 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
     bf16 = precision.resolve_bf16(args.bf16, device)
     if bf16 and cfg.uses_adapter:
         precision.store_frozen_weights_in_bf16(model, keep=set(state_names))
+    if args.fused_modules:
+        use_fused_modules(model)
     optimizer = build_optimizer(model, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for hook in hooks:
@@ -287,7 +291,7 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
     # activations on the heap (runtime.py keeps large blocks off mmap): +600 MB peak RSS at 4 x 256, and the trainer
     # measured 1.05x this loop's speed.
     def step(batch: dict, trained_tokens: int) -> torch.Tensor:
-        with autocast:
+        with autocast, recompute_saved_tensors():
             loss_sum, _ = summed_token_loss(model, batch, config=model_config)
         (loss_sum * (1.0 / max(trained_tokens, 1))).backward()  # the trainer's objective on one process
         torch.nn.utils.clip_grad_norm_(params, max_norm)
