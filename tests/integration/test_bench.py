@@ -1,4 +1,4 @@
-"""`lorakit bench train|infer|scale --quick`: smoke runs on a tiny model (structure of the tables and JSON only;
+"""`lorakit bench train|infer|trainer|scale --quick`: smoke runs on a tiny model (structure of the tables and JSON only;
 benchmarks are never timed tests, so no figure is asserted beyond being a positive number)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import pytest
 
 from lorakit.cli.bench import BENCHMARKS
+from lorakit.train.config import TrainArgs
 from tests.integration.cli_support import make_model_dir, run_cli
 
 
@@ -48,6 +49,40 @@ def test_bench_infer_quick_reports_ratios_to_base(model_dir, capsys, tmp_path):
     assert "decode ms/token" in stdout
 
 
+def test_bench_trainer_quick_times_lorakit_train_against_the_engine_on_the_same_batches(model_dir, capsys, tmp_path):
+    out = tmp_path / "trainer.json"
+    code, stdout, stderr = run_cli(capsys, "bench", "trainer", "--quick", "--model", model_dir, "--json", out)
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    rows = {r["role"]: r for r in report["rows"]}
+    assert set(rows) == {"trainer", "engine"}
+    assert all(r["tokens_per_second"] > 0 and r["tokens_per_cpu_second"] > 0 and r["startup_seconds"] > 0
+               for r in rows.values())
+    assert report["trainer_vs_engine"] > 0 and len(report["trainer_vs_engine_cpu_time_per_repeat"]) == 1
+    assert report["trainer_between_steps_seconds"] >= 0
+    assert all(len(r["repeats"][0]["cpu_seconds"]) == report["workload"]["steps"] for r in rows.values())
+    workload = report["workload"]
+    assert (workload["batch"], workload["cutoff_len"], workload["data"]) == (2, 32, "source")
+    assert workload["train_bf16"] == TrainArgs().bf16  # the trainer's default precision, not the bench's choice
+    assert 0 < workload["timed_input_tokens"] <= workload["steps"] * 2 * 32
+    # the engine built the trainer's model and trained on the trainer's batches: the trainer's logged loss (its
+    # last logging window) is the engine's mean loss over the same steps
+    assert report["trainer_logged_losses"] and report["loss_max_abs_diff"] < 1e-5
+    assert "trainer vs engine" in stdout
+
+
+def test_bench_trainer_source_dataset_is_deterministic_and_mixes_lengths(tmp_path):
+    from lorakit.bench.trainer import SOURCE_RECORD_CHARS, write_source_dataset
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert write_source_dataset(str(first), records=30) == 30
+    write_source_dataset(str(second), records=30)
+    assert first.read_bytes() == second.read_bytes()
+    lengths = [len(json.loads(line)["text"]) for line in first.read_text().splitlines()]
+    assert all(n >= SOURCE_RECORD_CHARS[i % 3] for i, n in enumerate(lengths))
+    assert min(lengths) < SOURCE_RECORD_CHARS[1] <= max(lengths)
+
+
 def test_bench_scale_quick_sweeps_lengths_and_batches(model_dir, capsys, tmp_path):
     out = tmp_path / "scale.json"
     code, stdout, stderr = run_cli(capsys, "bench", "scale", "--quick", "--model", model_dir, "--lengths", "16,32",
@@ -65,6 +100,7 @@ def test_bench_scale_quick_sweeps_lengths_and_batches(model_dir, capsys, tmp_pat
     (["train", "--quick", "--steps", "0"], "--steps must be >= 1"),
     (["infer", "--quick", "--modes", "merged"], "base included"),
     (["scale", "--quick", "--lengths", "48", "--tokens-per-step", "64"], "not a multiple"),
+    (["trainer", "--quick", "--data", "no-such-file.jsonl"], "--data 'no-such-file.jsonl'"),
 ])
 def test_bench_refuses_bad_options_before_measuring(capsys, argv, message):
     code, stdout, stderr = run_cli(capsys, "bench", *argv)

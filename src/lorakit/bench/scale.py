@@ -1,6 +1,6 @@
 """How training speed scales: tokens/s over sequence lengths (tokens per step held constant) and batch sizes.
 
-    lorakit bench scale --json scale.json      # lengths 128..2048 at 2,048 tokens a step; batches 1..16 of 256
+    lorakit bench scale --json scale.json      # lengths 128..2048 at 2,048 tokens a step; batches 1,4,8,16 x 256
     lorakit bench scale --quick                # a smoke run
 
 The workload of `lorakit bench train` (SmolLM2-135M, LoRA r=16 all-linear, AdamW) at lorakit's default setting
@@ -22,7 +22,7 @@ from lorakit.bench.train import add_workload_arguments, resolve
 from lorakit.bench.workload import SETTINGS, write_initial_adapter
 
 FULL = dict(seq=256, steps=3, warmup=1, repeats=2)
-LENGTHS, TOKENS_PER_STEP, BATCHES = (128, 256, 512, 1024, 2048), 2048, (1, 2, 4, 8, 16)
+LENGTHS, TOKENS_PER_STEP, BATCHES = (128, 256, 512, 1024, 2048), 2048, (1, 4, 8, 16)
 QUICK_LENGTHS, QUICK_TOKENS, QUICK_BATCHES = (32, 64), 64, (1, 2)
 
 

@@ -48,13 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="loss curves as a PNG (default: next to --json)")
 
 
-def add_workload_arguments(parser: argparse.ArgumentParser, defaults: dict = FULL, batch_option: bool = True) -> None:
+def add_workload_arguments(parser: argparse.ArgumentParser, defaults: dict = FULL, batch_option: bool = True,
+                           quick: dict = QUICK) -> None:
     parser.add_argument("--model", default="smollm2", help="base model (default: the embedded smollm2)")
     if batch_option:
         parser.add_argument("--batch", type=int, default=None,
-                            help=f"sequences per step (default {defaults['batch']}; --quick {QUICK['batch']})")
+                            help=f"sequences per step (default {defaults['batch']}; --quick {quick['batch']})")
     parser.add_argument("--seq", type=int, default=None, help=f"tokens per sequence (default {defaults['seq']}; "
-                                                              f"--quick {QUICK['seq']})")
+                                                              f"--quick {quick['seq']})")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--alpha", type=int, default=32, help="LoRA alpha (default 32)")
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps per run (default {defaults['steps']})")
@@ -67,9 +68,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser, defaults: dict = FUL
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
 
 
-def resolve(args: argparse.Namespace, defaults: dict = FULL) -> None:
+def resolve(args: argparse.Namespace, defaults: dict = FULL, quick: dict = QUICK) -> None:
     """Fill the options left unset from the full or quick defaults; refuse bad values."""
-    chosen = QUICK if args.quick else defaults
+    chosen = quick if args.quick else defaults
     for key in ("batch", "seq", "steps", "warmup", "repeats"):
         if not hasattr(args, key):
             continue

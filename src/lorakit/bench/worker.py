@@ -1,6 +1,6 @@
 """One measurement, in its own process: `python -m lorakit.bench.worker '<json spec>'` (harness.py runs it).
 
-The spec's "kind" names the measurement (train, infer); the result is printed as one JSON line.
+The spec's "kind" names the measurement (train, infer, trainer); the result is printed as one JSON line.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(int(spec["threads"]))
-    if spec["kind"] == "train" and spec.get("library") == "lorakit":
+    if spec["kind"] == "trainer" or (spec["kind"] == "train" and spec.get("library") == "lorakit"):
         from lorakit.train.runtime import tune_process
 
         tune_process()  # as `lorakit train` does (lorakit/train/runtime.py)
@@ -29,6 +29,8 @@ def main(argv: list[str]) -> int:
         from lorakit.bench.train import measure
     elif spec["kind"] == "infer":
         from lorakit.bench.infer import measure
+    elif spec["kind"] == "trainer":
+        from lorakit.bench.trainer import measure
     else:
         raise ValueError(f"unknown measurement kind {spec['kind']!r}")
     result = measure(spec)

@@ -2,6 +2,7 @@
 
     lorakit bench train --json out.json  # training step vs HuggingFace PEFT: speed, memory, loss curves
     lorakit bench infer                  # inference latency: base / merged / unmerged / mixed batch of 8 adapters
+    lorakit bench trainer                # `lorakit train` on real data vs a bare loop on the same batches
     lorakit bench scale                  # training tokens/s over sequence lengths 128..2048 and batches 1..16
     lorakit bench serve                  # serving 8 adapters mixed vs the base alone and vs PEFT one at a time
     lorakit bench train --quick          # any of them as a smoke run (a minute or two)
@@ -21,6 +22,7 @@ import importlib
 BENCHMARKS = {
     "train": ("lorakit.bench.train", "LoRA training step vs PEFT: tokens/s, peak memory, loss curves"),
     "infer": ("lorakit.bench.infer", "inference latency of base, merged, unmerged and mixed-adapter batches"),
+    "trainer": ("lorakit.bench.trainer", "`lorakit train` on real data vs a bare training loop on the same batches"),
     "scale": ("lorakit.bench.scale", "training tokens/s over sequence lengths and batch sizes"),
     "serve": ("lorakit.bench.serve", "mixed-adapter batched serving vs the base model alone and vs PEFT one at a time"),
 }
