@@ -174,9 +174,9 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
             batches = epoch_batches(len(train_rows), global_batch, args.seed, position.epoch)
             while position.batch_in_epoch < len(batches) and position.step < total_steps:
                 indices = batches[position.batch_in_epoch]
-                loss, tokens, inputs, grad_norm, stop_everywhere = _train_step(
+                loss, tokens, inputs, grad_norm = _train_step(
                     wrapped, params, model_config, train_rows, indices, collate, optimizer, scheduler, args, ctx,
-                    autocast, hooks, position.step, stop)
+                    autocast, hooks, position.step)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise RunError(_diverged_message(loss, grad_norm, position.step + 1, out, args.learning_rate))
                 position.step += 1
@@ -228,11 +228,11 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
 
 
 def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer, scheduler, args, ctx, autocast,
-                hooks, steps_done, stop):
-    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm, whether
-    any process asked to stop). `hooks` are called as training_hooks.py describes; `steps_done` counts the steps
-    before this one. The loss stays on the device until the step's end: one host sync per step, and one
-    all-reduce (loss, input tokens and the stop flag together) when there are several processes."""
+                hooks, steps_done):
+    """One optimizer step on a global batch. Returns (mean loss, trained tokens, input tokens, grad norm).
+    `hooks` are called as training_hooks.py describes; `steps_done` counts the steps before this one. The loss
+    stays on the device until the step's end: one host sync per step, and one all-reduce (loss and input tokens
+    together) when there are several processes. (Ctrl-C is read by the caller after the step.)"""
     total_tokens = sum(trained_tokens(rows[i]) for i in indices)
     share = process_share(indices, ctx.rank, ctx.world_size)
     # A process with no rows (a short last batch) still runs forward/backward, scaled by 0, to stay in sync.
@@ -261,8 +261,8 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     sums = torch.stack([local_loss.to(ctx.device), torch.tensor(float(local_inputs), dtype=torch.float64,
-                        device=ctx.device), torch.tensor(0.0, dtype=torch.float64, device=ctx.device)])
-    summed_loss, inputs, stops = ctx.sum_tensor(sums).tolist()
+                        device=ctx.device)])
+    summed_loss, inputs = ctx.sum_tensor(sums).tolist()
     loss, grad_norm = summed_loss / max(total_tokens, 1), float(grad_norm)
     if math.isfinite(loss) and math.isfinite(grad_norm):
         for hook in hooks:
@@ -276,7 +276,7 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
             hook.on_step_end(steps_done + 1, optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
-    return loss, total_tokens, int(inputs), grad_norm, stops > 0
+    return loss, total_tokens, int(inputs), grad_norm
 
 
 def _enable_activation_checkpointing(model) -> None:
