@@ -110,15 +110,18 @@ class AdapterHolder(nn.Module):
             if isinstance(tensor, nn.Parameter):
                 tensor.requires_grad_(flag)
 
+    def _adapter_entries(self, name: str):
+        """(attribute, container, item) for each adapter container that holds adapter `name`."""
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name in container:
+                yield attr, container, container[name]
+
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """This adapter's saved tensors (the live parameters), keyed as in PEFT files relative to this module:
         `lora_A.weight`, `lora_embedding_A`, ..."""
         out = {}
-        for attr in self.adapter_param_names:
-            container = getattr(self, attr)
-            if name not in container:
-                continue
-            item = container[name]
+        for attr, container, item in self._adapter_entries(name):
             if isinstance(item, nn.Parameter):
                 out[attr] = item
             else:
@@ -129,11 +132,7 @@ class AdapterHolder(nn.Module):
     def move_adapter(self, name: str, device: torch.device | str, empty: bool = False) -> None:
         """Put adapter `name`'s tensors on `device`; empty=True allocates them without copying values (to leave the
         meta device, where low_cpu_mem_usage puts adapters whose weights are loaded afterwards)."""
-        for attr in self.adapter_param_names:
-            container = getattr(self, attr)
-            if name not in container:
-                continue
-            item = container[name]
+        for _, container, item in self._adapter_entries(name):
             if isinstance(item, nn.Parameter):
                 data = torch.empty_like(item, device=device) if empty else item.data.to(device)
                 container[name] = nn.Parameter(data, requires_grad=item.requires_grad)
