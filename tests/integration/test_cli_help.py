@@ -88,3 +88,33 @@ def test_python_m_lorakit_bad_input_exit_code_and_stderr(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == f"lorakit: error: config file {str(tmp_path / 'missing.yaml')!r} not found"
     assert done.stdout == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the malloc swap uses LD_PRELOAD (Linux)")
+def test_train_reexecutes_on_the_preferred_malloc(tmp_path):
+    """`lorakit train` re-executes itself once with jemalloc/tcmalloc preloaded when one is installed
+    (train/runtime.py) and names the malloc it trains on; LORAKIT_ALLOCATOR=system keeps glibc's."""
+    from lorakit.train.runtime import find_allocator
+    from tests.integration.cli_support import ALPACA_ROWS, make_model_dir, write_jsonl
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {make_model_dir(tmp_path / 'model')}\n"
+        "adapter: {method: lora, r: 4, lora_alpha: 8, target_modules: all-linear}\n"
+        f"data: {{path: {write_jsonl(tmp_path / 'train.jsonl', ALPACA_ROWS)}, val_size: 0, cutoff_len: 32}}\n"
+        "train: {max_steps: 1, batch_size: 2}\n", encoding="utf-8")
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORAKIT_ALLOCATOR")}
+    installed = find_allocator(clean)
+    expected = os.path.basename(installed)[3:].split(".")[0].replace("_minimal", "") if installed else "glibc"
+    for choice, malloc in (("auto", expected), ("system", "glibc")):
+        env = {**clean, "PYTHONWARNINGS": "ignore", "LORAKIT_ALLOCATOR": choice}
+        done = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), f"output_dir={tmp_path / choice}",
+                               "--no-progress"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert f"(malloc: {malloc})" in done.stdout, done.stdout
+
+    env = {**clean, "LORAKIT_ALLOCATOR": str(tmp_path / "libmissing.so")}
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"lorakit: error: LORAKIT_ALLOCATOR={tmp_path / 'libmissing.so'}: no such file")

@@ -6,6 +6,10 @@ nothing is shared between them (allocator state, oneDNN caches, threads), peak R
 the ways being compared take turns, repetition after repetition, so that load changes hit them alike. The
 reported figure is the median over the repetitions; each measurement records the 1-minute load average
 before and after it.
+
+lorakit's training runs get the malloc `lorakit train` gets (jemalloc or tcmalloc when installed:
+lorakit/train/runtime.py); everything else runs on the C library's malloc, as a user's own program does, unless
+its spec says `"malloc": "preferred"` (`bench train --same-malloc`). Each result names the malloc it ran on.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     """Run one measurement in a fresh Python process and return its result dict."""
     command = [sys.executable, "-m", "lorakit.bench.worker", json.dumps(spec)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_worker_env())
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_worker_env(spec))
     except subprocess.TimeoutExpired as err:
         raise WorkerError(f"the {spec.get('kind')} measurement {_label(spec)} took over {timeout:.0f} s") from err
     for line in reversed(done.stdout.splitlines()):
@@ -38,13 +42,23 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     raise WorkerError(f"the {spec.get('kind')} measurement {_label(spec)} failed (exit code {done.returncode}):\n{tail}")
 
 
-def _worker_env() -> dict:
-    """The parent's environment, with this lorakit first on the path (also when run from a source tree)."""
+def _worker_env(spec: dict) -> dict:
+    """The parent's environment, with this lorakit first on the path (also when run from a source tree) and,
+    for the runs that train as `lorakit train` does, its malloc."""
+    from lorakit.train.runtime import allocator_environment
+
     env = dict(os.environ)
     source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if spec.get("malloc", "preferred" if trains_as_lorakit(spec) else "system") == "preferred":
+        env = allocator_environment(env) or env
     return env
+
+
+def trains_as_lorakit(spec: dict) -> bool:
+    """A run that trains the way `lorakit train` does (its process settings: lorakit/train/runtime.py)."""
+    return spec["kind"] == "trainer" or (spec["kind"] == "train" and spec.get("library") == "lorakit")
 
 
 def _label(spec: dict) -> str:

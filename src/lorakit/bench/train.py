@@ -11,7 +11,9 @@ only) at lorakit's default and PEFT's bf16 setting.
 
 Each measurement runs in a fresh process (harness.py): load, warm-up steps, timed steps; the settings and the
 two libraries take turns, repetition after repetition, and the median repetition is reported. Speed is tokens
-per second of the median timed step (wall clock); memory is the process's peak RSS. Written to --json:
+per second of the median timed step (wall clock); memory is the process's peak RSS. lorakit's runs get the
+malloc `lorakit train` gets (jemalloc or tcmalloc when installed), PEFT's the C library's unless --same-malloc;
+each row names its malloc. Written to --json:
 `speedup_vs_peft` (lorakit's default vs PEFT's fastest setting) and `memory_ratio_vs_peft` (its peak RSS vs
 PEFT's at the same precision, bf16), per-setting rows with the ratios at equal settings, the loss curves of every
 run (plotted to --plot) and how far each lies from PEFT fp32's compared with PEFT bf16's own distance (bf16
@@ -46,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-split", action="store_true",
                         help="also measure the memory split (weights, activations, logits, optimizer) in each run")
     parser.add_argument("--plot", metavar="PNG", help="loss curves as a PNG (default: next to --json)")
+    parser.add_argument("--same-malloc", action="store_true",
+                        help="run PEFT on the malloc lorakit's runs get (jemalloc or tcmalloc when installed) "
+                             "instead of the C library's, which a PEFT user's program gets")
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, defaults: dict = FULL, batch_option: bool = True,
@@ -159,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
                         "alpha": args.alpha, "lr": args.lr, "steps": args.steps, "warmup": args.warmup,
                         "seed": args.seed, "threads": args.threads, "init_path": init_paths[variant],
                         "memory_split": args.memory_split}
+                if args.same_malloc:
+                    spec["malloc"] = "preferred"
                 try:
                     result = harness.run_worker(spec)
                 except harness.WorkerError as err:  # one failed run costs its row, not the others' results
@@ -185,7 +192,7 @@ def summarize(args, runs, results) -> dict:
     rows = []
     for library, setting, variant in runs:
         measured = results[(library, setting, variant)]
-        row = {"library": library, "setting": setting, "variant": variant,
+        row = {"library": library, "setting": setting, "variant": variant, "malloc": measured[0].get("malloc"),
                "tokens_per_second": harness.median(r["tokens_per_second"] for r in measured),
                "peak_rss_mb": harness.median(r["peak_rss_mb"] for r in measured),
                "step_seconds": harness.median(harness.median(r["step_seconds"]) for r in measured),
@@ -270,9 +277,9 @@ def _ratio(a, b) -> float | None:
 
 
 def format_report(report: dict) -> str:
-    header = ["library", "setting", "variant", "tokens/s", "tokens/CPU-s", "peak RSS MB", "x PEFT speed",
+    header = ["library", "setting", "variant", "malloc", "tokens/s", "tokens/CPU-s", "peak RSS MB", "x PEFT speed",
               "x PEFT memory", "load"]
-    rows = [[r["library"], r["setting"], r["variant"], r["tokens_per_second"], r["tokens_per_cpu_second"],
+    rows = [[r["library"], r["setting"], r["variant"], r["malloc"], r["tokens_per_second"], r["tokens_per_cpu_second"],
              r["peak_rss_mb"],
              r.get("speedup_vs_peft_same_setting"), r.get("memory_ratio_vs_peft_same_setting"), r["load_average"]]
             for r in report["rows"]]

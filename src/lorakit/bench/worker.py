@@ -10,7 +10,8 @@ import resource
 import sys
 import time
 
-from lorakit.bench.harness import emit, load_average
+from lorakit.bench.harness import emit, load_average, trains_as_lorakit
+from lorakit.train.runtime import allocator_name, tune_process
 
 
 def main(argv: list[str]) -> int:
@@ -20,10 +21,8 @@ def main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(int(spec["threads"]))
-    if spec["kind"] == "trainer" or (spec["kind"] == "train" and spec.get("library") == "lorakit"):
-        from lorakit.train.runtime import tune_process
-
-        tune_process()  # as `lorakit train` does (lorakit/train/runtime.py)
+    if trains_as_lorakit(spec):
+        tune_process()  # as `lorakit train` does (lorakit/train/runtime.py; its malloc comes from harness.py)
     started = time.perf_counter()
     if spec["kind"] == "train":
         from lorakit.bench.train import measure
@@ -36,7 +35,7 @@ def main(argv: list[str]) -> int:
     result = measure(spec)
     result.update(load_before=load_before, load_after=load_average(),
                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  process_seconds=round(time.perf_counter() - started, 1))
+                  process_seconds=round(time.perf_counter() - started, 1), malloc=allocator_name())
     emit(result)
     return 0
 

@@ -5,6 +5,9 @@ a KeyboardInterrupt traceback from deep inside an import. `lorakit/__init__.py` 
 it acts only when this process is the `lorakit` command (the console script, `python -m lorakit`,
 `torchrun ... -m lorakit`), never when a program imports lorakit as a library. `cli.main.main` puts Python's
 own handler back (`restore()`) as soon as it can catch KeyboardInterrupt itself.
+
+The training commands also get their malloc here, before torch is imported: `install()` re-executes them once
+with jemalloc or tcmalloc preloaded when one is installed (lorakit/train/runtime.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import threading
 
 EXIT_INTERRUPTED = 130
+TRAINING_COMMANDS = ("train", "demo")  # the commands whose process trains (their memory: train/runtime.py)
 
 
 def running_as_command() -> bool:
@@ -30,7 +34,16 @@ def _exit_quietly(signum, frame) -> None:
     raise SystemExit(EXIT_INTERRUPTED)
 
 
+def command_name() -> str | None:
+    """The command this `lorakit` process runs: its first argument that is not an option."""
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+
+
 def install() -> None:
+    if running_as_command() and command_name() in TRAINING_COMMANDS:
+        from lorakit.train.runtime import use_preferred_allocator
+
+        use_preferred_allocator()  # returns unless it re-executes the process
     if (running_as_command() and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _exit_quietly)

@@ -1,31 +1,141 @@
-"""Process-level settings for training on a CPU, applied by `lorakit train` (cli/train.py: the process is the
-trainer's own; `run_training` called from a user's program leaves the process alone) and by the benchmarks'
-lorakit training runs.
+"""Process-level memory settings for training, applied by the `lorakit` command's training processes
+(`lorakit train`, `lorakit demo`) and by the benchmarks' lorakit runs; `run_training` called from a user's
+program leaves the process alone (docs/performance.md says how to get the same there).
 
-glibc's malloc serves every block above 128 kB-32 MB (an adaptive threshold) with its own mmap and returns it to
-the kernel when freed. A training step allocates and frees its activations (hundreds of MB) every step, so each
-step faulted them back in page by page: ~300,000 minor page faults per SmolLM2 step at 4 x 256 tokens, ~4% of
-its time (docs/performance.md). With mmap off for large blocks and no trimming of the heap's top, freed blocks are
-reused and a step faults nothing; the peak RSS is unchanged. Other allocators (jemalloc, tcmalloc via
-LD_PRELOAD) and other platforms are left as they are.
+**The allocator.** A training step allocates and frees hundreds of MB of activations and transients every step.
+glibc's malloc lays them out in one heap that it never compacts: long-lived activations end up between freed
+transients, and on SmolLM2 at 4 x 256 tokens the heap grows to twice what the step has in use at any moment
+(~460 MB of resident free memory). jemalloc and tcmalloc group blocks by size class and keep the step's peak
+RSS ~370 MB lower at the same speed (docs/performance.md). A malloc can only be swapped when a process starts,
+so `use_preferred_allocator()` re-executes the `lorakit` command once, before anything heavy is imported, with
+the library in LD_PRELOAD. LORAKIT_ALLOCATOR chooses: `auto` (default: jemalloc, else tcmalloc, when
+installed; else glibc), `system` (leave the process as it is), or the path of a malloc library.
+
+**glibc, when it stays** (`tune_process`): its malloc serves every block above 128 kB-32 MB (an adaptive
+threshold) with its own mmap and returns it to the kernel when freed, so each step faulted its activations back
+in page by page: ~300,000 minor page faults per step, ~4% of its time. With mmap off for large blocks and no
+trimming of the heap's top, freed blocks are reused and a step faults nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import sysconfig
 
+ALLOCATOR_VARIABLE = "LORAKIT_ALLOCATOR"
+# in order of preference; tcmalloc's "minimal" build is the one Debian/Ubuntu install without extra tools
+PREFERRED_ALLOCATORS = ("libjemalloc.so.2", "libjemalloc.so", "libtcmalloc.so.4", "libtcmalloc_minimal.so.4")
+_KNOWN_ALLOCATORS = ("libjemalloc", "libtcmalloc", "libmimalloc")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _applied = False
 
 
+class AllocatorChoiceError(ValueError):
+    """LORAKIT_ALLOCATOR names no usable library."""
+
+
+def active_allocator(environ=None) -> str | None:
+    """The malloc library preloaded into this process (its file name), None for the C library's own."""
+    environ = os.environ if environ is None else environ
+    for entry in environ.get("LD_PRELOAD", "").replace(":", " ").split():
+        name = os.path.basename(entry)
+        if name.startswith(_KNOWN_ALLOCATORS):
+            return name
+    return None
+
+
+def allocator_name() -> str:
+    """What serves malloc in this process, for logs: jemalloc, tcmalloc or mimalloc when one is preloaded and
+    mapped, else the C library's (glibc on Linux)."""
+    active = active_allocator()
+    if active and _mapped(active):
+        return active[3:].split(".")[0].replace("_minimal", "")
+    return "glibc" if sys.platform.startswith("linux") else "system"
+
+
+def _mapped(library: str) -> bool:
+    """Whether the library is loaded here (a symlink like libjemalloc.so.2 maps as its target, libjemalloc.so.2.x)."""
+    stem = library.split(".so")[0] + ".so"
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return any(os.path.basename(line.rstrip()).startswith(stem) for line in maps)
+    except OSError:
+        return False
+
+
+def find_allocator(environ=None) -> str | None:
+    """The path of the malloc library to preload, as LORAKIT_ALLOCATOR says; None for the system's."""
+    environ = os.environ if environ is None else environ
+    choice = environ.get(ALLOCATOR_VARIABLE, "auto").strip() or "auto"
+    if choice == "system":
+        return None
+    if choice != "auto":
+        if not os.path.isfile(choice):
+            raise AllocatorChoiceError(
+                f"{ALLOCATOR_VARIABLE}={choice}: no such file; set it to `auto` (jemalloc or tcmalloc when "
+                "installed), `system` (the C library's malloc) or the path of a malloc library such as "
+                "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        return os.path.abspath(choice)
+    for name in PREFERRED_ALLOCATORS:
+        for directory in _library_directories(environ):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _library_directories(environ) -> list[str]:
+    """Where shared libraries are installed: this Python's environment (venv, conda) first, then the system's."""
+    multiarch = sysconfig.get_config_var("MULTIARCH")  # e.g. x86_64-linux-gnu (Debian, Ubuntu)
+    directories = []
+    for prefix in (sys.prefix, environ.get("CONDA_PREFIX"), "/usr/local", "/usr", "/"):
+        if prefix:
+            directories += [os.path.join(prefix, "lib", multiarch)] if multiarch else []
+            directories += [os.path.join(prefix, "lib64"), os.path.join(prefix, "lib")]
+    return list(dict.fromkeys(directories))
+
+
+def allocator_environment(environ=None) -> dict | None:
+    """`environ` with the preferred malloc library added to LD_PRELOAD; None when there is nothing to change
+    (not Linux, one already preloaded, LORAKIT_ALLOCATOR=system, or none installed)."""
+    environ = dict(os.environ if environ is None else environ)
+    if not sys.platform.startswith("linux") or active_allocator(environ):
+        return None
+    library = find_allocator(environ)
+    if library is None:
+        return None
+    environ["LD_PRELOAD"] = " ".join(p for p in (library, environ.get("LD_PRELOAD", "")) if p)
+    return environ
+
+
+def use_preferred_allocator() -> None:
+    """Re-execute this process with the preferred malloc preloaded (same PID, arguments and environment
+    otherwise). Call only from a command's process before torch is imported; returns when nothing changes."""
+    try:
+        environ = allocator_environment()
+    except AllocatorChoiceError as err:
+        sys.stderr.write(f"lorakit: error: {err}\n")
+        raise SystemExit(1) from None
+    if environ is None:
+        return
+    argv = [sys.executable, *list(getattr(sys, "orig_argv", sys.argv))[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, environ)
+    except OSError:  # the process goes on as it is, with the C library's malloc
+        return
+
+
 def tune_process() -> bool:
-    """Keep freed memory in the process for reuse (glibc only; once per process). True when applied."""
+    """Keep freed memory in the process for reuse (glibc's malloc only; once per process). True when applied."""
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or active_allocator():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
