@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lorakit.train import checkpoint as ckpt
-from lorakit.train import loop
+from lorakit.train import loop, setup
 from lorakit.train.loop import run_training
 from lorakit.train.setup import RunError
 from tests.train_fixtures import assert_same_tensors, checkpoint_weights, tiny_run_config, trained_weights
@@ -21,9 +21,9 @@ def test_nan_loss_at_step_k_stops_before_updating_the_weights(tmp_path, monkeypa
         loss, tokens = real_loss(model, batch, config=config)
         return (loss * math.nan if len(calls) == 5 else loss), tokens
 
-    real_prepare = loop.prepare_model
+    real_prepare = setup.prepare_model
     monkeypatch.setattr(loop, "summed_token_loss", loss_nan_at_step_5)
-    monkeypatch.setattr(loop, "prepare_model", lambda *a: models.append(real_prepare(*a)) or models[-1])
+    monkeypatch.setattr(setup, "prepare_model", lambda *a: models.append(real_prepare(*a)) or models[-1])
     with pytest.raises(RunError) as err:
         run_training(tiny_run_config(tmp_path, "train.max_steps=8", "train.save_steps=2"), show_progress=False)
 

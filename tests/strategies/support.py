@@ -14,7 +14,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from lorakit.train import loop
+from lorakit.train import loop, setup
 from lorakit.train.hooks import run_hooks
 from lorakit.train.loop import run_training
 from lorakit.training_hooks import TrainingHook
@@ -62,7 +62,7 @@ def spy_run(tmp_path, monkeypatch, spy: Spy | None, *overrides: str, model=None,
 
     cfg = tiny_run_config(tmp_path, *overrides, model=model, output=output)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "run_hooks", hooks_with_spy)
+        patch.setattr(setup, "run_hooks", hooks_with_spy)  # prepare_training_model's
         result = run_training(cfg, show_progress=False)
     return result, captured["hooks"]
 

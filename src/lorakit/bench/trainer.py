@@ -18,8 +18,8 @@ Two measurements, each in a fresh process, taking turns, --repeats times (harnes
            `_train_step` (the trainer's own tokens_per_second is a mean over its 10-step logging window, too
            coarse to drop warm-up steps): the time between the starts of consecutive steps, so each timed step
            includes the loop's own per-step work (metrics, progress bar, logging, the stop-flag check).
-  engine   the same model built by the trainer's own setup functions (prepare_model, run_hooks, precision,
-           use_fused_modules, build_optimizer, build_scheduler) and a bare loop over exactly the same batches
+  engine   the same model built by the trainer's own setup functions (train/setup.py: prepare_training_model,
+           then build_optimizer, build_scheduler) and a bare loop over exactly the same batches
            (the tensors the data pipeline produced, written once to a safetensors file both read): forward and
            loss (summed_token_loss under the trainer's autocast and recompute_saved_tensors), backward, gradient
            clipping, optimizer and schedule step, zero_grad; no logging, no metrics, no host sync.
@@ -244,14 +244,13 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
 
     from lorakit.eval.metrics import summed_token_loss
     from lorakit.models.loading import default_device, load_model_and_tokenizer
-    from lorakit.ops.fused_modules import use_fused_modules
     from lorakit.ops.recompute import recompute_saved_tensors
     from lorakit.train import precision
     from lorakit.train.config import build_run_config
-    from lorakit.train.hooks import RunContext, run_hooks
+    from lorakit.train.hooks import RunContext
     from lorakit.train.loop import set_seed
     from lorakit.train.optim import build_optimizer, build_scheduler
-    from lorakit.train.setup import prepare_model, run_state_names
+    from lorakit.train.setup import prepare_training_model
 
     with open(spec["config_path"], encoding="utf-8") as fh:
         cfg = build_run_config(yaml.safe_load(fh))
@@ -262,16 +261,8 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
     if cfg.uses_adapter:  # as the trainer: fields the run decides (AdaLoRA's total_step)
         cfg = dataclasses.replace(cfg, adapter=cfg.adapter.fill_from_run(total_steps))
     set_seed(args.seed)
-    model = prepare_model(base, cfg).to(device)
-    hooks = run_hooks(model, cfg, RunContext(device=device, model_config=getattr(model, "config", None)))
-    for hook in hooks:
-        hook.setup(model)
-    state_names = run_state_names(model, hooks)
-    bf16 = precision.resolve_bf16(args.bf16, device)
-    if bf16 and cfg.uses_adapter:
-        precision.store_frozen_weights_in_bf16(model, keep=set(state_names))
-    if args.fused_modules:
-        use_fused_modules(model)
+    prepared = prepare_training_model(base, cfg, device, RunContext(device=device))
+    model, hooks, bf16 = prepared.model, prepared.hooks, prepared.bf16
     optimizer = build_optimizer(model, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for hook in hooks:

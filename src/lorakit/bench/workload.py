@@ -6,7 +6,8 @@ Training settings (both libraries unless noted):
   bf16      weights loaded in bf16, adapters fp32 (both libraries' default for a bf16 model), no autocast
   autocast  fp32 weights under torch.autocast(bf16)
   default   lorakit only: what `lorakit train` does with its default precision (train.bf16=auto: frozen weights
-            in bf16 where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py)
+            in bf16 where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py), through
+            the trainer's own apply_training_precision (train/setup.py)
 
 One step = forward, loss, backward, AdamW step. PEFT's loss is the model's own (`labels=` in the forward, as a
 PEFT user computes it); lorakit's is the trainer's (`summed_token_loss`, mean over tokens). Both libraries start
@@ -106,15 +107,14 @@ class TrainingStep:
         self.autocast = contextlib.nullcontext()
         if setting == "autocast":
             self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-        elif setting == "default":
+        elif setting == "default":  # the trainer's own precision step with its default options, whatever they are
             from lorakit.train import precision
             from lorakit.train.config import TrainArgs
+            from lorakit.train.setup import apply_training_precision
 
-            bf16 = precision.resolve_bf16(TrainArgs().bf16, torch.device("cpu"))  # whatever the default is
-            if bf16:
-                precision.store_frozen_weights_in_bf16(self.model)
+            bf16, _ = apply_training_precision(self.model, TrainArgs(), torch.device("cpu"))
             self.autocast = precision.autocast(torch.device("cpu"), bf16)
-        if library == "lorakit":  # as `lorakit train` does (train.fused_modules, on by default)
+        if library == "lorakit" and setting != "default":  # as `lorakit train` does (train.fused_modules, default on)
             from lorakit.ops.fused_modules import use_fused_modules
 
             use_fused_modules(self.model)

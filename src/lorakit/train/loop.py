@@ -32,7 +32,7 @@ from lorakit.integrations.model_card import write_run_card
 from lorakit.label_names import write_label_names
 from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
-from lorakit.ops.fused_modules import restore_modules, use_fused_modules
+from lorakit.ops.fused_modules import restore_modules
 from lorakit.ops.recompute import recompute_saved_tensors
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import precision
@@ -43,14 +43,14 @@ from lorakit.train.distributed import (
     DistContext, full_tensor, init_distributed, optimizer_state, shutdown_distributed, wrap_model,
 )
 from lorakit.train.evaluate import evaluate_model
-from lorakit.train.hooks import RunContext, run_hooks
+from lorakit.train.hooks import RunContext
 from lorakit.train.meter import RunMeter
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.output_dir import claim_output_dir, drop_previous_run, set_aside_previous_run
 from lorakit.train.resume import resume_run, run_fingerprint, weights_hash
 from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
-    RunError, named_tensors, prepare_model, run_state_names, trainable_tensors, transformer_blocks,
+    RunError, named_tensors, prepare_training_model, trainable_tensors, transformer_blocks,
 )
 
 
@@ -117,25 +117,17 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     if cfg.uses_adapter:  # fields the run decides (AdaLoRA's total_step), recorded in run_config.yaml and the adapter
         cfg = dataclasses.replace(cfg, adapter=cfg.adapter.fill_from_run(total_steps))
 
-    set_seed(args.seed)  # the adapter's initialisation depends on the seed only
-    model = prepare_model(base_model, cfg).to(ctx.device)
-    if args.gradient_checkpointing:
-        _enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     resume_dir = ckpt.resolve_checkpoint(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
-    run = RunContext(train_rows, collate, ctx.device, ctx.rank, ctx.world_size, getattr(model, "config", None),
-                     ckpt.read_hook_state(resume_dir) if resume_dir else {})
-    hooks = run_hooks(model, cfg, run)
-    for hook in hooks:
-        hook.setup(model)
-    state_names = run_state_names(model, hooks)  # what checkpoints save: trainable + hook-changed base weights
+    run = RunContext(rows=train_rows, collate=collate, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
+                     resumed_state=ckpt.read_hook_state(resume_dir) if resume_dir else {})
+    set_seed(args.seed)  # the adapter's initialisation depends on the seed only
+    # the adapter, activation checkpointing, the hooks set up, then precision: frozen weights in bf16 until the run
+    # ends (after the adapter's init: PiSSA's residual is computed in fp32; those hooks rewrite stay fp32) and the
+    # fused modules (setup.py)
+    prepared = prepare_training_model(base_model, cfg, ctx.device, run)
+    model, hooks, state_names = prepared.model, prepared.hooks, prepared.state_names
+    bf16, stored_in_bf16 = prepared.bf16, prepared.stored_in_bf16
     merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
-    bf16 = precision.resolve_bf16(args.bf16, ctx.device)
-    # frozen weights in bf16 until the run ends (after the adapter's init: PiSSA's residual is computed in fp32);
-    # those hooks rewrite stay fp32 (precision.py)
-    stored_in_bf16 = precision.store_frozen_weights_in_bf16(model, keep=set(state_names)) \
-        if bf16 and cfg.uses_adapter else {}
-    if args.fused_modules:
-        use_fused_modules(model)
     trainable_params = sum(t.numel() for t in trainable_tensors(model).values())
     total_params = parameter_counts(model)[1]
     blocks = transformer_blocks(model) if args.distributed == "fsdp" else None
@@ -277,16 +269,6 @@ def _train_step(wrapped, params, model_config, rows, indices, collate, optimizer
     else:
         optimizer.zero_grad(set_to_none=True)
     return loss, total_tokens, int(inputs), grad_norm
-
-
-def _enable_activation_checkpointing(model) -> None:
-    """Non-reentrant, so it works with frozen inputs. transformers 5.x renamed the method (the old name warns and
-    goes in v6); older releases only have the old one."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _log_eval(model, tokenizer, val_rows, collate, cfg, ctx, log, step, autocast, final=False) -> dict:

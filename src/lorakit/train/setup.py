@@ -1,21 +1,88 @@
-"""Preparing a run: the model for each finetuning_type. (The output directory: output_dir.py; the fingerprint a
-resume checks: resume.py.)"""
+"""Preparing a run: the model for each finetuning_type, and the one sequence that makes a loaded model ready for
+its optimizer (prepare_training_model; the trainer and `lorakit bench trainer` both call it). (The output
+directory: output_dir.py; the fingerprint a resume checks: resume.py.)"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorakit.methods.quant import quantize_model
 from lorakit.model import get_peft_model
+from lorakit.ops.fused_modules import use_fused_modules
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
-from lorakit.train.config import RunConfig
+from lorakit.train import precision
+from lorakit.train.config import RunConfig, TrainArgs
+from lorakit.train.hooks import RunContext, run_hooks
+from lorakit.training_hooks import TrainingHook
 
 
 class RunError(RuntimeError):
     """A run stopped for a reason the user can act on (the message says how)."""
+
+
+@dataclass(frozen=True)
+class TrainingModel:
+    """A model ready for its optimizer, and what the run needs to know about how it was prepared."""
+
+    model: nn.Module  # the PeftModel (adapter runs) or the base model itself (full, freeze), on the run's device
+    hooks: list[TrainingHook]  # the run's training hooks, set up
+    state_names: list[str]  # what checkpoints save: trainable + hook-changed base weights (run_state_names)
+    bf16: bool  # train.bf16 resolved for the device: compute under precision.autocast(device, bf16)
+    # frozen weights stored in bf16 until the run ends: {name: dtype before}, for precision.restore_stored_dtypes
+    stored_in_bf16: dict[str, torch.dtype]
+
+
+def prepare_training_model(base: nn.Module, cfg: RunConfig, device: torch.device, run: RunContext) -> TrainingModel:
+    """From the loaded base model to a model ready for build_optimizer, in this order (each step needs the one
+    before it):
+    1. finetuning_type applied (prepare_model: the adapter injected and initialised from the RNG as the caller
+       seeded it; PiSSA's and OLoRA's residuals computed in fp32), then moved to `device`;
+    2. activation checkpointing when train.gradient_checkpointing;
+    3. the run's training hooks built (`run` with its model_config taken from the prepared model) and set up: they
+       may restructure the model (LoRA-drop) or pick base weights to rewrite (ReLoRA, Delta-LoRA);
+    4. state_names, from the model as the hooks left it;
+    5. apply_training_precision, keeping the state_names (hook-rewritten base weights stay fp32) out of bf16.
+    `base` is changed in place (the adapter goes into it)."""
+    args = cfg.train
+    model = prepare_model(base, cfg).to(device)
+    if args.gradient_checkpointing:
+        _enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    hooks = run_hooks(model, cfg, dataclasses.replace(run, model_config=getattr(model, "config", None)))
+    for hook in hooks:
+        hook.setup(model)
+    state_names = run_state_names(model, hooks)
+    bf16, stored_in_bf16 = apply_training_precision(model, args, device, keep=set(state_names),
+                                                    store_frozen_in_bf16=cfg.uses_adapter)
+    return TrainingModel(model, hooks, state_names, bf16, stored_in_bf16)
+
+
+def apply_training_precision(model: nn.Module, args: TrainArgs, device: torch.device, keep: set[str] = frozenset(),
+                             store_frozen_in_bf16: bool = True) -> tuple[bool, dict[str, torch.dtype]]:
+    """train.bf16 and train.fused_modules on a model whose adapters are in and initialised (a residual the init
+    computes must be computed in fp32 first). With bf16 (resolved for `device`) the frozen weights are stored in
+    bf16 (precision.py), except those named in `keep` and all of them when not `store_frozen_in_bf16` (full and
+    freeze runs: LISA unfreezes blocks as it goes); then the fused modules go in. Returns (bf16, {name: dtype
+    before} of the weights stored in bf16, for precision.restore_stored_dtypes)."""
+    bf16 = precision.resolve_bf16(args.bf16, device)
+    stored_in_bf16 = precision.store_frozen_weights_in_bf16(model, keep=keep) if bf16 and store_frozen_in_bf16 else {}
+    if args.fused_modules:
+        use_fused_modules(model)
+    return bf16, stored_in_bf16
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """Non-reentrant, so it works with frozen inputs. transformers 5.x renamed the method (the old name warns and
+    goes in v6); older releases only have the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
