@@ -49,9 +49,21 @@ def test_environment_preloads_the_library_before_others(libraries):
     jemalloc = libraries("libjemalloc.so.2")
     environ = runtime.allocator_environment({"LD_PRELOAD": "/opt/libother.so", "KEEP": "1"})
     assert environ["LD_PRELOAD"] == f"{jemalloc} /opt/libother.so" and environ["KEEP"] == "1"
+    assert environ["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # freed memory kept for reuse
+    # the user's own jemalloc options come last, so they win
+    environ = runtime.allocator_environment({"MALLOC_CONF": "dirty_decay_ms:1000"})
+    assert environ["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1,dirty_decay_ms:1000"
     # already preloaded (the re-executed process, or the user's own choice), or declined: nothing to change
     assert runtime.allocator_environment({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) is None
     assert runtime.allocator_environment({"LORAKIT_ALLOCATOR": "system"}) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_tcmalloc_keeps_freed_memory_unless_told_otherwise(libraries):
+    libraries("libtcmalloc_minimal.so.4")
+    assert runtime.allocator_environment({})["TCMALLOC_RELEASE_RATE"] == "0"
+    assert runtime.allocator_environment({"TCMALLOC_RELEASE_RATE": "5"})["TCMALLOC_RELEASE_RATE"] == "5"
+    assert "MALLOC_CONF" not in runtime.allocator_environment({})
 
 
 def test_active_allocator_reads_ld_preload():
@@ -69,3 +81,13 @@ def test_bad_choice_stops_the_command_with_one_line(monkeypatch, capsys, tmp_pat
     assert stopped.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("lorakit: error: LORAKIT_ALLOCATOR=") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_assignments_for_a_users_own_program(libraries):
+    """`env $(python -m lorakit.train.runtime) python train.py`: only the settings that change."""
+    assert runtime.environment_assignments({}) == []  # nothing installed
+    jemalloc = libraries("libjemalloc.so.2")
+    assert runtime.environment_assignments({"HOME": "/root"}) == [
+        f"LD_PRELOAD={jemalloc}", "MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1"]
+    assert runtime.environment_assignments({"LD_PRELOAD": jemalloc}) == []  # already preloaded
