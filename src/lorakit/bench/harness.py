@@ -7,7 +7,7 @@ the ways being compared take turns, repetition after repetition, so that load ch
 reported figure is the median over the repetitions; each measurement records the 1-minute load average
 before and after it.
 
-lorakit's training runs get the malloc `lorakit train` gets (jemalloc or tcmalloc when installed:
+lorakit's training runs get the malloc `lorakit train` gets (tcmalloc when installed:
 lorakit/train/runtime.py); everything else runs on the C library's malloc, as a user's own program does, unless
 its spec says `"malloc": "preferred"` (`bench train --same-malloc`). Each result names the malloc it ran on.
 """

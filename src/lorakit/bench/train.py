@@ -12,7 +12,7 @@ only) at lorakit's default and PEFT's bf16 setting.
 Each measurement runs in a fresh process (harness.py): load, warm-up steps, timed steps; the settings and the
 two libraries take turns, repetition after repetition, and the median repetition is reported. Speed is tokens
 per second of the median timed step (wall clock); memory is the process's peak RSS. lorakit's runs get the
-malloc `lorakit train` gets (jemalloc or tcmalloc when installed), PEFT's the C library's unless --same-malloc;
+malloc `lorakit train` gets (tcmalloc when installed), PEFT's the C library's unless --same-malloc;
 each row names its malloc. Written to --json:
 `speedup_vs_peft` (lorakit's default vs PEFT's fastest setting) and `memory_ratio_vs_peft` (its peak RSS vs
 PEFT's at the same precision, bf16), per-setting rows with the ratios at equal settings, the loss curves of every
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure the memory split (weights, activations, logits, optimizer) in each run")
     parser.add_argument("--plot", metavar="PNG", help="loss curves as a PNG (default: next to --json)")
     parser.add_argument("--same-malloc", action="store_true",
-                        help="run PEFT on the malloc lorakit's runs get (jemalloc or tcmalloc when installed) "
+                        help="run PEFT on the malloc lorakit's runs get (tcmalloc when installed) "
                              "instead of the C library's, which a PEFT user's program gets")
 
 

@@ -7,7 +7,7 @@ it acts only when this process is the `lorakit` command (the console script, `py
 own handler back (`restore()`) as soon as it can catch KeyboardInterrupt itself.
 
 The training commands also get their malloc here, before torch is imported: `install()` re-executes them once
-with jemalloc or tcmalloc preloaded when one is installed (lorakit/train/runtime.py).
+with tcmalloc preloaded when it is installed (lorakit/train/runtime.py).
 """
 
 from __future__ import annotations

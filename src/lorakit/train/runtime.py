@@ -1,16 +1,19 @@
 """Process-level memory settings for training, applied by the `lorakit` command's training processes
 (`lorakit train`, `lorakit demo`) and by the benchmarks' lorakit runs; `run_training` called from a user's
-program leaves the process alone (docs/performance.md says how to get the same there).
+program leaves the process alone (for a program of your own: `env $(python -m lorakit.train.runtime) python
+train.py` starts it the same way).
 
-**The allocator.** A training step allocates and frees hundreds of MB of activations and transients every step.
+**The malloc.** A training step allocates and frees hundreds of MB of activations and transients every step.
 glibc's malloc lays them out in one heap that it never compacts: long-lived activations end up between freed
 transients, and on SmolLM2 at 4 x 256 tokens the heap grows to twice what the step has in use at any moment
-(~460 MB of resident free memory). jemalloc and tcmalloc group blocks by size class and keep the step's peak
-RSS ~370 MB lower at the same speed (docs/performance.md), told to keep freed memory for reuse. A malloc can only be swapped when a process starts,
-so `use_preferred_allocator()` re-executes the `lorakit` command once, before anything heavy is imported, with
-the library in LD_PRELOAD. LORAKIT_ALLOCATOR chooses: `auto` (default: jemalloc, else tcmalloc, when
-installed; else glibc), `system` (leave the process as it is), or the path of a malloc library. For a program of
-your own, `env $(python -m lorakit.train.runtime) python train.py` starts it the same way.
+(~460 MB of resident free memory). tcmalloc groups blocks by size class: peak RSS ~380 MB lower, and faster.
+A malloc can only be swapped when a process starts, so `use_preferred_allocator()` re-executes the `lorakit`
+command once, before anything heavy is imported, with the library in LD_PRELOAD and told to keep freed memory
+for reuse (TCMALLOC_RELEASE_RATE=0, as `tune_process` does for glibc). LORAKIT_ALLOCATOR chooses: `auto`
+(default: tcmalloc when installed, else glibc), `system` (leave the process as it is), or the path of a malloc
+library (preloaded as it is: its own environment variables configure it). jemalloc, measured too, is not chosen
+automatically: with its default decay it returned a 16 x 256 step's large blocks to the kernel (0.6x the
+speed), and with decay off it kept 2.5 GB for the demo's generation (docs/performance.md, optimisation 11).
 
 **glibc, when it stays** (`tune_process`): its malloc serves every block above 128 kB-32 MB (an adaptive
 threshold) with its own mmap and returns it to the kernel when freed, so each step faulted its activations back
@@ -27,14 +30,15 @@ import sys
 import sysconfig
 
 ALLOCATOR_VARIABLE = "LORAKIT_ALLOCATOR"
-# in order of preference; tcmalloc's "minimal" build is the one Debian/Ubuntu install without extra tools
-PREFERRED_ALLOCATORS = ("libjemalloc.so.2", "libjemalloc.so", "libtcmalloc.so.4", "libtcmalloc_minimal.so.4")
+# in order of preference: gperftools' tcmalloc ("minimal": without the heap profiler; Debian's
+# libtcmalloc-minimal4, conda's gperftools)
+PREFERRED_ALLOCATORS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 _KNOWN_ALLOCATORS = ("libjemalloc", "libtcmalloc", "libmimalloc")
-# Keep freed memory for reuse instead of returning it to the kernel (as tune_process does for glibc): a step's
-# large blocks would otherwise be faulted back in page by page; at 16 x 256 tokens jemalloc's default decay made
-# SmolLM2's step 8.9 s against 5.4-5.8 s without it (and 6.4 s on glibc). The peak RSS is the same.
-_KEEP_FREED_MEMORY = {"libjemalloc": ("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"),
-                      "libtcmalloc": ("TCMALLOC_RELEASE_RATE", "0")}
+# Settings for the libraries lorakit chooses (the user's own values win). Freed memory kept for reuse instead of
+# returned to the kernel, whose pages a step would otherwise fault back in: 4 x 256 tokens 1.73 -> 1.43 s a step,
+# 16 x 256 6.6 -> 5.9 s, peak RSS unchanged. And no "large alloc" report on stderr for every block above 1 GiB
+# (a big model's fp32 embedding is one).
+_TCMALLOC_SETTINGS = {"TCMALLOC_RELEASE_RATE": "0", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2 ** 62)}
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _applied = False
 
@@ -54,7 +58,7 @@ def active_allocator(environ=None) -> str | None:
 
 
 def allocator_name() -> str:
-    """What serves malloc in this process, for logs: jemalloc, tcmalloc or mimalloc when one is preloaded and
+    """What serves malloc in this process, for logs: tcmalloc, jemalloc or mimalloc when one is preloaded and
     mapped, else the C library's (glibc on Linux)."""
     active = active_allocator()
     if active and _mapped(active):
@@ -63,7 +67,7 @@ def allocator_name() -> str:
 
 
 def _mapped(library: str) -> bool:
-    """Whether the library is loaded here (a symlink like libjemalloc.so.2 maps as its target, libjemalloc.so.2.x)."""
+    """Whether the library is loaded here (a symlink like libtcmalloc_minimal.so.4 maps as its target, .so.4.5.10)."""
     stem = library.split(".so")[0] + ".so"
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
@@ -81,9 +85,9 @@ def find_allocator(environ=None) -> str | None:
     if choice != "auto":
         if not os.path.isfile(choice):
             raise AllocatorChoiceError(
-                f"{ALLOCATOR_VARIABLE}={choice}: no such file; set it to `auto` (jemalloc or tcmalloc when "
-                "installed), `system` (the C library's malloc) or the path of a malloc library such as "
-                "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+                f"{ALLOCATOR_VARIABLE}={choice}: no such file; set it to `auto` (tcmalloc when installed), "
+                "`system` (the C library's malloc) or the path of a malloc library such as "
+                "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
         return os.path.abspath(choice)
     for name in PREFERRED_ALLOCATORS:
         for directory in _library_directories(environ):
@@ -114,10 +118,9 @@ def allocator_environment(environ=None) -> dict | None:
     if library is None:
         return None
     environ["LD_PRELOAD"] = " ".join(p for p in (library, environ.get("LD_PRELOAD", "")) if p)
-    for prefix, (variable, value) in _KEEP_FREED_MEMORY.items():
-        if os.path.basename(library).startswith(prefix):  # the user's own settings come after ours and win
-            environ[variable] = ",".join(v for v in (value, environ.get(variable)) if v) \
-                if variable == "MALLOC_CONF" else environ.get(variable, value)
+    if os.path.basename(library) in PREFERRED_ALLOCATORS:
+        for variable, value in _TCMALLOC_SETTINGS.items():
+            environ.setdefault(variable, value)
     return environ
 
 
