@@ -148,7 +148,7 @@ def tune_process() -> bool:
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux") or active_allocator():
+    if not sys.platform.startswith("linux") or allocator_name() != "glibc":  # another malloc is loaded
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
