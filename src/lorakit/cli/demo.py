@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.loop import run_training
     from lorakit.train.run_log import peak_rss_mb
     from lorakit.train.output_dir import check_output_dir
-    from lorakit.train.runtime import allocator_name, tune_process
+    from lorakit.train.runtime import allocator_name
 
     started = time.time()
     output_dir = args.output_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
@@ -116,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     model_label = f"{args.model} in {cfg.quantization.upper()}" if cfg.quantization else args.model
     label = method_label(cfg)
     print(f"lorakit demo: {label} on {model_label}, output in {output_dir} (malloc: {allocator_name()})", flush=True)
-    tune_process()  # the process is ours (lorakit/train/runtime.py)
     model, tokenizer = load_model_and_tokenizer(cfg.model, "CAUSAL_LM", dtype=cfg.dtype, **cfg.quantization_kwargs)
     print(f"[{format_seconds(time.time() - started)}] model loaded; scoring the base model on the "
           "48 held-out requests", flush=True)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    at = _command_position(argv)
+    at = command_position(argv)
     try:
         parser = build_parser()
         top = parser.parse_args(argv if at is None else argv[:at])
@@ -146,7 +146,7 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_ERROR
 
 
-def _command_position(argv: list[str]) -> int | None:
+def command_position(argv: list[str]) -> int | None:
     """Index of the command name: the first argument that is not an option (None when absent or unknown)."""
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     return at if at is not None and argv[at] in COMMANDS_BY_NAME else None

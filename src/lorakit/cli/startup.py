@@ -7,7 +7,8 @@ it acts only when this process is the `lorakit` command (the console script, `py
 own handler back (`restore()`) as soon as it can catch KeyboardInterrupt itself.
 
 The training commands also get their malloc here, before torch is imported: `install()` re-executes them once
-with tcmalloc preloaded when it is installed (lorakit/train/runtime.py).
+with tcmalloc preloaded when it is installed, or else keeps glibc's malloc from returning freed memory
+(lorakit/train/runtime.py).
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def _exit_quietly(signum, frame) -> None:
 
 
 def command_name() -> str | None:
-    """The command this `lorakit` process runs: its first argument that is not an option."""
-    return next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    """The command this `lorakit` process runs (None without one), found as the command line's parser finds it."""
+    from lorakit.cli.main import command_position
+
+    at = command_position(sys.argv[1:])
+    return None if at is None else sys.argv[1 + at]
 
 
 def install() -> None:
     if running_as_command() and command_name() in TRAINING_COMMANDS:
-        from lorakit.train.runtime import use_preferred_allocator
+        from lorakit.train.runtime import tune_process, use_preferred_allocator
 
-        use_preferred_allocator()  # returns unless it re-executes the process
+        use_preferred_allocator()  # returns unless it re-executes the process on tcmalloc
+        tune_process()  # still here: glibc's malloc, kept from returning freed memory (no-op on another malloc)
     if (running_as_command() and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _exit_quietly)

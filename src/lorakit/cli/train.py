@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_run_config
     from lorakit.train.loop import run_training
-    from lorakit.train.runtime import allocator_name, tune_process
+    from lorakit.train.runtime import allocator_name
 
     cfg = load_run_config(args.config, args.overrides)
     main = is_main_process()
@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if main:
         print(f"training {cfg.model} ({cfg.finetuning_type}) on {cfg.data.path} -> {cfg.output_dir} "
-              f"(malloc: {allocator_name()})", flush=True)
-    tune_process()  # the process is ours; with glibc's malloc: keep freed memory for reuse (train/runtime.py)
+              f"(malloc: {allocator_name()})", flush=True)  # chosen at startup (cli/startup.py)
     result = run_training(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
     if not main:
         return 130 if result.interrupted else 0
