@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.ops import attention, cpu_extension
-from lorakit.ops.attention import (IMPLEMENTATION, attention_forward, causal_attention, kernel_applies,
-                                   kernel_available, restore_attention, use_cpu_attention)
+from lorakit.ops.attention import (
+    IMPLEMENTATION,
+    attention_forward,
+    causal_attention,
+    kernel_applies,
+    kernel_available,
+    restore_attention,
+    use_cpu_attention,
+)
 from lorakit.ops.cpu_extension import KernelBuildError, load_cpu_extension
 from tests.tiny import tiny_llama
 from tests.train_fixtures import tiny_run_config, train_losses

@@ -129,7 +129,10 @@ def _transformers_model(model: nn.Module):
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
     # the masks SDPA gets (None where causal alone is enough): the kernel runs exactly when there is none

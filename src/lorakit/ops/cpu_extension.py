@@ -88,7 +88,7 @@ def _build_key(source: bytes, compiler: str, arguments: list[str]) -> str:
 
 def _compiler_version(compiler: str) -> str:
     try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise KernelBuildError(f"the C++ compiler {compiler} does not run: {error}") from error
 
@@ -108,7 +108,7 @@ def _build(source: Path, library: Path, compiler: str, arguments: list[str]) -> 
     handle, temporary = tempfile.mkstemp(prefix=f".{library.stem}-", suffix=".so", dir=library.parent)
     os.close(handle)
     try:
-        result = subprocess.run([compiler, str(source), "-o", temporary, *arguments], capture_output=True, text=True,
+        result = subprocess.run([compiler, str(source), "-o", temporary, *arguments], capture_output=True, text=True, check=False,
                                 timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
