@@ -120,24 +120,62 @@ def test_kernel_applies_only_where_sdpa_would_compute_plain_causal_attention():
         assert not kernel_applies(module, *args), reason
 
 
+def _causal_mask(batch: int, length: int, first_real=None, lengths=None) -> torch.Tensor:
+    """transformers' boolean SDPA mask (B, 1, L, L), True = attend: causal, with left padding (keys before
+    first_real[b] masked) or right padding (keys from lengths[b] on masked)."""
+    positions = torch.arange(length)
+    mask = (positions[:, None] >= positions[None, :]).expand(batch, 1, length, length).clone()
+    for b in range(batch):
+        if first_real is not None:
+            mask[b, :, :, :first_real[b]] = False
+        if lengths is not None:
+            mask[b, :, :, lengths[b]:] = False
+    return mask
+
+
 def test_attention_forward_falls_back_to_sdpa_unchanged():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q, k, v, _ = (t.bfloat16() for t in _inputs(2, 4, 2, 12, 16, seed=3))
     module = _Module()
     module.num_key_value_groups = 2
-    mask = torch.tril(torch.ones(12, 12, dtype=torch.bool))[None, None].expand(2, 1, 12, 12).clone()
-    mask[1, :, :, 9:] = False  # padding in the second row
-    ours, _ = attention_forward(module, q, k, v, mask)
-    theirs, _ = sdpa_attention_forward(module, q, k, v, mask)
-    assert torch.equal(ours, theirs)
+    for mask in (_causal_mask(2, 12, first_real=[0, 3]),  # left padding
+                 _causal_mask(2, 12) & torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0)).gt(0.2)):
+        assert attention.padding_lengths(mask, 12) is None
+        ours, _ = attention_forward(module, q, k, v, mask)
+        theirs, _ = sdpa_attention_forward(module, q, k, v, mask)
+        assert torch.equal(ours, theirs)
     kernel, _ = attention_forward(module, q, k, v, None)  # no mask: the kernel, same layout as SDPA's output
     reference, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None)
     assert kernel.shape == reference.shape == (2, 12, 4, 16)
     _assert_close_to_bf16(kernel.float(), reference, "out")
 
 
-def test_model_switched_to_the_kernel_computes_the_same_loss_and_gradients_and_is_given_back():
+def test_right_padding_runs_on_the_kernel_as_sdpa_computes_it_padded_positions_included():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v, grad = _inputs(3, 4, 2, 20, 16, seed=4)
+    lengths = [20, 13, 1]
+    mask = _causal_mask(3, 20, lengths=lengths)
+    assert attention.padding_lengths(mask, 20).tolist() == lengths
+    module = _Module()
+    module.num_key_value_groups = 2
+    ours = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out, _ = attention_forward(module, *ours, mask)
+    out.backward(grad.bfloat16().transpose(1, 2))
+    theirs = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
+    reference, _ = sdpa_attention_forward(module, *theirs, mask)
+    reference.backward(grad.bfloat16().float().transpose(1, 2))
+    _assert_close_to_bf16(out.detach().float(), reference.detach(), "out")
+    for name, a, b in zip(("dq", "dk", "dv"), ours, theirs):
+        _assert_close_to_bf16(a.grad.float(), b.grad, name)
+    with pytest.raises(RuntimeError, match="each length must be in 1..20"):
+        causal_attention(*ours, lengths=torch.tensor([20, 0, 3]))
+
+
+def test_model_switched_to_the_kernel_computes_the_same_loss_and_gradients_and_is_given_back(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "causal_attention", lambda *a, **k: calls.append(a[-1]) or causal_attention(*a, **k))
     model = tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to(torch.bfloat16)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -153,17 +191,25 @@ def test_model_switched_to_the_kernel_computes_the_same_loss_and_gradients_and_i
     assert use_cpu_attention(model) and model.config._attn_implementation == IMPLEMENTATION
     assert not use_cpu_attention(model)  # once
     kernel_loss, kernel_grads = loss_and_grads()
+    assert len(calls) == 2 and calls[0] is None  # two layers, no mask
     assert abs(kernel_loss - sdpa_loss) < 2e-2
     for name, grad in sdpa_grads.items():
         relative = ((kernel_grads[name] - grad).norm() / grad.norm()).item()
         assert relative < 3e-2, f"{name}: relative gradient difference {relative:.3g}"
-    padded = torch.ones_like(ids)
-    padded[1, 30:] = 0
+    right, left = torch.ones_like(ids), torch.ones_like(ids)
+    right[1, 30:] = 0
+    left[1, :10] = 0
     with torch.no_grad():
-        masked = model(input_ids=ids, attention_mask=padded).logits  # a mask: SDPA inside the kernel's name
+        calls.clear()
+        kernel_right = model(input_ids=ids, attention_mask=right).logits.float()  # right padding: the kernel
+        assert len(calls) == 2 and calls[0].tolist() == [40, 30]  # both layers, with the rows' lengths
+        kernel_left = model(input_ids=ids, attention_mask=left).logits  # left padding: SDPA inside the kernel's name
+        assert len(calls) == 2
         restore_attention(model)
         assert model.config._attn_implementation == "sdpa"
-        assert torch.equal(masked, model(input_ids=ids, attention_mask=padded).logits)
+        assert torch.equal(kernel_left, model(input_ids=ids, attention_mask=left).logits)
+        sdpa_right = model(input_ids=ids, attention_mask=right).logits.float()
+    _assert_close_to_bf16(kernel_right, sdpa_right, "logits with right padding")
 
 
 def test_models_not_on_sdpa_are_left_alone():

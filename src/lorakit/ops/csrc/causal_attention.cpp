@@ -6,7 +6,8 @@
 // the softmax, its gradient and the causal mask are fused row loops on cache-resident blocks.
 //
 // Math (per head; S and dP are bf16 matmul outputs, as in transformers' eager attention; the softmax is fp32):
-//   forward   P = softmax(scale * Q K^T, causal), O = P V, lse = logsumexp of each row (saved)
+//   forward   P = softmax(scale * Q K^T, causal), O = P V, lse = logsumexp of each row (saved); with `lengths`
+//             (right-padded rows) query i of row b sees keys j <= i and j < lengths[b], as SDPA with the padding mask
 //   backward  P = exp(scale * Q K^T - lse); dV = P^T dO; dP = dO V^T; delta = rowsum(dO * O);
 //             dS = P * (dP - delta) * scale; dQ = dS K; dK = dS^T Q   (dK, dV summed over the heads of a group)
 // Work is split over (batch, kv group, heads, row block): all heads of a group in one matmul when a head fits
@@ -29,7 +30,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 #include <cmath>
+#include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 using at::Tensor;
@@ -94,12 +97,30 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "causal_attention: query heads must be a multiple of kv heads");
 }
 
+// Keys each batch row may see: all L, or its first lengths[b] (right padding: a padded query sees the real keys
+// before it, as under SDPA's padding mask).
+std::vector<int64_t> key_limits(const std::optional<Tensor>& lengths, const Tensor& q) {
+  std::vector<int64_t> limit(q.size(0), q.size(2));
+  if (lengths.has_value()) {
+    const Tensor l = lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == q.size(0), "causal_attention: lengths must hold one length per batch row");
+    const int64_t* p = l.data_ptr<int64_t>();
+    for (int64_t b = 0; b < q.size(0); ++b) {
+      TORCH_CHECK(p[b] >= 1 && p[b] <= q.size(2), "causal_attention: each length must be in 1..", q.size(2));
+      limit[b] = p[b];
+    }
+  }
+  return limit;
+}
+
 inline Tensor mat(BFloat16* p, int64_t rows, int64_t cols, const Tensor& like) {
   return at::from_blob(p, {rows, cols}, like.options());
 }
 
-std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, double scale_d) {
+std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const std::optional<Tensor>& lengths, double scale_d) {
   check_inputs(q, k, v);
+  const std::vector<int64_t> limit = key_limits(lengths, q);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   const float scale = static_cast<float>(scale_d);
   auto out = at::empty({B, L, H, D}, q.options());
@@ -123,7 +144,7 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k
       Tensor S = at::mm(mat(qbuf.data(), rows, D, q), Kt.t());  // (rows, n) bf16
       const BFloat16* s = S.data_ptr<BFloat16>();
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = i + 1;
+        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = std::min(i + 1, limit[c.b]);
         float* pr = prow.data();
         at::vec::convert(s + r * n, pr, n_valid);
         float mx = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, pr, n_valid) * scale;
@@ -152,8 +173,9 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k
 
 std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                         const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                        double scale_d) {
+                                                        const std::optional<Tensor>& lengths, double scale_d) {
   check_inputs(q, k, v);
+  const std::vector<int64_t> limit = key_limits(lengths, q);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(3) == 1 && out.stride(3) == 1 &&
               dout.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
               "causal_attention_bwd: dout and out must be bf16 and shaped as q, with unit stride in head_dim");
@@ -191,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
       const BFloat16* s = S.data_ptr<BFloat16>();
       const BFloat16* dp = dP.data_ptr<BFloat16>();
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = i + 1;
+        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = std::min(i + 1, limit[c.b]);
         at::vec::convert(dobuf.data() + r * D, f1.data(), D);
         at::vec::convert(obuf.data() + r * D, f2.data(), D);
         const float dl = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
@@ -232,8 +254,9 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
 }  // namespace
 
 TORCH_LIBRARY(lorakit, m) {
-  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? lengths, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? lengths, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
   m.impl("causal_attention_fwd", causal_attention_fwd);
