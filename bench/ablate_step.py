@@ -6,7 +6,8 @@ time, in one process, the variants taking turns step after step.
 
 Variants: all on; no oneDNN (LORAKIT_MATMUL=aten: PyTorch's MKL/aten matmuls); no fused LoRA function (the
 layer's general module path); no chunked LM-head loss (full logits, then F.cross_entropy); no fused modules (the
-model's own RMSNorm and MLP forwards, ops/fused_modules.py). Every variant runs the
+model's own RMSNorm and MLP forwards, ops/fused_modules.py); no CPU attention (PyTorch's SDPA instead of
+lorakit's kernel, ops/attention.py; the default setting only: the others run SDPA anyway). Every variant runs the
 same model and batch (the optimizer is not stepped, so the weights stay the same); the figure is the median CPU
 time of this process per step (forward + loss + backward) over --rounds rounds. The glibc malloc setting
 (lorakit/train/runtime.py) is process-wide and cannot be switched per step: `lorakit bench train` measures it
@@ -66,9 +67,30 @@ class NoFusedModules:
         use_fused_modules(self.model)
 
 
+class NoCpuAttention:
+    """PyTorch's SDPA for the step instead of lorakit's attention kernel (ops/attention.py), switched back after it."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.was_on = False
+
+    def __enter__(self):
+        from lorakit.ops.attention import IMPLEMENTATION, restore_attention
+
+        self.was_on = self.model.get_base_model().config._attn_implementation == IMPLEMENTATION
+        restore_attention(self.model)
+
+    def __exit__(self, *exc):
+        from lorakit.ops.attention import use_cpu_attention
+
+        if self.was_on:
+            use_cpu_attention(self.model)
+
+
 VARIANTS = {"all on": lambda run: contextlib.nullcontext(), "no oneDNN": lambda run: no_onednn(),
             "no fused LoRA": lambda run: no_fused(), "no chunked loss": lambda run: no_chunked_loss(),
-            "no fused modules": lambda run: NoFusedModules(run.model)}
+            "no fused modules": lambda run: NoFusedModules(run.model),
+            "no CPU attention": lambda run: NoCpuAttention(run.model)}
 
 
 def main() -> None:

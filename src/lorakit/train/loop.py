@@ -32,6 +32,7 @@ from lorakit.integrations.model_card import write_run_card
 from lorakit.label_names import write_label_names
 from lorakit.model import parameter_counts
 from lorakit.models.loading import load_model_and_tokenizer
+from lorakit.ops.attention import restore_attention
 from lorakit.ops.fused_modules import restore_modules
 from lorakit.ops.recompute import recompute_saved_tensors
 from lorakit.train import checkpoint as ckpt
@@ -198,6 +199,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
                 position.batch_in_epoch = 0
     bar.close()
     restore_modules(model)  # the model handed back runs its own forwards (the fused ones compute the same)
+    restore_attention(model)  # and its own attention implementation
     result = TrainResult(out, model, tokenizer, position.step, meter.train_seconds(), meter.train_loss,
                          trainable_params, total_params, interrupted=interrupted)
     # The returned model holds its frozen weights in the dtype they were loaded in (with the bf16 values trained

@@ -13,6 +13,7 @@ from torch import nn
 
 from lorakit.methods.quant import quantize_model
 from lorakit.model import get_peft_model
+from lorakit.ops.attention import use_cpu_attention
 from lorakit.ops.fused_modules import use_fused_modules
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
 from lorakit.train import precision
@@ -63,15 +64,18 @@ def prepare_training_model(base: nn.Module, cfg: RunConfig, device: torch.device
 
 def apply_training_precision(model: nn.Module, args: TrainArgs, device: torch.device, keep: set[str] = frozenset(),
                              store_frozen_in_bf16: bool = True) -> tuple[bool, dict[str, torch.dtype]]:
-    """train.bf16 and train.fused_modules on a model whose adapters are in and initialised (a residual the init
-    computes must be computed in fp32 first). With bf16 (resolved for `device`) the frozen weights are stored in
-    bf16 (precision.py), except those named in `keep` and all of them when not `store_frozen_in_bf16` (full and
-    freeze runs: LISA unfreezes blocks as it goes); then the fused modules go in. Returns (bf16, {name: dtype
-    before} of the weights stored in bf16, for precision.restore_stored_dtypes)."""
+    """train.bf16, train.fused_modules and train.cpu_attention on a model whose adapters are in and initialised
+    (a residual the init computes must be computed in fp32 first). With bf16 (resolved for `device`) the frozen
+    weights are stored in bf16 (precision.py), except those named in `keep` and all of them when not
+    `store_frozen_in_bf16` (full and freeze runs: LISA unfreezes blocks as it goes); then the fused modules go in,
+    and on the CPU in bf16 lorakit's attention kernel (ops/attention.py). Returns (bf16, {name: dtype before} of
+    the weights stored in bf16, for precision.restore_stored_dtypes)."""
     bf16 = precision.resolve_bf16(args.bf16, device)
     stored_in_bf16 = precision.store_frozen_weights_in_bf16(model, keep=keep) if bf16 and store_frozen_in_bf16 else {}
     if args.fused_modules:
         use_fused_modules(model)
+    if bf16 and args.cpu_attention and device.type == "cpu":
+        use_cpu_attention(model)
     return bf16, stored_in_bf16
 
 

@@ -1,0 +1,167 @@
+"""Causal self-attention for bf16 training on the CPU: lorakit's kernel behind transformers' attention interface.
+
+    use_cpu_attention(model)       # once the model is on the CPU; True when the kernel is in (train.cpu_attention)
+    restore_attention(model)       # the implementation the model had before
+    causal_attention(q, k, v, scale)   # the autograd function itself: q (B, H, L, D), k and v (B, KV, L, D)
+
+PyTorch's CPU flash attention multiplies its blocks with cpublas::brgemm, which runs at ~100 GFLOP/s on CPUs
+without AMX (the AVX512-BF16 EPYC this project measures on); attention took a quarter of a bf16 LoRA step.
+ops/csrc/causal_attention.cpp computes the same softmax(scale Q K^T, causal) V, and its backward, on oneDNN
+matmuls (260-400 GFLOP/s on the same blocks) with the softmax fused in row loops: 2.2-3.5x faster than PyTorch's
+kernel from 128 to 2,048 tokens (docs/performance.md, optimisation 13). Precision: the score and dP matmuls
+give bf16 outputs as in transformers' eager attention (PyTorch's flash kernel keeps them fp32); the softmax and
+the dK / dV sums over a group's heads are fp32. tests/unit/test_cpu_attention.py checks it against fp32 SDPA.
+
+The kernel is registered as the attention implementation "lorakit_cpu" (transformers' AttentionInterface, with
+SDPA's mask function) and is used only where it computes exactly what SDPA would: bf16 CPU tensors, causal, no
+mask or a right-padding one (what the trainer's padded batches get; left padding, packed sequences and custom
+masks go to SDPA), no dropout, as many keys as queries (no KV cache prefix), no
+soft-capping, sliding window or attention sinks. Everything else goes to transformers' SDPA function unchanged,
+so a model switched to it stays correct wherever it runs. A model whose implementation is not "sdpa" (eager,
+flex, flash) is left alone. The kernel is compiled on first use (ops/cpu_extension.py); where it cannot be
+(no C++ compiler), a warning says so and SDPA stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+
+import torch
+from torch import nn
+
+from lorakit.ops.cpu_extension import KernelBuildError, load_cpu_extension
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "lorakit_cpu"
+_BEFORE = "_lorakit_attention_before"  # on the model: the implementation it had
+# kwargs of transformers' attention call that change the math away from plain causal softmax attention
+_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask", "cache")
+_failed_build: list[str] = []
+_checked_mask: dict = {}  # "entry": (weakref to the last mask checked, its version, its lengths or None)
+
+
+class CausalAttentionFunction(torch.autograd.Function):
+    """softmax(scale Q K^T, causal) V for bf16 CPU tensors; K and V shared by groups of query heads; with
+    `lengths` (one per batch row, right padding) query i of row b sees keys j <= i and j < lengths[b]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lengths, scale: float):
+        out, lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, lengths, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.lengths, ctx.scale = lengths, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        dq, dk, dv = torch.ops.lorakit.causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.lengths, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, L, D) attention output; the kernel must be loaded (kernel_available())."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return CausalAttentionFunction.apply(q, k, v, lengths, scale)
+
+
+def padding_lengths(mask: torch.Tensor, length: int) -> torch.Tensor | None:
+    """The rows' lengths when `mask` (transformers' (B, 1, L, L) boolean SDPA mask, True = attend) is exactly
+    causal AND right padding (each row's keys 0..lengths[b]-1), which the kernel computes; None for any other mask
+    (left padding, packed sequences, custom masks). Checked once per mask: every layer of a forward gets the same
+    tensor."""
+    cached = _checked_mask.get("entry")
+    if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+        return cached[2]
+    lengths = None
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2:] == (length, length):
+        rows = mask[:, 0]
+        candidate = rows[:, -1].sum(-1)  # the last query sees every real key
+        positions = torch.arange(length, device=mask.device)
+        expected = (positions[None, :, None] >= positions[None, None, :]) & (positions[None, None, :] < candidate[:, None, None])
+        if bool((candidate >= 1).all()) and torch.equal(rows, expected):
+            lengths = candidate.to(torch.int64)
+    _checked_mask["entry"] = (weakref.ref(mask), mask._version, lengths)
+    return lengths
+
+
+def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout: float, is_causal, kwargs) -> bool:
+    """True when the kernel computes what transformers' SDPA function would for this call."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    tensors = (query, key, value)
+    return (bool(is_causal) and not dropout and query.dim() == 4
+            and query.shape[2] > 1 and query.shape[2] == key.shape[2] == value.shape[2]
+            and key.shape == value.shape and query.shape[-1] == key.shape[-1]
+            and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
+            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+            and not kwargs.get("output_attentions") and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
+            and (attention_mask is None or padding_lengths(attention_mask, query.shape[2]) is not None))
+
+
+def attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature; returns ((B, L, H, D) output, None) as SDPA's does."""
+    if kernel_applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+        lengths = None if attention_mask is None else padding_lengths(attention_mask, query.shape[2])
+        return causal_attention(query, key, value, scaling, lengths).transpose(1, 2), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def kernel_available() -> bool:
+    """Build / load the kernel once per process; False (with one warning) where it cannot be built."""
+    if _failed_build:
+        return False
+    try:
+        load_cpu_extension("causal_attention")
+    except KernelBuildError as error:
+        _failed_build.append(str(error))
+        logger.warning("lorakit's CPU attention kernel is not available, attention stays on PyTorch's SDPA: %s",
+                       error)
+        return False
+    return True
+
+
+def use_cpu_attention(model: nn.Module) -> bool:
+    """Switch a transformers model (or a PeftModel around one) from "sdpa" to the kernel's implementation."""
+    base = _transformers_model(model)
+    if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa" or not kernel_available():
+        return False
+    _register()
+    base.set_attn_implementation(IMPLEMENTATION)
+    setattr(base, _BEFORE, "sdpa")
+    return True
+
+
+def restore_attention(model: nn.Module) -> None:
+    """Give the model back the implementation use_cpu_attention replaced (nothing when it replaced none)."""
+    base = _transformers_model(model)
+    before = getattr(base, _BEFORE, None) if base is not None else None
+    if before is not None:
+        base.set_attn_implementation(before)
+        delattr(base, _BEFORE)
+
+
+def _transformers_model(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if hasattr(base, "set_attn_implementation") and hasattr(base, "config") else None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
+
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    # the masks SDPA gets (None where causal alone is enough): the kernel runs exactly when there is none
+    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

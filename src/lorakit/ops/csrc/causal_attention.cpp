@@ -1,0 +1,264 @@
+// Causal grouped-query attention for bf16 training on the CPU: forward and backward, built on oneDNN matmuls.
+//
+// Why: PyTorch's CPU flash attention runs its block matmuls through cpublas::brgemm, which without AMX (AVX512-BF16
+// machines such as this project's EPYC) falls back to ~100 GFLOP/s, against 260-400 for oneDNN's at::mm on the same
+// blocks (docs/performance.md, optimisation 13). Here every matmul is an at::mm on a block of up to 768 rows, and
+// the softmax, its gradient and the causal mask are fused row loops on cache-resident blocks.
+//
+// Math (per head; S and dP are bf16 matmul outputs, as in transformers' eager attention; the softmax is fp32):
+//   forward   P = softmax(scale * Q K^T, causal), O = P V, lse = logsumexp of each row (saved); with `lengths`
+//             (right-padded rows) query i of row b sees keys j <= i and j < lengths[b], as SDPA with the padding mask
+//   backward  P = exp(scale * Q K^T - lse); dV = P^T dO; dP = dO V^T; delta = rowsum(dO * O);
+//             dS = P * (dP - delta) * scale; dQ = dS K; dK = dS^T Q   (dK, dV summed over the heads of a group)
+// Work is split over (batch, kv group, heads, row block): all heads of a group in one matmul when a head fits
+// one block (L <= 256) and that leaves every thread several items, else one head per item, in row blocks of 256
+// (a block only multiplies the keys it can see). dK and dV are accumulated per thread in fp32.
+//
+// Inputs: q (B, H, L, D), k and v (B, KV, L, D), bf16, unit stride in D (other strides free), H a multiple of
+// KV. Outputs are (B, H, L, D)-shaped views of (B, L, H, D) memory (the layout transformers reshapes into).
+// Built on first use by lorakit/ops/cpu_extension.py; used through lorakit/ops/attention.py.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <torch/library.h>
+#include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+using at::BFloat16;
+
+namespace {
+
+constexpr int64_t kRowBlock = 256;  // positions per chunk when a head is split
+
+struct Chunk { int64_t b, kv, g0, ng, r0, m; };  // heads g0..g0+ng of group kv, positions r0..r0+m
+
+// Strided (B, heads, L, D) view with unit stride in D.
+struct View {
+  const BFloat16* p; int64_t sb, sh, sl;
+  explicit View(const Tensor& t) : p(t.data_ptr<BFloat16>()), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {}
+  const BFloat16* row(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * sl; }
+};
+
+// Rows of the chunk (head-major, then position) copied into a contiguous (ng*m, D) buffer.
+void gather(const View& v, const Chunk& c, int64_t G, int64_t D, BFloat16* dst) {
+  for (int64_t g = 0; g < c.ng; ++g)
+    for (int64_t i = 0; i < c.m; ++i)
+      std::memcpy(dst + (g * c.m + i) * D, v.row(c.b, c.kv * G + c.g0 + g, c.r0 + i), D * sizeof(BFloat16));
+}
+void scatter(const BFloat16* src, const Chunk& c, int64_t G, int64_t D, Tensor& out) {  // out (B, L, H, D) memory
+  BFloat16* p = out.data_ptr<BFloat16>();
+  const int64_t sb = out.stride(0), sl = out.stride(1), sh = out.stride(2);
+  for (int64_t g = 0; g < c.ng; ++g)
+    for (int64_t i = 0; i < c.m; ++i)
+      std::memcpy(p + c.b * sb + (c.r0 + i) * sl + (c.kv * G + c.g0 + g) * sh, src + (g * c.m + i) * D, D * sizeof(BFloat16));
+}
+
+std::vector<Chunk> chunks(int64_t B, int64_t KV, int64_t G, int64_t L) {
+  std::vector<Chunk> out;
+  const int64_t threads = at::get_num_threads();
+  if (L <= kRowBlock) {
+    // whole heads; stack all G heads of a group in one matmul unless that leaves threads idle
+    const int64_t ng = (B * KV >= 4 * threads) ? G : 1;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t kv = 0; kv < KV; ++kv)
+        for (int64_t g0 = 0; g0 < G; g0 += ng) out.push_back({b, kv, g0, ng, 0, L});
+  } else {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t kv = 0; kv < KV; ++kv)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t r0 = L; r0 > 0; r0 -= kRowBlock) {  // longest (latest) blocks first
+            const int64_t start = std::max<int64_t>(0, r0 - kRowBlock);
+            out.push_back({b, kv, g, 1, start, r0 - start});
+          }
+  }
+  return out;
+}
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+  for (const Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->stride(3) == 1,
+                "causal_attention: expects bf16 CPU tensors (batch, heads, length, head_dim) with unit stride in head_dim");
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+              "causal_attention: q, k and v must share batch, length and head_dim (k and v one shape)");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "causal_attention: query heads must be a multiple of kv heads");
+}
+
+// Keys each batch row may see: all L, or its first lengths[b] (right padding: a padded query sees the real keys
+// before it, as under SDPA's padding mask).
+std::vector<int64_t> key_limits(const std::optional<Tensor>& lengths, const Tensor& q) {
+  std::vector<int64_t> limit(q.size(0), q.size(2));
+  if (lengths.has_value()) {
+    const Tensor l = lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == q.size(0), "causal_attention: lengths must hold one length per batch row");
+    const int64_t* p = l.data_ptr<int64_t>();
+    for (int64_t b = 0; b < q.size(0); ++b) {
+      TORCH_CHECK(p[b] >= 1 && p[b] <= q.size(2), "causal_attention: each length must be in 1..", q.size(2));
+      limit[b] = p[b];
+    }
+  }
+  return limit;
+}
+
+inline Tensor mat(BFloat16* p, int64_t rows, int64_t cols, const Tensor& like) {
+  return at::from_blob(p, {rows, cols}, like.options());
+}
+
+std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const std::optional<Tensor>& lengths, double scale_d) {
+  check_inputs(q, k, v);
+  const std::vector<int64_t> limit = key_limits(lengths, q);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
+  const float scale = static_cast<float>(scale_d);
+  auto out = at::empty({B, L, H, D}, q.options());
+  auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+  float* lse_p = lse.data_ptr<float>();
+  const View qv(q), kvw(k), vv(v);
+  const auto work = chunks(B, KV, G, L);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_rows = (L <= kRowBlock ? G : 1) * std::min(L, kRowBlock);
+    std::vector<BFloat16> qbuf(max_rows * D), kbuf(L * D), vbuf(L * D), pbuf(max_rows * L);
+    std::vector<float> prow(L);
+    for (int64_t w = begin; w < end; ++w) {
+      const Chunk& c = work[w];
+      const int64_t n = c.r0 + c.m, rows = c.ng * c.m;  // keys 0..n-1
+      gather(qv, c, G, D, qbuf.data());
+      for (int64_t j = 0; j < n; ++j) {
+        std::memcpy(kbuf.data() + j * D, kvw.row(c.b, c.kv, j), D * sizeof(BFloat16));
+        std::memcpy(vbuf.data() + j * D, vv.row(c.b, c.kv, j), D * sizeof(BFloat16));
+      }
+      Tensor Kt = mat(kbuf.data(), n, D, q), Vt = mat(vbuf.data(), n, D, q);
+      Tensor S = at::mm(mat(qbuf.data(), rows, D, q), Kt.t());  // (rows, n) bf16
+      const BFloat16* s = S.data_ptr<BFloat16>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = std::min(i + 1, limit[c.b]);
+        float* pr = prow.data();
+        at::vec::convert(s + r * n, pr, n_valid);
+        float mx = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, pr, n_valid) * scale;
+        const Vec vs(scale), vm(mx);
+        Vec acc(0.f);
+        int64_t j = 0;
+        for (; j + Vec::size() <= n_valid; j += Vec::size()) {
+          Vec e = (Vec::loadu(pr + j) * vs - vm).exp_u20();
+          e.store(pr + j);
+          acc = acc + e;
+        }
+        float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+        for (; j < n_valid; ++j) { pr[j] = std::exp(pr[j] * scale - mx); sum += pr[j]; }
+        const float inv = 1.f / sum;
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, pr, pr, n_valid);
+        for (j = n_valid; j < n; ++j) pr[j] = 0.f;
+        at::vec::convert(pr, pbuf.data() + r * n, n);
+        lse_p[(c.b * H + c.kv * G + c.g0 + g) * L + i] = mx + std::log(sum);
+      }
+      Tensor O = at::mm(mat(pbuf.data(), rows, n, q), Vt);  // (rows, D)
+      scatter(O.data_ptr<BFloat16>(), c, G, D, out);
+    }
+  });
+  return {out.permute({0, 2, 1, 3}), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                        const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                        const std::optional<Tensor>& lengths, double scale_d) {
+  check_inputs(q, k, v);
+  const std::vector<int64_t> limit = key_limits(lengths, q);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(3) == 1 && out.stride(3) == 1 &&
+              dout.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
+              "causal_attention_bwd: dout and out must be bf16 and shaped as q, with unit stride in head_dim");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == q.size(0) * q.size(1) * q.size(2),
+              "causal_attention_bwd: lse must be the forward's (batch, heads, length) fp32 tensor");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
+  const float scale = static_cast<float>(scale_d);
+  const int nthreads = at::get_num_threads();
+  auto dq = at::empty({B, L, H, D}, q.options());
+  auto dk_acc = at::zeros({nthreads, B, KV, L, D}, q.options().dtype(at::kFloat));
+  auto dv_acc = at::zeros({nthreads, B, KV, L, D}, q.options().dtype(at::kFloat));
+  const float* lse_p = lse.data_ptr<float>();
+  const View qv(q), kvw(k), vv(v), dov(dout), ov(out);
+  const auto work = chunks(B, KV, G, L);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    const int64_t max_rows = (L <= kRowBlock ? G : 1) * std::min(L, kRowBlock);
+    std::vector<BFloat16> qbuf(max_rows * D), dobuf(max_rows * D), obuf(max_rows * D), kbuf(L * D), vbuf(L * D),
+        pbuf(max_rows * L), dsbuf(max_rows * L);
+    std::vector<float> prow(L), dprow(L), tmp(L * D), f1(D), f2(D);
+    for (int64_t w = begin; w < end; ++w) {
+      const Chunk& c = work[w];
+      const int64_t n = c.r0 + c.m, rows = c.ng * c.m;
+      gather(qv, c, G, D, qbuf.data());
+      gather(dov, c, G, D, dobuf.data());
+      gather(ov, c, G, D, obuf.data());
+      for (int64_t j = 0; j < n; ++j) {
+        std::memcpy(kbuf.data() + j * D, kvw.row(c.b, c.kv, j), D * sizeof(BFloat16));
+        std::memcpy(vbuf.data() + j * D, vv.row(c.b, c.kv, j), D * sizeof(BFloat16));
+      }
+      Tensor Qc = mat(qbuf.data(), rows, D, q), dOc = mat(dobuf.data(), rows, D, q);
+      Tensor Kt = mat(kbuf.data(), n, D, q), Vt = mat(vbuf.data(), n, D, q);
+      Tensor S = at::mm(Qc, Kt.t());
+      Tensor dP = at::mm(dOc, Vt.t());
+      const BFloat16* s = S.data_ptr<BFloat16>();
+      const BFloat16* dp = dP.data_ptr<BFloat16>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = std::min(i + 1, limit[c.b]);
+        at::vec::convert(dobuf.data() + r * D, f1.data(), D);
+        at::vec::convert(obuf.data() + r * D, f2.data(), D);
+        const float dl = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
+                                                         [](Vec a, Vec b) { return a + b; }, f1.data(), f2.data(), D);
+        const float l = lse_p[(c.b * H + c.kv * G + c.g0 + g) * L + i];
+        float* pr = prow.data();
+        float* dr = dprow.data();
+        at::vec::convert(s + r * n, pr, n_valid);
+        at::vec::convert(dp + r * n, dr, n_valid);
+        const Vec vs(scale), vl(l), vd(dl);
+        int64_t j = 0;
+        for (; j + Vec::size() <= n_valid; j += Vec::size()) {
+          Vec p = (Vec::loadu(pr + j) * vs - vl).exp_u20();
+          p.store(pr + j);
+          ((Vec::loadu(dr + j) - vd) * p * vs).store(dr + j);
+        }
+        for (; j < n_valid; ++j) { pr[j] = std::exp(pr[j] * scale - l); dr[j] = (dr[j] - dl) * pr[j] * scale; }
+        for (j = n_valid; j < n; ++j) { pr[j] = 0.f; dr[j] = 0.f; }
+        at::vec::convert(pr, pbuf.data() + r * n, n);
+        at::vec::convert(dr, dsbuf.data() + r * n, n);
+      }
+      Tensor P = mat(pbuf.data(), rows, n, q), dS = mat(dsbuf.data(), rows, n, q);
+      Tensor dQc = at::mm(dS, Kt);
+      scatter(dQc.data_ptr<BFloat16>(), c, G, D, dq);
+      Tensor dKp = at::mm(dS.t(), Qc);  // (n, D), summed over the chunk's heads
+      Tensor dVp = at::mm(P.t(), dOc);
+      float* dk_p = dk_acc.data_ptr<float>() + ((tid * B + c.b) * KV + c.kv) * L * D;
+      float* dv_p = dv_acc.data_ptr<float>() + ((tid * B + c.b) * KV + c.kv) * L * D;
+      at::vec::convert(dKp.data_ptr<BFloat16>(), tmp.data(), n * D);
+      at::vec::map2([](Vec a, Vec b) { return a + b; }, dk_p, dk_p, tmp.data(), n * D);
+      at::vec::convert(dVp.data_ptr<BFloat16>(), tmp.data(), n * D);
+      at::vec::map2([](Vec a, Vec b) { return a + b; }, dv_p, dv_p, tmp.data(), n * D);
+    }
+  });
+  return {dq.permute({0, 2, 1, 3}), dk_acc.sum(0).to(at::kBFloat16), dv_acc.sum(0).to(at::kBFloat16)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lorakit, m) {
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? lengths, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? lengths, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
+  m.impl("causal_attention_fwd", causal_attention_fwd);
+  m.impl("causal_attention_bwd", causal_attention_bwd);
+}

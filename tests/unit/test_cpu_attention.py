@@ -1,0 +1,263 @@
+"""lorakit's CPU attention kernel (ops/csrc/causal_attention.cpp through ops/attention.py): the same attention
+as fp32 SDPA to bf16 rounding, forward and backward, for grouped and plain heads, short and block-split lengths;
+used only where it computes what SDPA would (everything else goes to SDPA unchanged); switched in by the
+trainer's bf16 CPU runs and given back at the end; a failed build leaves SDPA and no file behind."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.ops import attention, cpu_extension
+from lorakit.ops.attention import (
+    IMPLEMENTATION,
+    attention_forward,
+    causal_attention,
+    kernel_applies,
+    kernel_available,
+    restore_attention,
+    use_cpu_attention,
+)
+from lorakit.ops.cpu_extension import KernelBuildError, load_cpu_extension
+from tests.tiny import tiny_llama
+from tests.train_fixtures import tiny_run_config, train_losses
+
+pytestmark = pytest.mark.skipif(not kernel_available(), reason="lorakit's CPU attention kernel cannot be built here")
+
+
+def _inputs(batch, heads, kv_heads, length, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dim, generator=g)
+    k = torch.randn(batch, kv_heads, length, dim, generator=g)
+    v = torch.randn(batch, kv_heads, length, dim, generator=g)
+    grad = torch.randn(batch, heads, length, dim, generator=g)
+    return q, k, v, grad
+
+
+def _reference(q, k, v, grad, scale=None):
+    """fp32 SDPA (causal, grouped-query) on the bf16-rounded inputs: output and input gradients."""
+    q, k, v = (t.bfloat16().float().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=scale)
+    out.backward(grad.bfloat16().float())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _kernel(q, k, v, grad, scale=None):
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = causal_attention(q, k, v, scale)
+    out.backward(grad.bfloat16())
+    return out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()
+
+
+def _assert_close_to_bf16(actual, expected, name):
+    """Within what bf16 scores and probabilities allow: 3% of the tensor's range, and aligned (cosine > 0.999)."""
+    error = (actual - expected).abs().max().item()
+    span = expected.abs().max().item()
+    cosine = F.cosine_similarity(actual.flatten(), expected.flatten(), dim=0).item()
+    assert error <= 0.03 * span and cosine > 0.999, f"{name}: max error {error:.4g} of {span:.4g}, cosine {cosine:.6f}"
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 4, 2, 37, 16),    # grouped heads, a length that is no multiple of the vector width
+    (3, 2, 2, 5, 32),     # one query head per kv head
+    (8, 6, 2, 64, 64),    # enough groups for the stacked-heads matmul
+    (1, 3, 1, 300, 8),    # longer than one row block: blocks of 256 and 44 rows, three heads on one kv head
+])
+def test_kernel_matches_fp32_sdpa_forward_and_backward(shape):
+    q, k, v, grad = _inputs(*shape)
+    for actual, expected, name in zip(_kernel(q, k, v, grad), _reference(q, k, v, grad), ("out", "dq", "dk", "dv")):
+        _assert_close_to_bf16(actual, expected, name)
+
+
+def test_kernel_uses_the_given_scale_and_one_thread_gives_the_same_attention():
+    q, k, v, grad = _inputs(2, 4, 2, 40, 16, seed=1)
+    for actual, expected, name in zip(_kernel(q, k, v, grad, 0.3), _reference(q, k, v, grad, 0.3),
+                                      ("out", "dq", "dk", "dv")):
+        _assert_close_to_bf16(actual, expected, name)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _kernel(q, k, v, grad)
+    finally:
+        torch.set_num_threads(threads)
+    for actual, expected, name in zip(single, _kernel(q, k, v, grad), ("out", "dq", "dk", "dv")):
+        assert torch.allclose(actual, expected, atol=1e-2, rtol=1e-2), name  # dK, dV: another summation order
+
+
+def test_kernel_reads_strided_inputs():
+    """q, k, v as transformers makes them: (B, H, L, D) views of (B, L, H, D) memory."""
+    q, k, v, grad = _inputs(2, 4, 2, 24, 16, seed=2)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not strided[0].is_contiguous()
+    for actual, expected in zip(_kernel(*strided, grad), _kernel(q, k, v, grad)):
+        assert torch.equal(actual, expected)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+def test_kernel_applies_only_where_sdpa_would_compute_plain_causal_attention():
+    q, k, v, _ = (t.bfloat16() for t in _inputs(1, 4, 2, 8, 16))
+    module = _Module()
+    assert kernel_applies(module, q, k, v, None, 0.0, None, {})
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    refused = {
+        "a mask (padding, packing)": (q, k, v, mask, 0.0, None, {}),
+        "dropout": (q, k, v, None, 0.1, None, {}),
+        "not causal": (q, k, v, None, 0.0, False, {}),
+        "fp32": (q.float(), k.float(), v.float(), None, 0.0, None, {}),
+        "one query (decoding)": (q[:, :, :1], k, v, None, 0.0, None, {}),
+        "more keys than queries (cache)": (q[:, :, :4], k, v, None, 0.0, None, {}),
+        "sliding window": (q, k, v, None, 0.0, None, {"sliding_window": 4}),
+        "soft-capping": (q, k, v, None, 0.0, None, {"softcap": 30.0}),
+        "attention weights asked for": (q, k, v, None, 0.0, None, {"output_attentions": True}),
+    }
+    for reason, args in refused.items():
+        assert not kernel_applies(module, *args), reason
+
+
+def _causal_mask(batch: int, length: int, first_real=None, lengths=None) -> torch.Tensor:
+    """transformers' boolean SDPA mask (B, 1, L, L), True = attend: causal, with left padding (keys before
+    first_real[b] masked) or right padding (keys from lengths[b] on masked)."""
+    positions = torch.arange(length)
+    mask = (positions[:, None] >= positions[None, :]).expand(batch, 1, length, length).clone()
+    for b in range(batch):
+        if first_real is not None:
+            mask[b, :, :, :first_real[b]] = False
+        if lengths is not None:
+            mask[b, :, :, lengths[b]:] = False
+    return mask
+
+
+def test_attention_forward_falls_back_to_sdpa_unchanged():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v, _ = (t.bfloat16() for t in _inputs(2, 4, 2, 12, 16, seed=3))
+    module = _Module()
+    module.num_key_value_groups = 2
+    for mask in (_causal_mask(2, 12, first_real=[0, 3]),  # left padding
+                 _causal_mask(2, 12) & torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0)).gt(0.2)):
+        assert attention.padding_lengths(mask, 12) is None
+        ours, _ = attention_forward(module, q, k, v, mask)
+        theirs, _ = sdpa_attention_forward(module, q, k, v, mask)
+        assert torch.equal(ours, theirs)
+    kernel, _ = attention_forward(module, q, k, v, None)  # no mask: the kernel, same layout as SDPA's output
+    reference, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None)
+    assert kernel.shape == reference.shape == (2, 12, 4, 16)
+    _assert_close_to_bf16(kernel.float(), reference, "out")
+
+
+def test_right_padding_runs_on_the_kernel_as_sdpa_computes_it_padded_positions_included():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v, grad = _inputs(3, 4, 2, 20, 16, seed=4)
+    lengths = [20, 13, 1]
+    mask = _causal_mask(3, 20, lengths=lengths)
+    assert attention.padding_lengths(mask, 20).tolist() == lengths
+    module = _Module()
+    module.num_key_value_groups = 2
+    ours = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out, _ = attention_forward(module, *ours, mask)
+    out.backward(grad.bfloat16().transpose(1, 2))
+    theirs = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
+    reference, _ = sdpa_attention_forward(module, *theirs, mask)
+    reference.backward(grad.bfloat16().float().transpose(1, 2))
+    _assert_close_to_bf16(out.detach().float(), reference.detach(), "out")
+    for name, a, b in zip(("dq", "dk", "dv"), ours, theirs):
+        _assert_close_to_bf16(a.grad.float(), b.grad, name)
+    with pytest.raises(RuntimeError, match="each length must be in 1..20"):
+        causal_attention(*ours, lengths=torch.tensor([20, 0, 3]))
+
+
+def test_model_switched_to_the_kernel_computes_the_same_loss_and_gradients_and_is_given_back(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "causal_attention", lambda *a, **k: calls.append(a[-1]) or causal_attention(*a, **k))
+    model = tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to(torch.bfloat16)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    ids = torch.randint(5, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+    sdpa_loss, sdpa_grads = loss_and_grads()
+    assert use_cpu_attention(model) and model.config._attn_implementation == IMPLEMENTATION
+    assert not use_cpu_attention(model)  # once
+    kernel_loss, kernel_grads = loss_and_grads()
+    assert len(calls) == 2 and calls[0] is None  # two layers, no mask
+    assert abs(kernel_loss - sdpa_loss) < 2e-2
+    for name, grad in sdpa_grads.items():
+        relative = ((kernel_grads[name] - grad).norm() / grad.norm()).item()
+        assert relative < 3e-2, f"{name}: relative gradient difference {relative:.3g}"
+    right, left = torch.ones_like(ids), torch.ones_like(ids)
+    right[1, 30:] = 0
+    left[1, :10] = 0
+    with torch.no_grad():
+        calls.clear()
+        kernel_right = model(input_ids=ids, attention_mask=right).logits.float()  # right padding: the kernel
+        assert len(calls) == 2 and calls[0].tolist() == [40, 30]  # both layers, with the rows' lengths
+        kernel_left = model(input_ids=ids, attention_mask=left).logits  # left padding: SDPA inside the kernel's name
+        assert len(calls) == 2
+        restore_attention(model)
+        assert model.config._attn_implementation == "sdpa"
+        assert torch.equal(kernel_left, model(input_ids=ids, attention_mask=left).logits)
+        sdpa_right = model(input_ids=ids, attention_mask=right).logits.float()
+    _assert_close_to_bf16(kernel_right, sdpa_right, "logits with right padding")
+
+
+def test_models_not_on_sdpa_are_left_alone():
+    model = tiny_llama(attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    assert not use_cpu_attention(model) and model.config._attn_implementation == "eager"
+    restore_attention(model)  # nothing to give back
+    assert model.config._attn_implementation == "eager"
+
+
+def test_bf16_training_runs_on_the_kernel_and_follows_the_sdpa_run(tmp_path):
+    from lorakit.train.loop import run_training
+
+    kernel = run_training(tiny_run_config(tmp_path, "train.bf16=true", output="kernel"), show_progress=False)
+    sdpa = run_training(tiny_run_config(tmp_path, "train.bf16=true", "train.cpu_attention=false", output="sdpa"),
+                        show_progress=False)
+    assert kernel.model.get_base_model().config._attn_implementation == "sdpa"  # given back at the end
+    ours, theirs = train_losses(kernel.output_dir), train_losses(sdpa.output_dir)
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    for step, loss in theirs.items():
+        assert abs(ours[step] - loss) < 0.02 * abs(loss), (step, ours[step], loss)
+
+
+def test_a_failed_build_raises_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_extension, "CSRC", csrc)
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KernelBuildError, match="could not build broken.cpp"):
+        load_cpu_extension("broken")
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # no half-written library
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler found"):
+        load_cpu_extension("broken")
+
+
+def test_without_a_kernel_the_model_stays_on_sdpa_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(attention, "_failed_build", [])
+
+    def fail(name):
+        raise KernelBuildError("no C++ compiler found (c++, g++, clang++)")
+
+    monkeypatch.setattr(attention, "load_cpu_extension", fail)
+    model = tiny_llama()
+    with caplog.at_level(logging.WARNING, logger="lorakit.ops.attention"):
+        assert not use_cpu_attention(model)
+        assert not use_cpu_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    warnings = [r for r in caplog.records if "attention stays on PyTorch's SDPA" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
