@@ -141,7 +141,7 @@ def test_attention_forward_falls_back_to_sdpa_unchanged():
     module.num_key_value_groups = 2
     for mask in (_causal_mask(2, 12, first_real=[0, 3]),  # left padding
                  _causal_mask(2, 12) & torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0)).gt(0.2)):
-        assert attention.padding_lengths(mask, 12) is None
+        assert attention.padding_lengths(mask, 2, 12) is None
         ours, _ = attention_forward(module, q, k, v, mask)
         theirs, _ = sdpa_attention_forward(module, q, k, v, mask)
         assert torch.equal(ours, theirs)
@@ -157,7 +157,8 @@ def test_right_padding_runs_on_the_kernel_as_sdpa_computes_it_padded_positions_i
     q, k, v, grad = _inputs(3, 4, 2, 20, 16, seed=4)
     lengths = [20, 13, 1]
     mask = _causal_mask(3, 20, lengths=lengths)
-    assert attention.padding_lengths(mask, 20).tolist() == lengths
+    assert attention.padding_lengths(mask, 3, 20).tolist() == lengths
+    assert attention.padding_lengths(_causal_mask(1, 20), 3, 20).tolist() == [20, 20, 20]  # one mask for all rows
     module = _Module()
     module.num_key_value_groups = 2
     ours = [t.bfloat16().requires_grad_() for t in (q, k, v)]

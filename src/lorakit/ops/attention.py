@@ -70,22 +70,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return CausalAttentionFunction.apply(q, k, v, lengths, scale)
 
 
-def padding_lengths(mask: torch.Tensor, length: int) -> torch.Tensor | None:
-    """The rows' lengths when `mask` (transformers' (B, 1, L, L) boolean SDPA mask, True = attend) is exactly
-    causal AND right padding (each row's keys 0..lengths[b]-1), which the kernel computes; None for any other mask
-    (left padding, packed sequences, custom masks). Checked once per mask: every layer of a forward gets the same
-    tensor."""
+def padding_lengths(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+    """The rows' lengths (batch,) when `mask` (transformers' (B or 1, 1, L, L) boolean SDPA mask, True = attend)
+    is exactly causal AND right padding (each row's keys 0..lengths[b]-1), which the kernel computes; None for any
+    other mask (left padding, packed sequences, custom masks). Checked once per mask: every layer of a forward gets
+    the same tensor."""
     cached = _checked_mask.get("entry")
     if cached is not None and cached[0]() is mask and cached[1] == mask._version:
         return cached[2]
     lengths = None
-    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2:] == (length, length):
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, batch) and mask.shape[1] == 1 \
+            and mask.shape[2:] == (length, length):
         rows = mask[:, 0]
         candidate = rows[:, -1].sum(-1)  # the last query sees every real key
         positions = torch.arange(length, device=mask.device)
         expected = (positions[None, :, None] >= positions[None, None, :]) & (positions[None, None, :] < candidate[:, None, None])
         if bool((candidate >= 1).all()) and torch.equal(rows, expected):
-            lengths = candidate.to(torch.int64)
+            lengths = candidate.to(torch.int64).expand(batch).contiguous()
     _checked_mask["entry"] = (weakref.ref(mask), mask._version, lengths)
     return lengths
 
@@ -101,14 +102,14 @@ def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout
             and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
             and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
             and not kwargs.get("output_attentions") and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
-            and (attention_mask is None or padding_lengths(attention_mask, query.shape[2]) is not None))
+            and (attention_mask is None or padding_lengths(attention_mask, query.shape[0], query.shape[2]) is not None))
 
 
 def attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature; returns ((B, L, H, D) output, None) as SDPA's does."""
     if kernel_applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-        lengths = None if attention_mask is None else padding_lengths(attention_mask, query.shape[2])
+        lengths = None if attention_mask is None else padding_lengths(attention_mask, query.shape[0], query.shape[2])
         return causal_attention(query, key, value, scaling, lengths).transpose(1, 2), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

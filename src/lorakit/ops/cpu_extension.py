@@ -113,6 +113,7 @@ def _build(source: Path, library: Path, compiler: str, arguments: list[str]) -> 
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
             raise KernelBuildError(f"{compiler} could not build {source.name}: " + " | ".join(errors[-3:])[-600:])
+        os.chmod(temporary, 0o755)  # mkstemp made it owner-only; a cache shared via $LORAKIT_CACHE needs more
         os.replace(temporary, library)
     except subprocess.TimeoutExpired as error:
         raise KernelBuildError(f"building {source.name} took over {BUILD_TIMEOUT_S} s") from error
