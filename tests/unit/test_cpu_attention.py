@@ -141,7 +141,7 @@ def test_attention_forward_falls_back_to_sdpa_unchanged():
     module.num_key_value_groups = 2
     for mask in (_causal_mask(2, 12, first_real=[0, 3]),  # left padding
                  _causal_mask(2, 12) & torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0)).gt(0.2)):
-        assert attention.padding_lengths(mask, 2, 12) is None
+        assert attention.mask_key_ranges(mask, 2, 12) is None
         ours, _ = attention_forward(module, q, k, v, mask)
         theirs, _ = sdpa_attention_forward(module, q, k, v, mask)
         assert torch.equal(ours, theirs)
@@ -151,14 +151,29 @@ def test_attention_forward_falls_back_to_sdpa_unchanged():
     _assert_close_to_bf16(kernel.float(), reference, "out")
 
 
-def test_right_padding_runs_on_the_kernel_as_sdpa_computes_it_padded_positions_included():
+def _packed_mask(length: int, starts) -> torch.Tensor:
+    """One row of sequences packed one after the other (each starting at one of `starts`): block-diagonal causal."""
+    positions = torch.arange(length)
+    sequence = torch.zeros(length, dtype=torch.long)
+    for start in starts[1:]:
+        sequence[start:] += 1
+    return ((positions[:, None] >= positions[None, :]) & (sequence[:, None] == sequence[None, :]))[None, None]
+
+
+@pytest.mark.parametrize("case", ["right padding", "packed sequences"])
+def test_masks_with_one_run_of_keys_per_query_run_on_the_kernel_as_sdpa_computes_them(case):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q, k, v, grad = _inputs(3, 4, 2, 20, 16, seed=4)
-    lengths = [20, 13, 1]
-    mask = _causal_mask(3, 20, lengths=lengths)
-    assert attention.padding_lengths(mask, 3, 20).tolist() == lengths
-    assert attention.padding_lengths(_causal_mask(1, 20), 3, 20).tolist() == [20, 20, 20]  # one mask for all rows
+    if case == "right padding":
+        mask = _causal_mask(3, 20, lengths=[20, 13, 1])
+        expected_ranges = {(1, 5): (0, 6), (1, 17): (0, 13), (2, 19): (0, 1)}  # padded queries see the real keys
+    else:
+        mask = torch.cat([_packed_mask(20, [0, 7, 15]), _packed_mask(20, [0, 1, 2, 10]), _packed_mask(20, [0])])
+        expected_ranges = {(0, 6): (0, 7), (0, 7): (7, 8), (0, 19): (15, 20), (1, 1): (1, 2), (1, 12): (10, 13)}
+    ranges = attention.mask_key_ranges(mask, 3, 20)
+    for (b, i), bounds in expected_ranges.items():
+        assert tuple(ranges[b, i].tolist()) == bounds
     module = _Module()
     module.num_key_value_groups = 2
     ours = [t.bfloat16().requires_grad_() for t in (q, k, v)]
@@ -170,8 +185,15 @@ def test_right_padding_runs_on_the_kernel_as_sdpa_computes_it_padded_positions_i
     _assert_close_to_bf16(out.detach().float(), reference.detach(), "out")
     for name, a, b in zip(("dq", "dk", "dv"), ours, theirs):
         _assert_close_to_bf16(a.grad.float(), b.grad, name)
-    with pytest.raises(RuntimeError, match="each length must be in 1..20"):
-        causal_attention(*ours, lengths=torch.tensor([20, 0, 3]))
+
+
+def test_one_mask_for_all_rows_and_bad_key_ranges():
+    ranges = attention.mask_key_ranges(_causal_mask(1, 20), 3, 20)  # (1, 1, L, L) shared by the batch
+    assert ranges.shape == (3, 20, 2) and ranges[2, 9].tolist() == [0, 10]
+    q, k, v, _ = (t.bfloat16() for t in _inputs(1, 2, 1, 4, 8))
+    for bad in ([[0, 1], [0, 3], [0, 3], [0, 4]], [[0, 1], [1, 1], [0, 3], [0, 4]]):  # a future key; an empty run
+        with pytest.raises(RuntimeError, match="key range must be non-empty and within"):
+            causal_attention(q, k, v, key_ranges=torch.tensor([bad]))
 
 
 def test_model_switched_to_the_kernel_computes_the_same_loss_and_gradients_and_is_given_back(monkeypatch):
@@ -203,7 +225,7 @@ def test_model_switched_to_the_kernel_computes_the_same_loss_and_gradients_and_i
     with torch.no_grad():
         calls.clear()
         kernel_right = model(input_ids=ids, attention_mask=right).logits.float()  # right padding: the kernel
-        assert len(calls) == 2 and calls[0].tolist() == [40, 30]  # both layers, with the rows' lengths
+        assert len(calls) == 2 and calls[0][1, 39].tolist() == [0, 30]  # both layers; a padded query: the real keys
         kernel_left = model(input_ids=ids, attention_mask=left).logits  # left padding: SDPA inside the kernel's name
         assert len(calls) == 2
         restore_attention(model)
@@ -211,6 +233,23 @@ def test_model_switched_to_the_kernel_computes_the_same_loss_and_gradients_and_i
         assert torch.equal(kernel_left, model(input_ids=ids, attention_mask=left).logits)
         sdpa_right = model(input_ids=ids, attention_mask=right).logits.float()
     _assert_close_to_bf16(kernel_right, sdpa_right, "logits with right padding")
+
+
+def test_packed_rows_run_on_the_kernel_with_each_sequence_on_its_own(monkeypatch):
+    """The trainer's packing: position_ids restarting per example, no attention_mask; transformers builds the
+    block-diagonal mask, the kernel takes it; the logits are SDPA's."""
+    calls = []
+    monkeypatch.setattr(attention, "causal_attention", lambda *a, **k: calls.append(a[-1]) or causal_attention(*a, **k))
+    model = tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to(torch.bfloat16)
+    ids = torch.randint(5, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    position_ids = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)
+    with torch.no_grad():
+        reference = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits.float()
+        assert use_cpu_attention(model)
+        packed = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits.float()
+        restore_attention(model)
+    assert len(calls) == 2 and calls[0][0, 12].tolist() == [10, 13]  # the second example's third token
+    _assert_close_to_bf16(packed, reference, "logits of packed rows")
 
 
 def test_models_not_on_sdpa_are_left_alone():

@@ -2,7 +2,7 @@
 
     use_cpu_attention(model)       # once the model is on the CPU; True when the kernel is in (train.cpu_attention)
     restore_attention(model)       # the implementation the model had before
-    causal_attention(q, k, v, scale)   # the autograd function itself: q (B, H, L, D), k and v (B, KV, L, D)
+    causal_attention(q, k, v, scale, key_ranges)   # the autograd function: q (B, H, L, D), k and v (B, KV, L, D)
 
 PyTorch's CPU flash attention multiplies its blocks with cpublas::brgemm, which runs at ~100 GFLOP/s on CPUs
 without AMX (the AVX512-BF16 EPYC this project measures on); attention took a quarter of a bf16 LoRA step.
@@ -14,9 +14,9 @@ the dK / dV sums over a group's heads are fp32. tests/unit/test_cpu_attention.py
 
 The kernel is registered as the attention implementation "lorakit_cpu" (transformers' AttentionInterface, with
 SDPA's mask function) and is used only where it computes exactly what SDPA would: bf16 CPU tensors, causal, no
-mask or a right-padding one (what the trainer's padded batches get; left padding, packed sequences and custom
-masks go to SDPA), no dropout, as many keys as queries (no KV cache prefix), no
-soft-capping, sliding window or attention sinks. Everything else goes to transformers' SDPA function unchanged,
+mask or one that gives every query one run of keys ending at or before itself (the trainer's right-padded
+batches and packed sequences: mask_key_ranges; left padding and custom masks go to SDPA), no dropout, as many
+keys as queries (no KV cache prefix), no soft-capping, sliding window or attention sinks. Everything else goes to transformers' SDPA function unchanged,
 so a model switched to it stays correct wherever it runs. A model whose implementation is not "sdpa" (eager,
 flex, flash) is left alone. The kernel is compiled on first use (ops/cpu_extension.py); where it cannot be
 (no C++ compiler), a warning says so and SDPA stays.
@@ -45,50 +45,52 @@ _checked_mask: dict = {}  # "entry": (weakref to the last mask checked, its vers
 
 class CausalAttentionFunction(torch.autograd.Function):
     """softmax(scale Q K^T, causal) V for bf16 CPU tensors; K and V shared by groups of query heads; with
-    `lengths` (one per batch row, right padding) query i of row b sees keys j <= i and j < lengths[b]."""
+    `key_ranges` ((B, L, 2) int64) query i of row b sees keys key_ranges[b, i, 0] <= j < key_ranges[b, i, 1]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lengths, scale: float):
-        out, lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, lengths, scale)
+    def forward(ctx, q, k, v, key_ranges, scale: float):
+        out, lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, key_ranges, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.lengths, ctx.scale = lengths, scale
+        ctx.key_ranges, ctx.scale = key_ranges, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = torch.ops.lorakit.causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.lengths, ctx.scale)
+        dq, dk, dv = torch.ops.lorakit.causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.key_ranges, ctx.scale)
         return dq, dk, dv, None, None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+                     key_ranges: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, L, D) attention output; the kernel must be loaded (kernel_available())."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return CausalAttentionFunction.apply(q, k, v, lengths, scale)
+    return CausalAttentionFunction.apply(q, k, v, key_ranges, scale)
 
 
-def padding_lengths(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
-    """The rows' lengths (batch,) when `mask` (transformers' (B or 1, 1, L, L) boolean SDPA mask, True = attend)
-    is exactly causal AND right padding (each row's keys 0..lengths[b]-1), which the kernel computes; None for any
-    other mask (left padding, packed sequences, custom masks). Checked once per mask: every layer of a forward gets
-    the same tensor."""
+def mask_key_ranges(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+    """Each query's visible keys as (batch, length, 2) [start, end) when `mask` (transformers' (B or 1, 1, L, L)
+    boolean SDPA mask, True = attend) lets every query see one non-empty run of keys ending at or before itself:
+    causal, right padding (padded queries see the real keys), packed sequences (each sees its own sequence), which
+    the kernel computes. None for any other mask (left padding leaves padded queries no key; custom masks).
+    Checked once per mask: every layer of a forward gets the same tensor."""
     cached = _checked_mask.get("entry")
     if cached is not None and cached[0]() is mask and cached[1] == mask._version:
         return cached[2]
-    lengths = None
+    ranges = None
     if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, batch) and mask.shape[1] == 1 \
             and mask.shape[2:] == (length, length):
         rows = mask[:, 0]
-        candidate = rows[:, -1].sum(-1)  # the last query sees every real key
+        start = rows.to(torch.uint8).argmax(-1)  # first visible key (0 for a row with none: caught below)
+        end = length - rows.flip(-1).to(torch.uint8).argmax(-1)  # one past the last
         positions = torch.arange(length, device=mask.device)
-        expected = (positions[None, :, None] >= positions[None, None, :]) & (positions[None, None, :] < candidate[:, None, None])
-        if bool((candidate >= 1).all()) and torch.equal(rows, expected):
-            lengths = candidate.to(torch.int64).expand(batch).contiguous()
-    _checked_mask["entry"] = (weakref.ref(mask), mask._version, lengths)
-    return lengths
+        expected = (positions >= start[..., None]) & (positions < end[..., None])
+        if bool(rows.any(-1).all()) and bool((end <= positions + 1).all()) and torch.equal(rows, expected):
+            ranges = torch.stack((start, end), -1).to(torch.int64).expand(batch, length, 2).contiguous()
+    _checked_mask["entry"] = (weakref.ref(mask), mask._version, ranges)
+    return ranges
 
 
 def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout: float, is_causal, kwargs) -> bool:
@@ -102,15 +104,15 @@ def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout
             and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
             and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
             and not kwargs.get("output_attentions") and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
-            and (attention_mask is None or padding_lengths(attention_mask, query.shape[0], query.shape[2]) is not None))
+            and (attention_mask is None or mask_key_ranges(attention_mask, query.shape[0], query.shape[2]) is not None))
 
 
 def attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature; returns ((B, L, H, D) output, None) as SDPA's does."""
     if kernel_applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-        lengths = None if attention_mask is None else padding_lengths(attention_mask, query.shape[0], query.shape[2])
-        return causal_attention(query, key, value, scaling, lengths).transpose(1, 2), None
+        ranges = None if attention_mask is None else mask_key_ranges(attention_mask, query.shape[0], query.shape[2])
+        return causal_attention(query, key, value, scaling, ranges).transpose(1, 2), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

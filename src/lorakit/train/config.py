@@ -80,8 +80,8 @@ class TrainArgs:
     # outputs equal bit for bit; lorakit/ops/fused_modules.py). false: the modules' own forwards.
     fused_modules: bool = True
     # bf16 runs on the CPU: causal self-attention on lorakit's kernel, 2-3x PyTorch's CPU flash attention (built
-    # on first use with the system's C++ compiler; SDPA where it cannot be, and for masked, padded or packed
-    # batches; lorakit/ops/attention.py). false: PyTorch's SDPA throughout.
+    # on first use with the system's C++ compiler; padded and packed batches too; SDPA where it cannot be built
+    # and for other masks; lorakit/ops/attention.py). false: PyTorch's SDPA throughout.
     cpu_attention: bool = True
     # Seed of initialisation, data order and dropout: the same seed gives the same run.
     seed: int = 42

@@ -6,8 +6,9 @@
 // the softmax, its gradient and the causal mask are fused row loops on cache-resident blocks.
 //
 // Math (per head; S and dP are bf16 matmul outputs, as in transformers' eager attention; the softmax is fp32):
-//   forward   P = softmax(scale * Q K^T, causal), O = P V, lse = logsumexp of each row (saved); with `lengths`
-//             (right-padded rows) query i of row b sees keys j <= i and j < lengths[b], as SDPA with the padding mask
+//   forward   P = softmax(scale * Q K^T, causal), O = P V, lse = logsumexp of each row (saved); with
+//             `key_ranges` (B, L, 2) query i of row b sees keys [lo, hi) within [0, i] instead: right padding,
+//             packed sequences, as SDPA's boolean mask has them
 //   backward  P = exp(scale * Q K^T - lse); dV = P^T dO; dP = dO V^T; delta = rowsum(dO * O);
 //             dS = P * (dP - delta) * scale; dQ = dS K; dK = dS^T Q   (dK, dV summed over the heads of a group)
 // Work is split over (batch, kv group, heads, row block): all heads of a group in one matmul when a head fits
@@ -97,30 +98,40 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "causal_attention: query heads must be a multiple of kv heads");
 }
 
-// Keys each batch row may see: all L, or its first lengths[b] (right padding: a padded query sees the real keys
-// before it, as under SDPA's padding mask).
-std::vector<int64_t> key_limits(const std::optional<Tensor>& lengths, const Tensor& q) {
-  std::vector<int64_t> limit(q.size(0), q.size(2));
-  if (lengths.has_value()) {
-    const Tensor l = lengths->to(at::kLong).contiguous();
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == q.size(0), "causal_attention: lengths must hold one length per batch row");
-    const int64_t* p = l.data_ptr<int64_t>();
-    for (int64_t b = 0; b < q.size(0); ++b) {
-      TORCH_CHECK(p[b] >= 1 && p[b] <= q.size(2), "causal_attention: each length must be in 1..", q.size(2));
-      limit[b] = p[b];
+// The keys query i of batch row b sees: [0, i] without `ranges`; with them, [lo, hi) = ranges[b][i] (checked to
+// lie within [0, i] and be non-empty): right padding (a padded query sees the real keys before it), packed
+// sequences (a query sees its own sequence only), as SDPA's boolean mask has them.
+struct KeyRanges {
+  Tensor owner;
+  const int64_t* p = nullptr;
+  int64_t L = 0;
+  KeyRanges(const std::optional<Tensor>& ranges, const Tensor& q) : L(q.size(2)) {
+    if (!ranges.has_value()) return;
+    owner = ranges->to(at::kLong).contiguous();
+    TORCH_CHECK(owner.dim() == 3 && owner.size(0) == q.size(0) && owner.size(1) == L && owner.size(2) == 2,
+                "causal_attention: key_ranges must be (batch, length, 2)");
+    p = owner.data_ptr<int64_t>();
+    for (int64_t x = 0; x < owner.numel() / 2; ++x) {
+      const int64_t i = x % L;
+      TORCH_CHECK(p[2 * x] >= 0 && p[2 * x] < p[2 * x + 1] && p[2 * x + 1] <= i + 1,
+                  "causal_attention: each query's key range must be non-empty and within 0..its own position");
     }
   }
-  return limit;
-}
+  std::pair<int64_t, int64_t> of(int64_t b, int64_t i) const {
+    if (p == nullptr) return {0, i + 1};
+    const int64_t* r = p + 2 * (b * L + i);
+    return {r[0], r[1]};
+  }
+};
 
 inline Tensor mat(BFloat16* p, int64_t rows, int64_t cols, const Tensor& like) {
   return at::from_blob(p, {rows, cols}, like.options());
 }
 
 std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                const std::optional<Tensor>& lengths, double scale_d) {
+                                                const std::optional<Tensor>& key_ranges, double scale_d) {
   check_inputs(q, k, v);
-  const std::vector<int64_t> limit = key_limits(lengths, q);
+  const KeyRanges ranges(key_ranges, q);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   const float scale = static_cast<float>(scale_d);
   auto out = at::empty({B, L, H, D}, q.options());
@@ -144,24 +155,27 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k
       Tensor S = at::mm(mat(qbuf.data(), rows, D, q), Kt.t());  // (rows, n) bf16
       const BFloat16* s = S.data_ptr<BFloat16>();
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = std::min(i + 1, limit[c.b]);
-        float* pr = prow.data();
-        at::vec::convert(s + r * n, pr, n_valid);
-        float mx = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, pr, n_valid) * scale;
+        const int64_t g = r / c.m, i = c.r0 + r % c.m;
+        const auto [lo, hi] = ranges.of(c.b, i);
+        const int64_t width = hi - lo;
+        float* row = prow.data();
+        std::fill(row, row + n, 0.f);
+        float* pr = row + lo;  // the visible keys
+        at::vec::convert(s + r * n + lo, pr, width);
+        float mx = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, pr, width) * scale;
         const Vec vs(scale), vm(mx);
         Vec acc(0.f);
         int64_t j = 0;
-        for (; j + Vec::size() <= n_valid; j += Vec::size()) {
+        for (; j + Vec::size() <= width; j += Vec::size()) {
           Vec e = (Vec::loadu(pr + j) * vs - vm).exp_u20();
           e.store(pr + j);
           acc = acc + e;
         }
         float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-        for (; j < n_valid; ++j) { pr[j] = std::exp(pr[j] * scale - mx); sum += pr[j]; }
+        for (; j < width; ++j) { pr[j] = std::exp(pr[j] * scale - mx); sum += pr[j]; }
         const float inv = 1.f / sum;
-        at::vec::map([inv](Vec x) { return x * Vec(inv); }, pr, pr, n_valid);
-        for (j = n_valid; j < n; ++j) pr[j] = 0.f;
-        at::vec::convert(pr, pbuf.data() + r * n, n);
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, pr, pr, width);
+        at::vec::convert(row, pbuf.data() + r * n, n);
         lse_p[(c.b * H + c.kv * G + c.g0 + g) * L + i] = mx + std::log(sum);
       }
       Tensor O = at::mm(mat(pbuf.data(), rows, n, q), Vt);  // (rows, D)
@@ -173,9 +187,9 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k
 
 std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                         const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                        const std::optional<Tensor>& lengths, double scale_d) {
+                                                        const std::optional<Tensor>& key_ranges, double scale_d) {
   check_inputs(q, k, v);
-  const std::vector<int64_t> limit = key_limits(lengths, q);
+  const KeyRanges ranges(key_ranges, q);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(3) == 1 && out.stride(3) == 1 &&
               dout.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
               "causal_attention_bwd: dout and out must be bf16 and shaped as q, with unit stride in head_dim");
@@ -213,27 +227,30 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
       const BFloat16* s = S.data_ptr<BFloat16>();
       const BFloat16* dp = dP.data_ptr<BFloat16>();
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t g = r / c.m, i = c.r0 + r % c.m, n_valid = std::min(i + 1, limit[c.b]);
+        const int64_t g = r / c.m, i = c.r0 + r % c.m;
+        const auto [lo, hi] = ranges.of(c.b, i);
+        const int64_t width = hi - lo;
         at::vec::convert(dobuf.data() + r * D, f1.data(), D);
         at::vec::convert(obuf.data() + r * D, f2.data(), D);
         const float dl = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
                                                          [](Vec a, Vec b) { return a + b; }, f1.data(), f2.data(), D);
         const float l = lse_p[(c.b * H + c.kv * G + c.g0 + g) * L + i];
-        float* pr = prow.data();
-        float* dr = dprow.data();
-        at::vec::convert(s + r * n, pr, n_valid);
-        at::vec::convert(dp + r * n, dr, n_valid);
+        std::fill(prow.begin(), prow.begin() + n, 0.f);
+        std::fill(dprow.begin(), dprow.begin() + n, 0.f);
+        float* pr = prow.data() + lo;  // the visible keys
+        float* dr = dprow.data() + lo;
+        at::vec::convert(s + r * n + lo, pr, width);
+        at::vec::convert(dp + r * n + lo, dr, width);
         const Vec vs(scale), vl(l), vd(dl);
         int64_t j = 0;
-        for (; j + Vec::size() <= n_valid; j += Vec::size()) {
+        for (; j + Vec::size() <= width; j += Vec::size()) {
           Vec p = (Vec::loadu(pr + j) * vs - vl).exp_u20();
           p.store(pr + j);
           ((Vec::loadu(dr + j) - vd) * p * vs).store(dr + j);
         }
-        for (; j < n_valid; ++j) { pr[j] = std::exp(pr[j] * scale - l); dr[j] = (dr[j] - dl) * pr[j] * scale; }
-        for (j = n_valid; j < n; ++j) { pr[j] = 0.f; dr[j] = 0.f; }
-        at::vec::convert(pr, pbuf.data() + r * n, n);
-        at::vec::convert(dr, dsbuf.data() + r * n, n);
+        for (; j < width; ++j) { pr[j] = std::exp(pr[j] * scale - l); dr[j] = (dr[j] - dl) * pr[j] * scale; }
+        at::vec::convert(prow.data(), pbuf.data() + r * n, n);
+        at::vec::convert(dprow.data(), dsbuf.data() + r * n, n);
       }
       Tensor P = mat(pbuf.data(), rows, n, q), dS = mat(dsbuf.data(), rows, n, q);
       Tensor dQc = at::mm(dS, Kt);
@@ -254,8 +271,8 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
 }  // namespace
 
 TORCH_LIBRARY(lorakit, m) {
-  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? lengths, float scale) -> (Tensor, Tensor)");
-  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? lengths, "
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_ranges, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_ranges, "
         "float scale) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
