@@ -86,6 +86,33 @@ def test_dora_output_is_the_decomposed_weight_and_the_norm_gets_no_gradient():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("target", ["lin", "fused"])  # nn.Linear and GPT-2's Conv1D
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_dora_adapter_runs_on_the_fused_function_as_the_general_path_computes_it(target, dtype, monkeypatch):
+    model = get_peft_model(Toy(), LoraConfig(r=2, target_modules=[target], use_dora=True))
+    randomize_trainable(model)
+    layer = layers(model)[target]
+    layer.base_layer.to(dtype)
+    x = torch.randn(4, 12 if target == "lin" else 10, dtype=dtype)
+    fused = layer(x)
+    grads = torch.autograd.grad(fused.float().square().sum(), [layer.lora_A["default"].weight,
+                                                              layer.lora_B["default"].weight,
+                                                              layer.lora_magnitude_vector["default"]])
+    general_calls = []
+    original = LoraLayer.forward
+    monkeypatch.setattr(LoraLinear, "_fused_dora_forward", lambda self, x: general_calls.append(1) or original(self, x))
+    general = layer(x)
+    assert general_calls  # the second forward took the general path, so the first one did not
+    general_grads = torch.autograd.grad(general.float().square().sum(), [layer.lora_A["default"].weight,
+                                                                       layer.lora_B["default"].weight,
+                                                                       layer.lora_magnitude_vector["default"]])
+    assert fused.dtype == general.dtype == dtype
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused.float(), general.float(), **tolerance)
+    for got, want in zip(grads, general_grads):
+        torch.testing.assert_close(got, want, **{k: v * 10 for k, v in tolerance.items()})
+
+
 def test_dora_with_dropout_recomputes_the_base_term_on_the_dropped_input():
     model = get_peft_model(Toy(), LoraConfig(r=2, target_modules=["lin"], use_dora=True, lora_dropout=0.5))
     randomize_trainable(model)

@@ -11,6 +11,8 @@ memory of a (d_out, d_in) graph. For an input x (rows of the batch) the layer ou
 
 computed from the base layer's output, so the adapter adds `scale * (base + lora) - base` to it (base without
 the bias). During training with lora_dropout the base term is recomputed on the dropped input, as PEFT does.
+One running DoRA adapter on a linear layer without active dropout computes `scale * (W0 x + s B A x) + bias`
+directly on the fused LoRA function instead (LoraLinear._fused_dora_forward, layer.py).
 
 The row norm without B A: per row i,
 

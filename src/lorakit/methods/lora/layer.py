@@ -235,13 +235,30 @@ class LoraLinear(LoraLayer):
         general path of AdapterLayer."""
         name = None if args or kwargs else self._single_running_adapter(x)
         if name is None:
-            return super().forward(x, *args, **kwargs)
+            return self._fused_dora_forward(x) if not args and not kwargs else super().forward(x, *args, **kwargs)
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         lora_x = self.lora_dropout[name](x) if self.dropout_acts(name) else None
         weight, bias, base_out = self._fused_base_weight()
         if weight is None:
             base_out = self.base_layer(x)
         return lora_linear(x, lora_x, base_out, weight, bias, lora_a, lora_b, self.scaling[name])
+
+    def _fused_dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One running DoRA adapter without active dropout: scale * (x W0^T + s B A x) + bias, the parenthesis on
+        the fused LoRA function (one matmul pass, its one-pass backward), the scale (m / ||W0 + s B A||, fp32)
+        applied once; the general path computes the same with the base output, the LoRA output and three more
+        output-sized passes (dora.py). Anything else: the general path."""
+        name = self._single_running_adapter(x, variants=True)
+        variant = self.lora_variant.get(name) if name is not None else None
+        weight, bias, _ = self._fused_base_weight()
+        if not isinstance(variant, DoraVariant) or weight is None or self.dropout_acts(name):
+            return super().forward(x)
+        combined = lora_linear(x, None, None, weight, None, self.lora_A[name].weight, self.lora_B[name].weight,
+                               self.scaling[name])
+        out = combined * variant.scale(self, name)
+        if bias is not None:
+            out = out + bias
+        return out.to(combined.dtype)
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Without autograd (inference: merged, disabled, mixed batches), a dense base layer multiplies on the
@@ -260,12 +277,13 @@ class LoraLinear(LoraLayer):
         fast = mixed_lora_forward(self, x, base_out)
         return super()._mixed_batch_forward(x, base_out) if fast is None else fast
 
-    def _single_running_adapter(self, x: torch.Tensor) -> str | None:
-        """The one adapter forward() would add, when exactly one plain-LoRA adapter runs and fused.py applies."""
+    def _single_running_adapter(self, x: torch.Tensor, variants: bool = False) -> str | None:
+        """The one adapter forward() would add, when exactly one plain-LoRA adapter (or, with `variants`, one
+        adapter of any variant) runs and fused.py applies."""
         if self.disabled or self.routing is not None or not x.is_floating_point():
             return None
         running = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
-        if len(running) != 1 or running[0] in self.lora_variant:
+        if len(running) != 1 or (running[0] in self.lora_variant and not variants):
             return None
         adapter_dtype = self.lora_A[running[0]].weight.dtype
         if compute_dtype(x) == torch.float16 and adapter_dtype != torch.float16:
