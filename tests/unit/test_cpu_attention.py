@@ -28,6 +28,16 @@ from tests.train_fixtures import tiny_run_config, train_losses
 pytestmark = pytest.mark.skipif(not kernel_available(), reason="lorakit's CPU attention kernel cannot be built here")
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The kernel takes a call only with at least one work item per thread (ops/attention.py: enough_work): the
+    tiny shapes here have a few items, as many as 2 threads need, whatever the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(batch, heads, kv_heads, length, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, length, dim, generator=g)
@@ -131,6 +141,17 @@ def _causal_mask(batch: int, length: int, first_real=None, lengths=None) -> torc
         if lengths is not None:
             mask[b, :, :, lengths[b]:] = False
     return mask
+
+
+def test_pytorch_kernel_kept_where_it_is_the_faster_one(monkeypatch):
+    q, k, v, _ = (t.bfloat16() for t in _inputs(1, 4, 2, 8, 16))
+    module = _Module()
+    assert kernel_applies(module, q, k, v, None, 0.0, None, {})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # 1 row x 4 heads x 1 block: 4 items for 8 threads
+    assert not kernel_applies(module, q, k, v, None, 0.0, None, {})
+    monkeypatch.undo()
+    monkeypatch.setitem(attention._cpu_flags, "amx", True)  # AMX: PyTorch's brgemm runs its fast path
+    assert not kernel_applies(module, q, k, v, None, 0.0, None, {})
 
 
 def test_attention_forward_falls_back_to_sdpa_unchanged():

@@ -16,7 +16,9 @@ The kernel is registered as the attention implementation "lorakit_cpu" (transfor
 SDPA's mask function) and is used only where it computes exactly what SDPA would: bf16 CPU tensors, causal, no
 mask or one that gives every query one run of keys ending at or before itself (the trainer's right-padded
 batches and packed sequences: mask_key_ranges; left padding and custom masks go to SDPA), no dropout, as many
-keys as queries (no KV cache prefix), no soft-capping, sliding window or attention sinks. Everything else goes to transformers' SDPA function unchanged,
+keys as queries (no KV cache prefix), no soft-capping, sliding window or attention sinks; and only where it is
+the faster one: not on CPUs with AMX (PyTorch's brgemm has its fast path there; not measured here, this project's
+CPU has none), nor with fewer (batch row, head, 256-token block) items than threads. Everything else goes to transformers' SDPA function unchanged,
 so a model switched to it stays correct wherever it runs. A model whose implementation is not "sdpa" (eager,
 flex, flash) is left alone. The kernel is compiled on first use (ops/cpu_extension.py); where it cannot be
 (no C++ compiler), a warning says so and SDPA stays.
@@ -40,7 +42,8 @@ _BEFORE = "_lorakit_attention_before"  # on the model: the implementation it had
 # kwargs of transformers' attention call that change the math away from plain causal softmax attention
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask", "cache")
 _failed_build: list[str] = []
-_checked_mask: dict = {}  # "entry": (weakref to the last mask checked, its version, its lengths or None)
+_checked_mask: dict = {}  # "entry": (weakref to the last mask checked, its version, its key ranges or None)
+_cpu_flags: dict = {}  # "amx": cpu_has_amx()
 
 
 class CausalAttentionFunction(torch.autograd.Function):
@@ -93,8 +96,28 @@ def mask_key_ranges(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor
     return ranges
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles, on which PyTorch's flash attention runs its fast brgemm path (the
+    kernel is for the CPUs where it does not). Read once from /proc/cpuinfo (False where there is none)."""
+    if "amx" not in _cpu_flags:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as info:
+                _cpu_flags["amx"] = any(line.startswith("flags") and " amx_bf16" in line for line in info)
+        except OSError:
+            _cpu_flags["amx"] = False
+    return _cpu_flags["amx"]
+
+
+def enough_work(query: torch.Tensor) -> bool:
+    """The kernel runs one thread per (batch row, head, 256-token block); with fewer of those than threads (a
+    small batch on a many-core machine) PyTorch's kernel, which splits finer, keeps every core busy."""
+    batch, heads, length = query.shape[:3]
+    return batch * heads * -(-length // 256) >= torch.get_num_threads()
+
+
 def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout: float, is_causal, kwargs) -> bool:
-    """True when the kernel computes what transformers' SDPA function would for this call."""
+    """True when the kernel computes what transformers' SDPA function would for this call, on a CPU and a call
+    where it is the faster of the two."""
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     tensors = (query, key, value)
@@ -103,6 +126,7 @@ def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout
             and key.shape == value.shape and query.shape[-1] == key.shape[-1]
             and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
             and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+            and enough_work(query) and not cpu_has_amx()
             and not kwargs.get("output_attentions") and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
             and (attention_mask is None or mask_key_ranges(attention_mask, query.shape[0], query.shape[2]) is not None))
 
