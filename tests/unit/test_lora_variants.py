@@ -100,7 +100,8 @@ def test_one_dora_adapter_runs_on_the_fused_function_as_the_general_path_compute
                                                               layer.lora_magnitude_vector["default"]])
     general_calls = []
     original = LoraLayer.forward
-    monkeypatch.setattr(LoraLinear, "_fused_dora_forward", lambda self, x: general_calls.append(1) or original(self, x))
+    monkeypatch.setattr(LoraLinear, "_fused_dora_forward",
+                        lambda self, x, name: general_calls.append(1) or original(self, x))
     general = layer(x)
     assert general_calls  # the second forward took the general path, so the first one did not
     general_grads = torch.autograd.grad(general.float().square().sum(), [layer.lora_A["default"].weight,

@@ -230,12 +230,14 @@ class LoraLinear(LoraLayer):
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The common case, one unmerged plain-LoRA adapter, runs as one autograd function (fused.py); everything
-        else (several adapters, DoRA, mixed-adapter batches, fp16 activations on fp32 adapters) takes the
-        general path of AdapterLayer."""
+        """The common case, one unmerged LoRA adapter (plain, or DoRA: _fused_dora_forward), runs on one autograd
+        function (fused.py); everything else (several adapters, mixed-adapter batches, fp16 activations on fp32
+        adapters) takes the general path of AdapterLayer."""
         name = None if args or kwargs else self._single_running_adapter(x)
         if name is None:
-            return self._fused_dora_forward(x) if not args and not kwargs else super().forward(x, *args, **kwargs)
+            return super().forward(x, *args, **kwargs)
+        if name in self.lora_variant:
+            return self._fused_dora_forward(x, name)
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         lora_x = self.lora_dropout[name](x) if self.dropout_acts(name) else None
         weight, bias, base_out = self._fused_base_weight()
@@ -243,13 +245,13 @@ class LoraLinear(LoraLayer):
             base_out = self.base_layer(x)
         return lora_linear(x, lora_x, base_out, weight, bias, lora_a, lora_b, self.scaling[name])
 
-    def _fused_dora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One running DoRA adapter without active dropout: scale * (x W0^T + s B A x) + bias, the parenthesis on
-        the fused LoRA function (one matmul pass, its one-pass backward), the scale (m / ||W0 + s B A||, fp32)
-        applied once; the general path computes the same with the base output, the LoRA output and three more
-        output-sized passes (dora.py). Anything else: the general path."""
-        name = self._single_running_adapter(x, variants=True)
-        variant = self.lora_variant.get(name) if name is not None else None
+    def _fused_dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The one running adapter `name` is DoRA's: without active dropout, scale * (x W0^T + s B A x) + bias, the
+        parenthesis on the fused LoRA function (one matmul pass, its one-pass backward), the scale (m / ||W0 + s B
+        A||, fp32) applied once; the general path computes the same with the base output, the LoRA output and three
+        more output-sized passes (dora.py). With dropout, or a base layer the fused function cannot multiply:
+        the general path."""
+        variant = self.lora_variant[name]
         weight, bias, _ = self._fused_base_weight()
         if not isinstance(variant, DoraVariant) or weight is None or self.dropout_acts(name):
             return super().forward(x)
@@ -277,13 +279,12 @@ class LoraLinear(LoraLayer):
         fast = mixed_lora_forward(self, x, base_out)
         return super()._mixed_batch_forward(x, base_out) if fast is None else fast
 
-    def _single_running_adapter(self, x: torch.Tensor, variants: bool = False) -> str | None:
-        """The one adapter forward() would add, when exactly one plain-LoRA adapter (or, with `variants`, one
-        adapter of any variant) runs and fused.py applies."""
+    def _single_running_adapter(self, x: torch.Tensor) -> str | None:
+        """The one adapter forward() would add, when exactly one adapter runs and fused.py applies."""
         if self.disabled or self.routing is not None or not x.is_floating_point():
             return None
         running = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
-        if len(running) != 1 or (running[0] in self.lora_variant and not variants):
+        if len(running) != 1:
             return None
         adapter_dtype = self.lora_A[running[0]].weight.dtype
         if compute_dtype(x) == torch.float16 and adapter_dtype != torch.float16:

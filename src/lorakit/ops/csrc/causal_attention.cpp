@@ -88,6 +88,13 @@ std::vector<Chunk> chunks(int64_t B, int64_t KV, int64_t G, int64_t L) {
   return out;
 }
 
+// Rows of the largest chunk (the size of the per-thread buffers).
+int64_t max_chunk_rows(const std::vector<Chunk>& work) {
+  int64_t rows = 1;
+  for (const Chunk& c : work) rows = std::max(rows, c.ng * c.m);
+  return rows;
+}
+
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   for (const Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->stride(3) == 1,
@@ -139,8 +146,8 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k
   float* lse_p = lse.data_ptr<float>();
   const View qv(q), kvw(k), vv(v);
   const auto work = chunks(B, KV, G, L);
+  const int64_t max_rows = max_chunk_rows(work);
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
-    const int64_t max_rows = (L <= kRowBlock ? G : 1) * std::min(L, kRowBlock);
     std::vector<BFloat16> qbuf(max_rows * D), kbuf(L * D), vbuf(L * D), pbuf(max_rows * L);
     std::vector<float> prow(L);
     for (int64_t w = begin; w < end; ++w) {
@@ -204,9 +211,9 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
   const float* lse_p = lse.data_ptr<float>();
   const View qv(q), kvw(k), vv(v), dov(dout), ov(out);
   const auto work = chunks(B, KV, G, L);
+  const int64_t max_rows = max_chunk_rows(work);
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
-    const int64_t max_rows = (L <= kRowBlock ? G : 1) * std::min(L, kRowBlock);
     std::vector<BFloat16> qbuf(max_rows * D), dobuf(max_rows * D), obuf(max_rows * D), kbuf(L * D), vbuf(L * D),
         pbuf(max_rows * L), dsbuf(max_rows * L);
     std::vector<float> prow(L), dprow(L), tmp(L * D), f1(D), f2(D);
