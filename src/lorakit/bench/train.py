@@ -215,7 +215,8 @@ def summarize(args, runs, results) -> dict:
             row["memory_ratio_vs_peft_same_setting"] = _ratio(row["peak_rss_mb"], peft_row["peak_rss_mb"])
     report = {"benchmark": "train", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine(),
               "workload": {"model": args.model, "r": args.r, "alpha": args.alpha, "target_modules": "all-linear",
-                           "optimizer": "AdamW", "lr": args.lr, "batch": args.batch, "seq": args.seq,
+                           "optimizer": "AdamW, fused where PyTorch has the kernel", "lr": args.lr,
+                           "batch": args.batch, "seq": args.seq,
                            "tokens_per_step": args.batch * args.seq, "steps": args.steps, "warmup": args.warmup,
                            "repeats": args.repeats, "threads": args.threads, "quick": args.quick},
                "rows": rows}

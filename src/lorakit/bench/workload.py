@@ -9,7 +9,9 @@ Training settings (both libraries unless noted):
             in bf16 where bf16 is fast, fp32 adapters and optimizer, autocast; lorakit/train/precision.py), through
             the trainer's own apply_training_precision (train/setup.py)
 
-One step = forward, loss, backward, AdamW step. PEFT's loss is the model's own (`labels=` in the forward, as a
+One step = forward, loss, backward, AdamW step. The optimizer is PyTorch's fused AdamW for both libraries where
+PyTorch has the kernel (the default of `lorakit train`, lorakit/train/optim.py, and of the transformers Trainer
+since torch 2.8, `adamw_torch_fused`), the per-tensor loop elsewhere. PEFT's loss is the model's own (`labels=` in the forward, as a
 PEFT user computes it); lorakit's is the trainer's (`summed_token_loss`, mean over tokens). Both libraries start
 from the same adapter weights (`write_initial_adapter` makes them once; every measurement loads them) and see the
 same random-token batches, so their loss curves are comparable step by step.
@@ -118,7 +120,10 @@ class TrainingStep:
             from lorakit.ops.fused_modules import use_fused_modules
 
             use_fused_modules(self.model)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        from lorakit.train.optim import fused_adamw_runs
+
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=lr, fused=fused_adamw_runs(trained))
         self.vocab = self.model.config.vocab_size
 
     def loss(self, batch: dict, on_keep=None) -> torch.Tensor:

@@ -38,15 +38,19 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
 
 
 def _fused_kernel_runs(groups: list[dict], args: TrainArgs) -> bool:
+    """FSDP's sharded parameters keep the per-tensor loop; everything else as `fused_adamw_runs` says."""
+    return args.distributed != "fsdp" and fused_adamw_runs([p for group in groups for p in group["params"]])
+
+
+def fused_adamw_runs(params: list) -> bool:
     """Whether PyTorch's fused AdamW (one kernel over every tensor) can run the step: plain floating-point tensors
-    on one device type it has the kernel for; FSDP's sharded parameters keep the per-tensor loop. On CPU, where
-    PyTorch otherwise loops tensor by tensor, the step over SmolLM2's 420 LoRA tensors takes 6.5 instead of 22 ms
-    (2 threads; docs/performance.md). The update equals the loop's to fp32 rounding (another order of operations)."""
+    on one device type it has the kernel for. On CPU, where PyTorch otherwise loops tensor by tensor, the step over
+    SmolLM2's 420 LoRA tensors takes 6.5 instead of 22 ms (2 threads; docs/performance.md). The update equals the
+    loop's to fp32 rounding (another order of operations)."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-    params = [p for group in groups for p in group["params"]]
     devices = {p.device.type for p in params}
-    return (args.distributed != "fsdp" and len(devices) == 1 and devices <= set(_get_fused_kernels_supported_devices())
+    return (len(devices) == 1 and devices <= set(_get_fused_kernels_supported_devices())
             and all(type(p) is nn.Parameter and p.is_floating_point() for p in params))
 
 
