@@ -309,14 +309,14 @@ def test_a_failed_build_raises_a_clear_error_and_leaves_no_file(tmp_path, monkey
 
 
 def test_without_a_kernel_the_model_stays_on_sdpa_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(attention, "_failed_build", [])
+    monkeypatch.setattr(cpu_extension, "_FAILED", {})
 
     def fail(name):
         raise KernelBuildError("no C++ compiler found (c++, g++, clang++)")
 
-    monkeypatch.setattr(attention, "load_cpu_extension", fail)
+    monkeypatch.setattr(cpu_extension, "load_cpu_extension", fail)
     model = tiny_llama()
-    with caplog.at_level(logging.WARNING, logger="lorakit.ops.attention"):
+    with caplog.at_level(logging.WARNING, logger="lorakit.ops.cpu_extension"):
         assert not use_cpu_attention(model)
         assert not use_cpu_attention(model)
     assert model.config._attn_implementation == "sdpa"

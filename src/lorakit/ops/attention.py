@@ -26,22 +26,18 @@ flex, flash) is left alone. The kernel is compiled on first use (ops/cpu_extensi
 
 from __future__ import annotations
 
-import logging
 import math
 import weakref
 
 import torch
 from torch import nn
 
-from lorakit.ops.cpu_extension import KernelBuildError, load_cpu_extension
-
-logger = logging.getLogger(__name__)
+from lorakit.ops.cpu_extension import extension_available
 
 IMPLEMENTATION = "lorakit_cpu"
 _BEFORE = "_lorakit_attention_before"  # on the model: the implementation it had
 # kwargs of transformers' attention call that change the math away from plain causal softmax attention
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask", "cache")
-_failed_build: list[str] = []
 _checked_mask: dict = {}  # "entry": (weakref to the last mask checked, its version, its key ranges or None)
 _cpu_flags: dict = {}  # "amx": cpu_has_amx()
 
@@ -145,16 +141,7 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
 
 def kernel_available() -> bool:
     """Build / load the kernel once per process; False (with one warning) where it cannot be built."""
-    if _failed_build:
-        return False
-    try:
-        load_cpu_extension("causal_attention")
-    except KernelBuildError as error:
-        _failed_build.append(str(error))
-        logger.warning("lorakit's CPU attention kernel is not available, attention stays on PyTorch's SDPA: %s",
-                       error)
-        return False
-    return True
+    return extension_available("causal_attention", "attention stays on PyTorch's SDPA")
 
 
 def use_cpu_attention(model: nn.Module) -> bool:

@@ -1,6 +1,7 @@
 """Build and load lorakit's C++ CPU kernels (ops/csrc/*.cpp) on first use.
 
     load_cpu_extension("causal_attention")   # -> torch.ops.lorakit.* registered; raises KernelBuildError
+    extension_available("rms_norm", "...")   # the same, for callers with a fallback: False (one warning) on failure
 
 Each source is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++` / `g++`) against the
 installed torch (its headers, libtorch_cpu, its OpenMP), with `-O3 -march=native -fopenmp`, into
@@ -11,12 +12,14 @@ The build writes to a temporary file and renames it into place: concurrent proce
 load a half-written library, and a failed build leaves nothing behind. No ninja and no Python build step: one
 compiler call (~10 s).
 
-Callers fall back to PyTorch's kernels when this raises (no compiler, no Python headers needed: only torch's).
+Callers fall back to PyTorch's kernels when this raises (no compiler, no Python headers needed: only torch's):
+`extension_available` does that bookkeeping, with one warning per process and kernel.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -33,6 +36,8 @@ CSRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 600
 _LOADED: dict[str, Path] = {}
+_FAILED: dict[str, str] = {}  # name -> why it could not be built or loaded in this process
+logger = logging.getLogger(__name__)
 
 
 class KernelBuildError(RuntimeError):
@@ -57,6 +62,20 @@ def load_cpu_extension(name: str) -> Path:
         raise KernelBuildError(f"could not load {library}: {error}") from error
     _LOADED[name] = library
     return library
+
+
+def extension_available(name: str, fallback: str) -> bool:
+    """Build / load ops/csrc/<name>.cpp once per process; where it cannot be, False and one warning saying so and
+    what runs instead (`fallback`), and False again without retrying."""
+    if name in _FAILED:
+        return False
+    try:
+        load_cpu_extension(name)
+    except KernelBuildError as error:
+        _FAILED[name] = str(error)
+        logger.warning("lorakit's %s kernel is not available, %s: %s", name, fallback, error)
+        return False
+    return True
 
 
 def find_compiler() -> str:

@@ -10,6 +10,11 @@ output for recomputation (ops/recompute.py), so that the projections reading it 
 
 The forward is the module's, operation for operation (the same result bit for bit); the backward computes in
 fp32 and agrees with autograd's to rounding (tests/unit/test_fused_modules.py).
+
+On the CPU in bf16 (a bf16 input and weight, contiguous), the output `w * cast(x32 * r)` and the backward run in
+lorakit's kernel (ops/csrc/rms_norm.cpp: one pass each instead of 3 and ~14 operators; 2.5x and 4x faster, ~2.5%
+of a 4 x 256 training step): the output the same bit for bit, the backward the same fp32 math in another order of
+additions. The 1/rms stays PyTorch's (its order of additions decides its last bit). Elsewhere, PyTorch's operators.
 """
 
 from __future__ import annotations
@@ -17,9 +22,21 @@ from __future__ import annotations
 import torch
 
 from lorakit.ops import recompute
+from lorakit.ops.cpu_extension import extension_available
+
+EXTENSION = "rms_norm"
+
+
+def kernel_runs(*tensors: torch.Tensor) -> bool:
+    """Whether lorakit's CPU kernel computes for these tensors: all contiguous bf16 CPU tensors, and the kernel
+    built (once per process; where it cannot be, one warning and PyTorch's operators)."""
+    return (all(t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in tensors)
+            and extension_available(EXTENSION, "RMSNorm stays on PyTorch's operators"))
 
 
 def _normalise(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if kernel_runs(x, weight):
+        return torch.ops.lorakit.rms_norm_apply(x, rstd, weight)
     return weight * (x.to(torch.float32) * rstd).to(x.dtype)
 
 
@@ -28,7 +45,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.to(torch.float32)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        out = weight * (x32 * rstd).to(x.dtype)
+        out = _normalise(x, rstd, weight)
         ctx.save_for_backward(x, rstd, weight)
         if any(ctx.needs_input_grad):
             recompute.register(out, _normalise, x, rstd, weight)
@@ -37,8 +54,11 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, rstd, weight = ctx.saved_tensors
-        normed = x.to(torch.float32) * rstd
         grad_x = grad_weight = None
+        if kernel_runs(grad_out, x, weight):
+            grad_x, grad_weight = torch.ops.lorakit.rms_norm_bwd(grad_out, x, rstd, weight, ctx.needs_input_grad[1])
+            return grad_x if ctx.needs_input_grad[0] else None, grad_weight, None
+        normed = x.to(torch.float32) * rstd
         if ctx.needs_input_grad[0]:
             g = grad_out.to(torch.float32) * weight.to(torch.float32)
             grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)

@@ -1,0 +1,155 @@
+// RMSNorm for bf16 training on the CPU: its output and its backward, each one pass over memory where PyTorch's
+// composition (ops/rms_norm.py) takes 3 and ~14 operators (fp32 copies, products, casts: each a pass of its own).
+//
+//   rms_norm_apply(x, rstd, w)        y = bf16(w * bf16(x32 * rstd)): the module's output given its 1/rms, bit for
+//                                     bit (the same fp32 products and round-to-nearest-even casts, element by element)
+//   rms_norm_bwd(dy, x, rstd, w)      n = x32 * rstd, g = dy32 * w32; dx = bf16(rstd * (g - n * mean(g * n)));
+//                                     dw = sum over rows of dy32 * bf16(n): the fp32 math of ops/rms_norm.py, in
+//                                     another order of additions (equal to fp32 rounding)
+//
+// The 1/rms itself (a reduction: its order of additions decides its last bit) stays PyTorch's, so that the forward
+// stays the module's bit for bit. Inputs: contiguous bf16 CPU tensors x and dy (rows, D), w (D); rstd fp32, one value
+// per row. Built on first use by lorakit/ops/cpu_extension.py; used by lorakit/ops/rms_norm.py.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+using BVec = at::vec::Vectorized<BFloat16>;
+constexpr int64_t kB = BVec::size();  // bf16 lanes per vector: two float vectors
+constexpr int64_t kGrain = 2048;      // elements per parallel task (small tensors stay on one thread)
+
+void check_bf16(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
+              " must be a contiguous bf16 CPU tensor");
+}
+
+BVec load(const BFloat16* p, int64_t m) { return m == kB ? BVec::loadu(p) : BVec::loadu(p, m); }
+void store(const BVec& v, BFloat16* p, int64_t m) { if (m == kB) v.store(p); else v.store(p, m); }
+
+std::tuple<Vec, Vec> to_float(const BVec& v) { return at::vec::convert_to_float<BFloat16>(v); }
+BVec to_bf16(const Vec& a, const Vec& b) { return at::vec::convert_from_float<BFloat16>(a, b); }
+
+// the rows of a (rows, D) problem over the threads
+template <typename F>
+void for_rows(int64_t rows, int64_t D, const F& body) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), body);
+}
+
+Tensor rms_norm_apply(const Tensor& x, const Tensor& rstd, const Tensor& weight) {
+  check_bf16(x, "x"); check_bf16(weight, "weight");
+  const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == rows && weight.numel() == D,
+              "rms_norm_apply: rstd must be fp32 with one value per row and weight one per column");
+  Tensor out = at::empty_like(x);
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  const float* rp = rstd.data_ptr<float>();
+  const BFloat16* wp = weight.data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  for_rows(rows, D, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Vec scale(rp[r]);
+      for (int64_t j = 0; j < D; j += kB) {
+        const int64_t m = std::min(kB, D - j);
+        auto [x0, x1] = to_float(load(xp + r * D + j, m));
+        auto [n0, n1] = to_float(to_bf16(x0 * scale, x1 * scale));  // (x32 * rstd).to(bf16)
+        auto [w0, w1] = to_float(load(wp + j, m));
+        store(to_bf16(w0 * n0, w1 * n1), op + r * D + j, m);        // weight * that, in bf16
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd,
+                                                       const Tensor& weight, bool weight_grad) {
+  check_bf16(dy, "grad"); check_bf16(x, "x"); check_bf16(weight, "weight");
+  const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
+  TORCH_CHECK(dy.sizes() == x.sizes() && rstd.scalar_type() == at::kFloat && rstd.is_contiguous() &&
+              rstd.numel() == rows && weight.numel() == D, "rms_norm_bwd: shapes do not match");
+  Tensor dx = at::empty_like(x);
+  const int threads = at::get_num_threads();
+  std::vector<float> dw_parts(weight_grad ? static_cast<size_t>(threads) * D : 0, 0.0f);
+  std::vector<float> w32(D);
+  at::vec::convert(weight.data_ptr<BFloat16>(), w32.data(), D);
+  const BFloat16* gp = dy.data_ptr<BFloat16>();
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  const float* rp = rstd.data_ptr<float>();
+  BFloat16* dxp = dx.data_ptr<BFloat16>();
+  constexpr int64_t kF = Vec::size();
+  for_rows(rows, D, [&](int64_t begin, int64_t end) {
+    std::vector<float> n(D), g(D), dy32(D);
+    float* dw = weight_grad ? dw_parts.data() + static_cast<size_t>(at::get_thread_num()) * D : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      at::vec::convert(xp + r * D, n.data(), D);
+      at::vec::convert(gp + r * D, dy32.data(), D);
+      const Vec scale(rp[r]);
+      Vec acc(0.0f);
+      float tail = 0.0f;
+      int64_t j = 0;
+      for (; j + kF <= D; j += kF) {
+        Vec nv = Vec::loadu(n.data() + j) * scale, gv = Vec::loadu(dy32.data() + j) * Vec::loadu(w32.data() + j);
+        nv.store(n.data() + j); gv.store(g.data() + j);
+        acc = at::vec::fmadd(gv, nv, acc);
+      }
+      for (; j < D; ++j) { n[j] *= rp[r]; g[j] = dy32[j] * w32[j]; tail += g[j] * n[j]; }
+      const float mean = (at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc) + tail) / D;
+      const Vec meanv(mean);
+      for (j = 0; j < D; j += kB) {  // dx in bf16; dw's fp32 partial sums
+        const int64_t m = std::min(kB, D - j);
+        const int64_t m0 = std::min(kF, m), m1 = std::max<int64_t>(m - kF, 0);
+        Vec n0 = Vec::loadu(n.data() + j, m0), g0 = Vec::loadu(g.data() + j, m0);
+        Vec n1 = m1 ? Vec::loadu(n.data() + j + kF, m1) : Vec(0.0f), g1 = m1 ? Vec::loadu(g.data() + j + kF, m1) : Vec(0.0f);
+        store(to_bf16(scale * (g0 - n0 * meanv), scale * (g1 - n1 * meanv)), dxp + r * D + j, m);
+        if (dw) {
+          auto [b0, b1] = to_float(to_bf16(n0, n1));  // normed.to(x.dtype)
+          Vec d0 = Vec::loadu(dy32.data() + j, m0), p0 = Vec::loadu(dw + j, m0);
+          (p0 + d0 * b0).store(dw + j, m0);
+          if (m1) {
+            Vec d1 = Vec::loadu(dy32.data() + j + kF, m1), p1 = Vec::loadu(dw + j + kF, m1);
+            (p1 + d1 * b1).store(dw + j + kF, m1);
+          }
+        }
+      }
+    }
+  });
+  std::optional<Tensor> dweight;
+  if (weight_grad) {
+    Tensor total = at::zeros({D}, x.options().dtype(at::kFloat));
+    float* tp = total.data_ptr<float>();
+    for (int t = 0; t < threads; ++t)
+      for (int64_t j = 0; j < D; ++j) tp[j] += dw_parts[static_cast<size_t>(t) * D + j];
+    dweight = total.to(weight.scalar_type());
+  }
+  return {dx, dweight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lorakit, m) {
+  m.def("rms_norm_apply(Tensor x, Tensor rstd, Tensor weight) -> Tensor");
+  m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor?)");
+}
+
+TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
+  m.impl("rms_norm_apply", rms_norm_apply);
+  m.impl("rms_norm_bwd", rms_norm_bwd);
+}
