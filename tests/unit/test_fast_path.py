@@ -111,6 +111,53 @@ def test_chunked_cross_entropy_matches_full_logits_and_skips_ignored(with_bias):
     assert got[1][::3].abs().max() == 0  # an ignored position gets no gradient
 
 
+@pytest.mark.parametrize("vocab", [50, 1001])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_cross_entropy_kernel_agrees_with_the_operators_and_the_full_logits_loss(monkeypatch, vocab, with_bias):
+    from lorakit.ops import cross_entropy
+
+    if not cross_entropy.kernel_runs(torch.zeros(1, 1, dtype=torch.bfloat16)):
+        pytest.skip("lorakit's cross-entropy kernel cannot be built here")
+    torch.manual_seed(0)
+    hidden = (torch.randn(37, 16) * 2).bfloat16().requires_grad_(True)
+    head = nn.Linear(16, vocab, bias=with_bias).bfloat16()
+    labels = torch.randint(0, vocab, (37,))
+    labels[0], labels[1], labels[::5] = 0, vocab - 1, IGNORE_INDEX
+
+    def run():
+        for tensor in (hidden, head.weight, head.bias):
+            if tensor is not None:
+                tensor.grad = None
+        total = linear_cross_entropy(hidden, head.weight, labels, head.bias, chunk_logits=vocab * 7)
+        total.backward()
+        grads = [hidden.grad, head.weight.grad] + ([head.bias.grad] if with_bias else [])
+        return total.detach(), [g.clone() for g in grads]
+
+    calls = []
+    kernel = cross_entropy.kernel_runs
+    monkeypatch.setattr(cross_entropy, "kernel_runs", lambda logits: calls.append(1) or kernel(logits))
+    got, got_grads = run()
+    assert calls  # the kernel computed the chunks
+    monkeypatch.setattr(cross_entropy, "kernel_runs", lambda logits: False)  # PyTorch's operators
+    expected, expected_grads = run()
+    full = F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, full.detach(), rtol=1e-5, atol=1e-4)
+    for a, b in zip(got_grads, expected_grads):  # softmax - onehot rounded to bf16 the same way: equal or one step
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=1e-3)
+    assert got_grads[0][::5].abs().max() == 0 and got_grads[0].abs().max() > 0
+
+
+def test_cross_entropy_kernel_rejects_a_target_outside_the_vocabulary():
+    from lorakit.ops import cross_entropy
+
+    logits = torch.zeros(2, 10, dtype=torch.bfloat16)
+    if not cross_entropy.kernel_runs(logits):
+        pytest.skip("lorakit's cross-entropy kernel cannot be built here")
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        torch.ops.lorakit.cross_entropy_rows(logits, torch.tensor([3, 10]), False)
+
+
 def _batch(vocab: int, seed: int = 0) -> dict:
     ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(seed))
     labels = ids.clone()

@@ -78,6 +78,13 @@ def extension_available(name: str, fallback: str) -> bool:
     return True
 
 
+def bf16_kernel_runs(name: str, fallback: str, *tensors: torch.Tensor) -> bool:
+    """Whether kernel `name` (a bf16 CPU kernel) computes for these tensors: every one a contiguous bf16 CPU tensor,
+    and the kernel built (see `extension_available`)."""
+    return (all(t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in tensors)
+            and extension_available(name, fallback))
+
+
 def find_compiler() -> str:
     """`$CXX` if set, else the first of c++ / g++ / clang++ on PATH."""
     configured = os.environ.get("CXX", "").strip()

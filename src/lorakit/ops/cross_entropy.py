@@ -16,6 +16,10 @@ the backward. Here:
   the backward only scales them by the incoming gradient. Nothing is recomputed and nothing vocabulary-wide is
   kept: the saved state is dh, tokens x hidden size.
 
+On the CPU with bf16 logits, the softmax, the loss and softmax - onehot of a chunk run in lorakit's kernel
+(ops/csrc/cross_entropy.cpp): one exponential per logit instead of two, one pass over each row instead of five
+(docs/performance.md, optimisation 16); elsewhere (fp32, CUDA) PyTorch's operators, SOFTMAX_ROWS rows at a time.
+
 The result equals F.cross_entropy(logits.float(), labels, reduction="sum") to fp32 rounding (the sum runs in
 another order). Matmuls go through lorakit.ops.matmul (oneDNN for CPU fp32).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.ops.cpu_extension import bf16_kernel_runs
 from lorakit.ops.matmul import linear
 
 IGNORE_INDEX = -100
@@ -53,15 +58,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             target = targets[start:start + step]
             logits = linear(h, w, b)
             want_grad = want_hidden or want_weight or want_bias
-            for row in range(0, logits.shape[0], SOFTMAX_ROWS):  # fp32 only SOFTMAX_ROWS rows at a time
-                rows_logits, rows_target = logits[row:row + SOFTMAX_ROWS], target[row:row + SOFTMAX_ROWS, None]
-                log_probs = torch.log_softmax(rows_logits, dim=1, dtype=torch.float32)
-                picked_log_probs = log_probs.gather(1, rows_target)
-                total -= picked_log_probs.sum()
-                if want_grad:  # softmax - onehot, written over the logits (in their dtype)
-                    dlogits = log_probs.exp_()
-                    dlogits.scatter_(1, rows_target, picked_log_probs.exp_().sub_(1.0))
-                    rows_logits.copy_(dlogits)
+            if kernel_runs(logits):  # softmax - onehot written over the logits, in the kernel
+                total += torch.ops.lorakit.cross_entropy_rows(logits, target, want_grad).sum()
+            else:
+                total += _softmax_rows(logits, target, want_grad)
             if not want_grad:
                 continue
             dlogits, dlogits_c = logits.float() if want_bias else None, logits
@@ -87,6 +87,26 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_total).to(ctx.param_dtypes[1])
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def kernel_runs(logits: torch.Tensor) -> bool:
+    """Whether lorakit's CPU kernel computes the softmax of these logits (contiguous bf16 on the CPU, kernel built)."""
+    return bf16_kernel_runs("cross_entropy", "the loss stays on PyTorch's operators", logits)
+
+
+def _softmax_rows(logits: torch.Tensor, target: torch.Tensor, want_grad: bool) -> torch.Tensor:
+    """Summed loss of a chunk; with want_grad, softmax - onehot written over the logits (in their dtype)."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for row in range(0, logits.shape[0], SOFTMAX_ROWS):  # fp32 only SOFTMAX_ROWS rows at a time
+        rows_logits, rows_target = logits[row:row + SOFTMAX_ROWS], target[row:row + SOFTMAX_ROWS, None]
+        log_probs = torch.log_softmax(rows_logits, dim=1, dtype=torch.float32)
+        picked_log_probs = log_probs.gather(1, rows_target)
+        total -= picked_log_probs.sum()
+        if want_grad:
+            dlogits = log_probs.exp_()
+            dlogits.scatter_(1, rows_target, picked_log_probs.exp_().sub_(1.0))
+            rows_logits.copy_(dlogits)
+    return total
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

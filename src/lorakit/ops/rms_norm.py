@@ -22,16 +22,12 @@ from __future__ import annotations
 import torch
 
 from lorakit.ops import recompute
-from lorakit.ops.cpu_extension import extension_available
-
-EXTENSION = "rms_norm"
+from lorakit.ops.cpu_extension import bf16_kernel_runs
 
 
 def kernel_runs(*tensors: torch.Tensor) -> bool:
-    """Whether lorakit's CPU kernel computes for these tensors: all contiguous bf16 CPU tensors, and the kernel
-    built (once per process; where it cannot be, one warning and PyTorch's operators)."""
-    return (all(t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in tensors)
-            and extension_available(EXTENSION, "RMSNorm stays on PyTorch's operators"))
+    """Whether lorakit's CPU kernel computes for these tensors (contiguous bf16 CPU tensors, the kernel built)."""
+    return bf16_kernel_runs("rms_norm", "RMSNorm stays on PyTorch's operators", *tensors)
 
 
 def _normalise(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
