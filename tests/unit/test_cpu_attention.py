@@ -17,15 +17,14 @@ from lorakit.ops.attention import (
     attention_forward,
     causal_attention,
     kernel_applies,
-    kernel_available,
     restore_attention,
     use_cpu_attention,
 )
-from lorakit.ops.cpu_extension import KernelBuildError, load_cpu_extension
+from lorakit.ops.cpu_extension import KernelBuildError, kernels_available, load_cpu_extension
 from tests.tiny import tiny_llama
 from tests.train_fixtures import tiny_run_config, train_losses
 
-pytestmark = pytest.mark.skipif(not kernel_available(), reason="lorakit's CPU attention kernel cannot be built here")
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="lorakit's CPU kernels cannot be built here")
 
 
 @pytest.fixture(autouse=True)

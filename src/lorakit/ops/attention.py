@@ -32,7 +32,7 @@ import weakref
 import torch
 from torch import nn
 
-from lorakit.ops.cpu_extension import extension_available
+from lorakit.ops.cpu_extension import kernels_available
 
 IMPLEMENTATION = "lorakit_cpu"
 _BEFORE = "_lorakit_attention_before"  # on the model: the implementation it had
@@ -63,7 +63,7 @@ class CausalAttentionFunction(torch.autograd.Function):
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      key_ranges: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, L, D) attention output; the kernel must be loaded (kernel_available())."""
+    """(B, H, L, D) attention output; the kernel must be loaded (cpu_extension.kernels_available())."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return CausalAttentionFunction.apply(q, k, v, key_ranges, scale)
@@ -139,15 +139,10 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
                                   is_causal=is_causal, **kwargs)
 
 
-def kernel_available() -> bool:
-    """Build / load the kernel once per process; False (with one warning) where it cannot be built."""
-    return extension_available("causal_attention", "attention stays on PyTorch's SDPA")
-
-
 def use_cpu_attention(model: nn.Module) -> bool:
     """Switch a transformers model (or a PeftModel around one) from "sdpa" to the kernel's implementation."""
     base = _transformers_model(model)
-    if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa" or not kernel_available():
+    if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa" or not kernels_available():
         return False
     _register()
     base.set_attn_implementation(IMPLEMENTATION)

@@ -1,7 +1,7 @@
 """Build and load lorakit's C++ CPU kernels (ops/csrc/*.cpp) on first use.
 
-    load_cpu_extension("causal_attention")   # -> torch.ops.lorakit.* registered; raises KernelBuildError
-    extension_available("rms_norm", "...")   # the same, for callers with a fallback: False (one warning) on failure
+    load_cpu_extension("lorakit_cpu")   # -> torch.ops.lorakit.* registered; raises KernelBuildError
+    kernels_available()                 # the same for callers with a fallback: False (one warning) on failure
 
 Each source is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++` / `g++`) against the
 installed torch (its headers, libtorch_cpu, its OpenMP), with `-O3 -march=native -fopenmp`, into
@@ -10,10 +10,12 @@ depends on (the source, the torch version and C++ ABI, the compiler's version, t
 instruction sets), so a new torch, a changed kernel or another machine sharing the cache builds its own copy.
 The build writes to a temporary file and renames it into place: concurrent processes (torchrun's ranks) never
 load a half-written library, and a failed build leaves nothing behind. No ninja and no Python build step: one
-compiler call (~10 s).
+compiler call.
 
 Callers fall back to PyTorch's kernels when this raises (no compiler, no Python headers needed: only torch's):
-`extension_available` does that bookkeeping, with one warning per process and kernel.
+`kernels_available` does that bookkeeping, with one warning per process. lorakit's kernels (causal_attention.cpp,
+rms_norm.cpp, cross_entropy.cpp) build as one library from lorakit_cpu.cpp, which includes them: one compiler
+call parses torch's headers once (~14 s, against ~12 s per kernel built on its own).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CSRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 600
 _LOADED: dict[str, Path] = {}
+KERNELS = "lorakit_cpu"  # ops/csrc/lorakit_cpu.cpp: every kernel, one library
 _FAILED: dict[str, str] = {}  # name -> why it could not be built or loaded in this process
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,10 @@ def load_cpu_extension(name: str) -> Path:
     source = CSRC / f"{name}.cpp"
     compiler = find_compiler()
     command_tail = _compile_arguments()
-    key = _build_key(source.read_bytes(), compiler, command_tail)
+    key = _build_key(_sources(source), compiler, command_tail)
     library = cache_root() / "kernels" / f"{name}-{key}.so"
     if not library.exists():
-        print(f"lorakit: compiling {source.name} for this machine (once, ~10 s) into {library.parent}", file=sys.stderr)
+        print(f"lorakit: compiling {source.name} for this machine (once, ~15 s) into {library.parent}", file=sys.stderr)
         _build(source, library, compiler, command_tail)
     try:
         torch.ops.load_library(str(library))
@@ -64,25 +67,25 @@ def load_cpu_extension(name: str) -> Path:
     return library
 
 
-def extension_available(name: str, fallback: str) -> bool:
-    """Build / load ops/csrc/<name>.cpp once per process; where it cannot be, False and one warning saying so and
-    what runs instead (`fallback`), and False again without retrying."""
-    if name in _FAILED:
+def kernels_available() -> bool:
+    """Build / load lorakit's CPU kernels (ops/csrc/lorakit_cpu.cpp) once per process; where they cannot be, False
+    and one warning, and False again without retrying."""
+    if _FAILED:
         return False
     try:
-        load_cpu_extension(name)
+        load_cpu_extension(KERNELS)
     except KernelBuildError as error:
-        _FAILED[name] = str(error)
-        logger.warning("lorakit's %s kernel is not available, %s: %s", name, fallback, error)
+        _FAILED[KERNELS] = str(error)
+        logger.warning("lorakit's CPU kernels are not available; attention stays on PyTorch's SDPA and RMSNorm and "
+                       "the LM head's loss on PyTorch's operators (slower, the same results): %s", error)
         return False
     return True
 
 
-def bf16_kernel_runs(name: str, fallback: str, *tensors: torch.Tensor) -> bool:
-    """Whether kernel `name` (a bf16 CPU kernel) computes for these tensors: every one a contiguous bf16 CPU tensor,
-    and the kernel built (see `extension_available`)."""
-    return (all(t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in tensors)
-            and extension_available(name, fallback))
+def bf16_kernel_runs(*tensors: torch.Tensor) -> bool:
+    """Whether lorakit's bf16 CPU kernels compute for these tensors: every one a contiguous bf16 CPU tensor, and
+    the kernels built (see `kernels_available`)."""
+    return all(t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in tensors) and kernels_available()
 
 
 def find_compiler() -> str:
@@ -103,6 +106,12 @@ def _compile_arguments() -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [*FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{os.path.join(root, 'include')}", f"-L{torch_lib}",
             "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
+
+
+def _sources(source: Path) -> bytes:
+    """The source and every other C++ file beside it (a source may include them): what the library is built from."""
+    others = sorted(p for p in source.parent.glob("*.cpp") if p != source)
+    return b"\0".join(p.read_bytes() for p in (source, *others))
 
 
 def _build_key(source: bytes, compiler: str, arguments: list[str]) -> str:

@@ -36,11 +36,11 @@
 #include <optional>
 #include <vector>
 
+namespace lorakit_attention {
+
 using at::Tensor;
 using Vec = at::vec::Vectorized<float>;
 using at::BFloat16;
-
-namespace {
 
 constexpr int64_t kRowBlock = 256;  // positions per chunk when a head is split
 
@@ -275,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
   return {dq.permute({0, 2, 1, 3}), dk_acc.sum(0).to(at::kBFloat16), dv_acc.sum(0).to(at::kBFloat16)};
 }
 
-}  // namespace
+}  // namespace lorakit_attention
 
 TORCH_LIBRARY(lorakit, m) {
   m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_ranges, float scale) -> (Tensor, Tensor)");
@@ -283,6 +283,6 @@ TORCH_LIBRARY(lorakit, m) {
         "float scale) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
-  m.impl("causal_attention_fwd", causal_attention_fwd);
-  m.impl("causal_attention_bwd", causal_attention_bwd);
+  m.impl("causal_attention_fwd", lorakit_attention::causal_attention_fwd);
+  m.impl("causal_attention_bwd", lorakit_attention::causal_attention_bwd);
 }

@@ -26,7 +26,7 @@
 #include <cmath>
 #include <vector>
 
-namespace {
+namespace lorakit_cross_entropy {
 
 using at::BFloat16;
 using at::Tensor;
@@ -76,12 +76,12 @@ Tensor cross_entropy_rows(Tensor logits, const Tensor& target, bool write_grad) 
   return loss;
 }
 
-}  // namespace
+}  // namespace lorakit_cross_entropy
 
 TORCH_LIBRARY_FRAGMENT(lorakit, m) {
   m.def("cross_entropy_rows(Tensor(a!) logits, Tensor target, bool write_grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
-  m.impl("cross_entropy_rows", cross_entropy_rows);
+  m.impl("cross_entropy_rows", lorakit_cross_entropy::cross_entropy_rows);
 }

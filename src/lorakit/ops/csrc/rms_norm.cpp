@@ -28,7 +28,7 @@
 #include <tuple>
 #include <vector>
 
-namespace {
+namespace lorakit_rms_norm {
 
 using at::BFloat16;
 using at::Tensor;
@@ -142,7 +142,7 @@ std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const T
   return {dx, dweight};
 }
 
-}  // namespace
+}  // namespace lorakit_rms_norm
 
 TORCH_LIBRARY_FRAGMENT(lorakit, m) {
   m.def("rms_norm_apply(Tensor x, Tensor rstd, Tensor weight) -> Tensor");
@@ -150,6 +150,6 @@ TORCH_LIBRARY_FRAGMENT(lorakit, m) {
 }
 
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
-  m.impl("rms_norm_apply", rms_norm_apply);
-  m.impl("rms_norm_bwd", rms_norm_bwd);
+  m.impl("rms_norm_apply", lorakit_rms_norm::rms_norm_apply);
+  m.impl("rms_norm_bwd", lorakit_rms_norm::rms_norm_bwd);
 }
