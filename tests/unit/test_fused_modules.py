@@ -204,7 +204,7 @@ def test_training_with_and_without_fused_modules_follows_the_same_losses(tmp_pat
 
 # ---- lorakit's CPU kernel for RMSNorm (ops/csrc/rms_norm.cpp) --------------------------------------------
 @pytest.mark.parametrize("rows, width", [(1, 576), (37, 576), (5, 50), (3, 7)])
-def test_rms_norm_kernel_gives_the_operators_output_bit_for_bit_and_their_gradients_to_rounding(monkeypatch, rows, width):
+def test_rms_norm_kernel_gives_the_operators_output_bit_for_bit_and_gradients_to_rounding(monkeypatch, rows, width):
     from lorakit.ops import rms_norm as module
 
     x = (_randn(2, rows, width, seed=4) * 3).to(torch.bfloat16)

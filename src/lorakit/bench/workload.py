@@ -11,10 +11,10 @@ Training settings (both libraries unless noted):
 
 One step = forward, loss, backward, AdamW step. The optimizer is PyTorch's fused AdamW for both libraries where
 PyTorch has the kernel (the default of `lorakit train`, lorakit/train/optim.py, and of the transformers Trainer
-since torch 2.8, `adamw_torch_fused`), the per-tensor loop elsewhere. PEFT's loss is the model's own (`labels=` in the forward, as a
-PEFT user computes it); lorakit's is the trainer's (`summed_token_loss`, mean over tokens). Both libraries start
-from the same adapter weights (`write_initial_adapter` makes them once; every measurement loads them) and see the
-same random-token batches, so their loss curves are comparable step by step.
+since torch 2.8, `adamw_torch_fused`), the per-tensor loop elsewhere. PEFT's loss is the model's own (`labels=`
+in the forward, as a PEFT user computes it); lorakit's is the trainer's (`summed_token_loss`, mean over tokens).
+Both libraries start from the same adapter weights (`write_initial_adapter` makes them once; every measurement
+loads them) and see the same random-token batches, so their loss curves are comparable step by step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// lorakit's CPU kernels as one translation unit: one compiler call parses torch's headers once (~14 s for all,
+// lorakit's CPU kernels as one translation unit: one compiler call parses torch's headers once (~13 s for all,
 // against ~12 s per kernel built on its own). Each kernel lives in its own file and namespace; the operators are
 // registered under torch.ops.lorakit (causal_attention.cpp declares the library, the others add to it).
 #include "causal_attention.cpp"
