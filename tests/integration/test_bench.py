@@ -34,6 +34,7 @@ def test_bench_train_quick_compares_with_peft(model_dir, capsys, tmp_path):
     assert rows["lorakit", "fp32"]["losses"][0] == pytest.approx(rows["peft", "fp32"]["losses"][0], abs=1e-4)
     assert "lorakit:default" in report["loss_agreement"]["max_abs_diff_vs_peft_fp32"]
     assert "x PEFT speed" in stdout and "lorakit default vs PEFT's fastest setting (fp32)" in stdout
+    assert "Nonex" not in stdout and "peak RSS against PEFT bf16: not measured" in stdout
     assert (tmp_path / "train_loss.png").stat().st_size > 0
 
 

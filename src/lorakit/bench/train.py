@@ -286,10 +286,11 @@ def format_report(report: dict) -> str:
             for r in report["rows"]]
     lines = [harness.table(header, rows)]
     if report.get("speedup_vs_peft") is not None:
+        memory = report.get("memory_ratio_vs_peft")
         lines.append(f"lorakit default vs PEFT's fastest setting ({report['peft_fastest_setting']}): "
                      f"{report['speedup_vs_peft']:.2f}x tokens/s ({report['speedup_vs_peft_cpu_time']:.2f}x per CPU "
-                     f"second); peak RSS {report['memory_ratio_vs_peft']}x "
-                     "PEFT bf16's")
+                     "second)" + (f"; peak RSS {memory}x PEFT bf16's" if memory is not None else
+                                  " (peak RSS against PEFT bf16: not measured, bf16 was not among --settings)"))
     if report.get("fp32_speedup_vs_peft") is not None:
         lines.append(f"lorakit fp32 vs PEFT fp32: {report['fp32_speedup_vs_peft']:.2f}x tokens/s "
                      f"({report['fp32_speedup_vs_peft_cpu_time']:.2f}x per CPU second), peak RSS "
