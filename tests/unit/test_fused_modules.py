@@ -204,7 +204,7 @@ def test_training_with_and_without_fused_modules_follows_the_same_losses(tmp_pat
 
 # ---- lorakit's CPU kernel for RMSNorm (ops/csrc/rms_norm.cpp) --------------------------------------------
 @pytest.mark.parametrize("rows, width", [(1, 576), (37, 576), (5, 50), (3, 7)])
-def test_rms_norm_kernel_gives_the_operators_output_bit_for_bit_and_gradients_to_rounding(monkeypatch, rows, width):
+def test_rms_norm_backward_kernel_gives_the_operators_gradients_to_rounding(monkeypatch, rows, width):
     from lorakit.ops import rms_norm as module
 
     x = (_randn(2, rows, width, seed=4) * 3).to(torch.bfloat16)
@@ -220,22 +220,3 @@ def test_rms_norm_kernel_gives_the_operators_output_bit_for_bit_and_gradients_to
     assert torch.allclose(dx.float(), dx_ref.float(), rtol=2 ** -7, atol=1e-6)
     assert torch.allclose(dw.float(), dw_ref.float(), rtol=2 ** -7, atol=1e-4)
     assert (dx != 0).any() and (dw != 0).any()
-
-
-def test_rms_norm_kernel_recomputes_the_saved_output_as_the_forward_made_it():
-    from lorakit.ops import rms_norm as module
-
-    norm = LlamaRMSNorm(64).to(torch.bfloat16)
-    x = _randn(3, 9, 64, dtype=torch.bfloat16).requires_grad_(True)
-    if not module.kernel_runs(x.detach(), norm.weight.detach()):
-        pytest.skip("lorakit's RMSNorm kernel cannot be built here")
-    proj = nn.Linear(64, 8, bias=False).to(torch.bfloat16)
-    kept = []
-    with recompute_saved_tensors(kept.append):
-        out = proj(rms_norm(x, norm.weight, norm.variance_epsilon))
-    out.sum().backward()
-    grad_recomputed = proj.weight.grad.clone()
-    proj.weight.grad = None
-    normed = norm(x.detach())  # the module's own output, kept as it is
-    proj(normed).sum().backward()
-    assert torch.equal(grad_recomputed, proj.weight.grad)

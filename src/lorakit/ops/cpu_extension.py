@@ -109,8 +109,9 @@ def _compile_arguments() -> list[str]:
 
 
 def _sources(source: Path) -> bytes:
-    """The source and every other C++ file beside it (a source may include them): what the library is built from."""
-    others = sorted(p for p in source.parent.glob("*.cpp") if p != source)
+    """The source and every other C++ file and header beside it (a source may include them): what the library is
+    built from."""
+    others = sorted(p for p in (*source.parent.glob("*.cpp"), *source.parent.glob("*.h")) if p != source)
     return b"\0".join(p.read_bytes() for p in (source, *others))
 
 

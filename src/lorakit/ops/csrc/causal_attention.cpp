@@ -18,13 +18,7 @@
 // Inputs: q (B, H, L, D), k and v (B, KV, L, D), bf16, unit stride in D (other strides free), H a multiple of
 // KV. Outputs are (B, H, L, D)-shaped views of (B, L, H, D) memory (the layout transformers reshapes into).
 // Built on first use by lorakit/ops/cpu_extension.py; used through lorakit/ops/attention.py.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu_capability.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>

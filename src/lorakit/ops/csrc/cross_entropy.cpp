@@ -10,13 +10,7 @@
 // computed once into it, and the gradient is written from it. The math is that of log_softmax / exp in fp32; the
 // sums run in another order (equal to fp32 rounding). Inputs: logits (rows, V) contiguous bf16 CPU, target (rows,)
 // int64 in [0, V). Built on first use by lorakit/ops/cpu_extension.py; used by lorakit/ops/cross_entropy.py.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu_capability.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -1,22 +1,14 @@
-// RMSNorm for bf16 training on the CPU: its output and its backward, each one pass over memory where PyTorch's
-// composition (ops/rms_norm.py) takes 3 and ~14 operators (fp32 copies, products, casts: each a pass of its own).
+// RMSNorm's backward for bf16 training on the CPU, in one pass over each row where PyTorch's operators
+// (ops/rms_norm.py) take ~14 (fp32 copies of x and dy, products, casts, a mean, a sum: each a pass of its own):
 //
-//   rms_norm_apply(x, rstd, w)        y = bf16(w * bf16(x32 * rstd)): the module's output given its 1/rms, bit for
-//                                     bit (the same fp32 products and round-to-nearest-even casts, element by element)
 //   rms_norm_bwd(dy, x, rstd, w)      n = x32 * rstd, g = dy32 * w32; dx = bf16(rstd * (g - n * mean(g * n)));
 //                                     dw = sum over rows of dy32 * bf16(n): the fp32 math of ops/rms_norm.py, in
 //                                     another order of additions (equal to fp32 rounding)
 //
-// The 1/rms itself (a reduction: its order of additions decides its last bit) stays PyTorch's, so that the forward
-// stays the module's bit for bit. Inputs: contiguous bf16 CPU tensors x and dy (rows, D), w (D); rstd fp32, one value
-// per row. Built on first use by lorakit/ops/cpu_extension.py; used by lorakit/ops/rms_norm.py.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+// Inputs: contiguous bf16 CPU tensors dy and x (rows, D), w (D); rstd fp32, one value per row (the forward's).
+// dw is summed in fp32 per thread. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
+// lorakit/ops/rms_norm.py.
+#include "cpu_capability.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,7 +34,6 @@ void check_bf16(const Tensor& t, const char* name) {
               " must be a contiguous bf16 CPU tensor");
 }
 
-BVec load(const BFloat16* p, int64_t m) { return m == kB ? BVec::loadu(p) : BVec::loadu(p, m); }
 void store(const BVec& v, BFloat16* p, int64_t m) { if (m == kB) v.store(p); else v.store(p, m); }
 
 std::tuple<Vec, Vec> to_float(const BVec& v) { return at::vec::convert_to_float<BFloat16>(v); }
@@ -52,31 +43,6 @@ BVec to_bf16(const Vec& a, const Vec& b) { return at::vec::convert_from_float<BF
 template <typename F>
 void for_rows(int64_t rows, int64_t D, const F& body) {
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), body);
-}
-
-Tensor rms_norm_apply(const Tensor& x, const Tensor& rstd, const Tensor& weight) {
-  check_bf16(x, "x"); check_bf16(weight, "weight");
-  const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == rows && weight.numel() == D,
-              "rms_norm_apply: rstd must be fp32 with one value per row and weight one per column");
-  Tensor out = at::empty_like(x);
-  const BFloat16* xp = x.data_ptr<BFloat16>();
-  const float* rp = rstd.data_ptr<float>();
-  const BFloat16* wp = weight.data_ptr<BFloat16>();
-  BFloat16* op = out.data_ptr<BFloat16>();
-  for_rows(rows, D, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const Vec scale(rp[r]);
-      for (int64_t j = 0; j < D; j += kB) {
-        const int64_t m = std::min(kB, D - j);
-        auto [x0, x1] = to_float(load(xp + r * D + j, m));
-        auto [n0, n1] = to_float(to_bf16(x0 * scale, x1 * scale));  // (x32 * rstd).to(bf16)
-        auto [w0, w1] = to_float(load(wp + j, m));
-        store(to_bf16(w0 * n0, w1 * n1), op + r * D + j, m);        // weight * that, in bf16
-      }
-    }
-  });
-  return out;
 }
 
 std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd,
@@ -145,11 +111,9 @@ std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const T
 }  // namespace lorakit_rms_norm
 
 TORCH_LIBRARY_FRAGMENT(lorakit, m) {
-  m.def("rms_norm_apply(Tensor x, Tensor rstd, Tensor weight) -> Tensor");
   m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor?)");
 }
 
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
-  m.impl("rms_norm_apply", lorakit_rms_norm::rms_norm_apply);
   m.impl("rms_norm_bwd", lorakit_rms_norm::rms_norm_bwd);
 }
