@@ -1,8 +1,8 @@
 """Compute kernels shared by the methods and the trainer: dense matmuls on the fastest backend available
 (matmul.py), the cross-entropy of a language-model head computed in chunks (cross_entropy.py, lm_head.py),
 fused RMSNorm and SwiGLU modules that keep less for the backward (fused_modules.py, rms_norm.py, swiglu.py,
-recompute.py), and causal attention for bf16 training on the CPU (attention.py: the C++ kernel in
-csrc/causal_attention.cpp, built on first use by cpu_extension.py).
+recompute.py), and C++ kernels for bf16 training on the CPU: causal attention (attention.py), RMSNorm's
+backward and the LM head's softmax (csrc/, one library built on first use by cpu_extension.py).
 
 docs/performance.md gives the measurements behind each choice.
 """

@@ -18,8 +18,8 @@ mask or one that gives every query one run of keys ending at or before itself (t
 batches and packed sequences: mask_key_ranges; left padding and custom masks go to SDPA), no dropout, as many
 keys as queries (no KV cache prefix), no soft-capping, sliding window or attention sinks; and only where it is
 the faster one: not on CPUs with AMX (PyTorch's brgemm has its fast path there; not measured here, this project's
-CPU has none), nor with fewer (batch row, head, 256-token block) items than threads. Everything else goes to transformers' SDPA function unchanged,
-so a model switched to it stays correct wherever it runs. A model whose implementation is not "sdpa" (eager,
+CPU has none), nor with fewer (batch row, head, 256-token block) items than threads. Everything else goes to
+transformers' SDPA function unchanged, so a model switched to it stays correct wherever it runs. A model whose implementation is not "sdpa" (eager,
 flex, flash) is left alone. The kernel is compiled on first use (ops/cpu_extension.py); where it cannot be
 (no C++ compiler), a warning says so and SDPA stays.
 """

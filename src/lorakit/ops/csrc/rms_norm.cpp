@@ -83,7 +83,8 @@ std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const T
         const int64_t m = std::min(kB, D - j);
         const int64_t m0 = std::min(kF, m), m1 = std::max<int64_t>(m - kF, 0);
         Vec n0 = Vec::loadu(n.data() + j, m0), g0 = Vec::loadu(g.data() + j, m0);
-        Vec n1 = m1 ? Vec::loadu(n.data() + j + kF, m1) : Vec(0.0f), g1 = m1 ? Vec::loadu(g.data() + j + kF, m1) : Vec(0.0f);
+        Vec n1 = m1 ? Vec::loadu(n.data() + j + kF, m1) : Vec(0.0f);
+        Vec g1 = m1 ? Vec::loadu(g.data() + j + kF, m1) : Vec(0.0f);
         store(to_bf16(scale * (g0 - n0 * meanv), scale * (g1 - n1 * meanv)), dxp + r * D + j, m);
         if (dw) {
           auto [b0, b1] = to_float(to_bf16(n0, n1));  // normed.to(x.dtype)
