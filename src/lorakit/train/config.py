@@ -85,7 +85,7 @@ class TrainArgs:
     # and for other masks; lorakit/ops/attention.py). false: PyTorch's SDPA throughout.
     cpu_attention: bool = True
     # CPU threads per process: auto (PyTorch's choice: OMP_NUM_THREADS, else the cores; under torchrun on the CPU,
-    # whose default is 1 thread per process, the node's CPUs divided among its processes) or a number
+    # whose default is 1 thread per process, the node's cores divided among its processes) or a number
     # (lorakit/train/threads.py).
     threads: int | str = "auto"
     # Seed of initialisation, data order and dropout: the same seed gives the same run.

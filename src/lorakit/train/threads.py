@@ -1,13 +1,14 @@
 """The CPU threads of a training process: `train.threads`.
 
-PyTorch runs each CPU operator on a team of threads: as many as OMP_NUM_THREADS says, else one per core the
-process may use. torchrun, when OMP_NUM_THREADS is not set, sets it to 1 for every process it starts (with a
-warning to tune it), so a CPU run of N processes per node computes on N cores and leaves the others idle: on a
-64-core node with 2 processes, 62 of them.
+PyTorch runs each CPU operator on a team of threads: as many as OMP_NUM_THREADS says, else one per physical core.
+torchrun, when OMP_NUM_THREADS is not set, sets it to 1 for every process it starts (with a warning to tune it), so
+a CPU run of N processes per node computes on N cores and leaves the others idle: on a 64-core node with 2
+processes, 62 of them.
 
     train.threads: auto   one process, or OMP_NUM_THREADS set by you: PyTorch's own choice, unchanged;
                           under torchrun on the CPU with OMP_NUM_THREADS=1 and several processes on the node
-                          (torchrun's default): the CPUs this process may run on divided among those processes
+                          (torchrun's default): the physical cores this process may run on divided among those
+                          processes
     train.threads: N      N threads per process (also on GPU runs, where the CPU only feeds the device)
 
 auto cannot tell torchrun's OMP_NUM_THREADS=1 from one you set yourself: to keep one thread per process under
@@ -32,16 +33,27 @@ def check_threads_option(value) -> None:
         raise ValueError(f"train.threads must be auto or a whole number of threads >= 1, got {value!r}")
 
 
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit included)."""
+def available_cores(topology: str = "/sys/devices/system/cpu") -> int:
+    """The physical cores this process may run on: its affinity mask (a container's or taskset's limit included),
+    with the hyperthreads of one core counted once, as PyTorch's own default counts cores (two compute threads on
+    one core only compete for it). The logical CPUs where the topology cannot be read."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = os.sched_getaffinity(0)
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"{topology}/cpu{cpu}/topology/physical_package_id", encoding="ascii") as package, \
+                    open(f"{topology}/cpu{cpu}/topology/core_id", encoding="ascii") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
 
 
 def choose_threads(setting, device: torch.device, environ: Mapping[str, str] | None = None,
-                   cpus: int | None = None) -> tuple[int | None, str]:
+                   cores: int | None = None) -> tuple[int | None, str]:
     """(threads to set, or None to leave PyTorch's choice; why, for the run's log)."""
     if setting != AUTO:
         return int(setting), "train.threads"
@@ -51,12 +63,12 @@ def choose_threads(setting, device: torch.device, environ: Mapping[str, str] | N
     if device.type != "cpu" or not launched_by_torchrun or local_processes <= 1 \
             or environ.get("OMP_NUM_THREADS") != "1":
         return None, ""
-    cpus = available_cpus() if cpus is None else cpus
-    threads = cpus // local_processes
+    cores = available_cores() if cores is None else cores
+    threads = cores // local_processes
     if threads <= 1:  # no more cores than processes: torchrun's one thread each is the right count
         return None, ""
-    return threads, (f"torchrun's OMP_NUM_THREADS=1 replaced: {cpus} CPUs / {local_processes} processes on this "
-                     f"node (train.threads: 1 keeps one)")
+    return threads, (f"torchrun's OMP_NUM_THREADS=1 replaced: {cores} cores / {local_processes} processes on this "
+                     f"node; train.threads: 1 keeps one")
 
 
 class ThreadSetting:
