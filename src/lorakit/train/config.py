@@ -30,6 +30,7 @@ from lorakit.tasks import TRAINABLE_TASK_TYPES
 from lorakit.text_files import read_text
 from lorakit.train.data import DataConfig
 from lorakit.train.precision import check_bf16_option
+from lorakit.train.threads import check_threads_option
 
 # adapter: train the adapter described by `adapter:` (any method); "lora" is the same (kept from before
 # methods other than LoRA existed). full: every weight. freeze: the last train.freeze_trainable_layers blocks.
@@ -83,6 +84,10 @@ class TrainArgs:
     # on first use with the system's C++ compiler; padded and packed batches too; SDPA where it cannot be built
     # and for other masks; lorakit/ops/attention.py). false: PyTorch's SDPA throughout.
     cpu_attention: bool = True
+    # CPU threads per process: auto (PyTorch's choice: OMP_NUM_THREADS, else the cores; under torchrun on the CPU,
+    # whose default is 1 thread per process, the node's cores divided among its processes) or a number
+    # (lorakit/train/threads.py).
+    threads: int | str = "auto"
     # Seed of initialisation, data order and dropout: the same seed gives the same run.
     seed: int = 42
     # Log every N steps; evaluate the validation loss every N steps (0 = only at the end).
@@ -144,6 +149,7 @@ class TrainArgs:
         if self.loraplus_lr_ratio is not None:
             check_positive(owner, "loraplus_lr_ratio", self.loraplus_lr_ratio)
         check_bf16_option(self.bf16)
+        check_threads_option(self.threads)
         if not isinstance(self.lora_fa, bool):
             raise ValueError(f"{owner}.lora_fa must be true or false, got {self.lora_fa!r}")
 

@@ -53,6 +53,7 @@ from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
     RunError, named_tensors, prepare_training_model, trainable_tensors, transformer_blocks,
 )
+from lorakit.train.threads import ThreadSetting
 
 
 @dataclass
@@ -88,7 +89,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, loaded=None, show_prog
     """Train as `cfg` says. `loaded` = (model, tokenizer) already in memory (e.g. the demo's)."""
     ctx = init_distributed()
     try:
-        with claim_output_dir(cfg, overwrite, ctx.is_main):  # locked; refused at once if it holds a run
+        # locked output directory (refused at once if it holds a run); the CPU threads, restored on return
+        with claim_output_dir(cfg, overwrite, ctx.is_main), ThreadSetting(cfg.train.threads, ctx.device) as threads:
+            if threads.reason and ctx.is_main:
+                print(f"threads: {threads.threads} per process ({threads.reason})", flush=True)
             return _train(cfg, ctx, overwrite, loaded, show_progress)
     finally:
         shutdown_distributed(ctx)

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 TAKES_EFFECT = {f"train.{name}" for name in (
     "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps",
     "warmup_ratio", "num_epochs", "max_steps", "max_grad_norm", "bf16", "gradient_checkpointing", "fused_modules",
-    "cpu_attention", "logging_steps",
+    "cpu_attention", "threads", "logging_steps",
     "eval_steps", "save_steps", "save_total_limit")}
 # Of those, the ones the optimizer's param groups and the schedule hold: re-applied after loading the state.
 OPTIMIZER_SETTINGS = {f"train.{name}" for name in (
