@@ -111,6 +111,23 @@ def test_chunked_cross_entropy_matches_full_logits_and_skips_ignored(with_bias):
     assert got[1][::3].abs().max() == 0  # an ignored position gets no gradient
 
 
+@pytest.mark.parametrize("dtype, tokens_a_chunk", [(torch.bfloat16, 24 * 1024), (torch.float32, 8 * 1024)])
+def test_the_default_chunk_is_set_by_the_dtype(monkeypatch, dtype, tokens_a_chunk):
+    """bf16 logits in chunks of 24M (512 tokens of a 49k vocabulary: a faster head matmul), fp32 in 8M (memory)."""
+    from lorakit.ops import cross_entropy
+
+    vocab, tokens = 1024, 24 * 1024 + 1
+    rows_per_call = []
+    linear = cross_entropy.linear
+    monkeypatch.setattr(cross_entropy, "linear",
+                        lambda x, w, b=None: rows_per_call.append(x.shape[0]) or linear(x, w, b))
+    hidden = torch.randn(tokens, 4, dtype=dtype)
+    head = torch.randn(vocab, 4, dtype=dtype)
+    with torch.no_grad():
+        linear_cross_entropy(hidden, head, torch.randint(0, vocab, (tokens,)))
+    assert max(rows_per_call) == tokens_a_chunk and sum(rows_per_call) == tokens
+
+
 @pytest.mark.parametrize("vocab", [50, 1001])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_bf16_cross_entropy_kernel_agrees_with_the_operators_and_the_full_logits_loss(monkeypatch, vocab, with_bias):

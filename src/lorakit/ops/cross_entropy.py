@@ -8,7 +8,7 @@ the backward. Here:
 
 - only the positions that have a label are multiplied by the head (a prompt masked with -100 costs nothing,
   nor does the last position of each row, whose label the causal shift drops);
-- the logits exist one chunk of tokens at a time (`chunk_logits` elements, in the compute dtype: 16 MB in bf16),
+- the logits exist one chunk of tokens at a time (CHUNK_LOGITS: 48 MB in bf16, 32 MB in fp32),
   upcast to fp32 for the softmax as the usual way does, but only SOFTMAX_ROWS rows at a time; softmax - onehot
   is written back over them (peak: the chunk in its dtype plus 3 MB, instead of 6 bytes per logit);
 - when a gradient is needed, it is computed in the forward, chunk by chunk: d loss / d logits = softmax - onehot
@@ -32,7 +32,10 @@ from lorakit.ops.cpu_extension import bf16_kernel_runs
 from lorakit.ops.matmul import linear
 
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 8 * 2 ** 20  # logits per chunk: 170 tokens of a 49k vocabulary (fewer rows: a slower head matmul)
+# logits per chunk, by bytes per logit of the compute dtype: 512 tokens of a 49k vocabulary in bf16 (48 MB), 170
+# in fp32 (32 MB). The head's bf16 matmul runs faster on 512 rows than on 170 (the step 2-3% faster); the fp32
+# step gains nothing from 256 and would pay the memory (docs/performance.md, optimisation 18)
+CHUNK_LOGITS = {2: 24 * 2 ** 20, 4: 8 * 2 ** 20}
 SOFTMAX_ROWS = 16  # rows of a chunk upcast to fp32 at a time (3 MB at 49k); the rest stays in the logits' dtype
 
 
@@ -111,10 +114,13 @@ def _softmax_rows(logits: torch.Tensor, target: torch.Tensor, want_grad: bool) -
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-                         chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
+                         chunk_logits: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of the head (weight, bias) over `hidden` (N, d) against `labels` (N,), fp32 scalar.
-    Positions labelled `ignore_index` take no part (and cost nothing)."""
+    Positions labelled `ignore_index` take no part (and cost nothing). `chunk_logits`: logits per chunk (default:
+    CHUNK_LOGITS for hidden's dtype)."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: hidden must be (N, d) and labels (N,), got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
+    if chunk_logits is None:
+        chunk_logits = CHUNK_LOGITS.get(hidden.element_size(), CHUNK_LOGITS[4])
     return LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, chunk_logits)
