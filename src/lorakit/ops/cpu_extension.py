@@ -76,8 +76,9 @@ def kernels_available() -> bool:
         load_cpu_extension(KERNELS)
     except KernelBuildError as error:
         _FAILED[KERNELS] = str(error)
-        logger.warning("lorakit's CPU kernels are not available; attention stays on PyTorch's SDPA and RMSNorm and "
-                       "the LM head's loss on PyTorch's operators (slower; the results equal to rounding): %s", error)
+        logger.warning("lorakit's CPU kernels are not available; attention stays on PyTorch's SDPA and RMSNorm, "
+                       "the LM head's loss and DoRA's scaling on PyTorch's operators (slower; the results equal to "
+                       "rounding): %s", error)
         return False
     return True
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.ops.cpu_extension import bf16_kernel_runs
+
 
 @torch.no_grad()
 def row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -40,6 +42,33 @@ def row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: f
     cross = (b32 * wa).sum(dim=1)
     quadratic = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
     return (weight_sq + 2 * scaling * cross + scaling ** 2 * quadratic).clamp_min(0).sqrt()
+
+
+class ScaleOutputsFunction(torch.autograd.Function):
+    """`(y * scale).to(y.dtype)` for a bf16 CPU output y (..., d_out) and an fp32 scale (d_out,), in lorakit's kernel
+    (ops/csrc/dora_scale.cpp): one pass each way where PyTorch's promotion runs a mixed-dtype loop into fp32
+    temporaries (the forward and dy bit for bit the promoted expression's; scale's gradient summed in fp32, equal
+    to fp32 rounding)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y, scale)
+        return torch.ops.lorakit.scale_columns(y, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        y, scale = ctx.saved_tensors
+        grad_y, grad_scale = torch.ops.lorakit.scale_columns_bwd(grad_out.contiguous(), y, scale,
+                                                                 ctx.needs_input_grad[1])
+        return (grad_y if ctx.needs_input_grad[0] else None), grad_scale
+
+
+def scale_outputs(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(y * scale).to(y.dtype), scale: (d_out,) broadcast over the tokens; on lorakit's kernel for a contiguous bf16
+    CPU y and an fp32 scale (ScaleOutputsFunction), else as written."""
+    if scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_cpu and bf16_kernel_runs(y):
+        return ScaleOutputsFunction.apply(y, scale.contiguous())
+    return (y * scale).to(y.dtype)
 
 
 def dense_row_norms(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -4,3 +4,4 @@
 #include "causal_attention.cpp"
 #include "rms_norm.cpp"
 #include "cross_entropy.cpp"
+#include "dora_scale.cpp"
