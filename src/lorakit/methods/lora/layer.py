@@ -248,9 +248,9 @@ class LoraLinear(LoraLayer):
     def _fused_dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The one running adapter `name` is DoRA's: without active dropout, scale * (x W0^T + s B A x) + bias, the
         parenthesis on the fused LoRA function (one matmul pass, its one-pass backward), the scale (m / ||W0 + s B
-        A||, fp32) applied once (to half-precision outputs without fp32 copies of them: dora.scale_outputs); the
-        general path computes the same with the base output, the LoRA output and three
-        more output-sized passes (dora.py). With dropout, or a base layer the fused function cannot multiply:
+        A||, fp32) applied once (for bf16 outputs on the CPU in one pass of lorakit's kernel: dora.scale_outputs);
+        the general path computes the same with the base output, the LoRA output and three more output-sized passes
+        (dora.py). With dropout, or a base layer the fused function cannot multiply:
         the general path."""
         variant = self.lora_variant[name]
         weight, bias, _ = self._fused_base_weight()
