@@ -10,6 +10,7 @@
 // Inputs: contiguous bf16 CPU tensors y and grad (rows, D), scale a contiguous fp32 (D). Built into lorakit_cpu.cpp
 // by lorakit/ops/cpu_extension.py; used by lorakit/methods/lora/dora.py (scale_outputs).
 #include "cpu_capability.h"
+#include "bf16_rows.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,17 +24,11 @@
 
 namespace lorakit_dora {
 
-using at::BFloat16;
-using at::Tensor;
-using Vec = at::vec::Vectorized<float>;
-using BVec = at::vec::Vectorized<BFloat16>;
-constexpr int64_t kB = BVec::size();  // bf16 lanes per vector: two float vectors
-constexpr int64_t kF = Vec::size();
-constexpr int64_t kGrain = 16384;     // elements per parallel task
+using namespace lorakit_bf16_rows;
+constexpr int64_t kGrain = 16384;  // elements per parallel task
 
 void check(const Tensor& y, const Tensor& scale, const char* name) {
-  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kBFloat16 && y.is_contiguous(), name,
-              " must be a contiguous bf16 CPU tensor");
+  check_bf16(y, name);
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
               scale.dim() == 1 && y.dim() >= 1 && scale.size(0) == y.size(-1),
               "scale must be a contiguous fp32 CPU vector as long as the last dimension of ", name);
@@ -46,10 +41,9 @@ void scale_rows(const BFloat16* in, const float* sp, BFloat16* out, int64_t D, i
     BFloat16* dst = out + r * D;
     for (int64_t j = 0; j < D; j += kB) {
       const int64_t m = std::min(kB, D - j), m0 = std::min(kF, m), m1 = std::max<int64_t>(m - kF, 0);
-      auto [a, b] = at::vec::convert_to_float<BFloat16>(m == kB ? BVec::loadu(src + j) : BVec::loadu(src + j, m));
+      auto [a, b] = to_float(load(src + j, m));
       Vec s0 = Vec::loadu(sp + j, m0), s1 = m1 ? Vec::loadu(sp + j + kF, m1) : Vec(0.0f);
-      BVec v = at::vec::convert_from_float<BFloat16>(a * s0, b * s1);
-      if (m == kB) v.store(dst + j); else v.store(dst + j, m);
+      store(to_bf16(a * s0, b * s1), dst + j, m);
     }
   }
 }
@@ -61,8 +55,7 @@ Tensor scale_columns(const Tensor& y, const Tensor& scale) {
   const BFloat16* yp = y.data_ptr<BFloat16>();
   const float* sp = scale.data_ptr<float>();
   BFloat16* op = out.data_ptr<BFloat16>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)),
-                   [&](int64_t begin, int64_t end) { scale_rows(yp, sp, op, D, begin, end); });
+  for_rows(rows, D, kGrain, [&](int64_t begin, int64_t end) { scale_rows(yp, sp, op, D, begin, end); });
   return out;
 }
 
@@ -79,17 +72,15 @@ std::tuple<Tensor, std::optional<Tensor>> scale_columns_bwd(const Tensor& grad, 
   const BFloat16* yp = y.data_ptr<BFloat16>();
   const float* sp = scale.data_ptr<float>();
   BFloat16* dp = dy.data_ptr<BFloat16>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+  for_rows(rows, D, kGrain, [&](int64_t begin, int64_t end) {
     scale_rows(gp, sp, dp, D, begin, end);
     if (!need_scale) return;
     float* acc = parts.data() + static_cast<size_t>(at::get_thread_num()) * D;
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t j = 0; j < D; j += kB) {
         const int64_t m = std::min(kB, D - j), m0 = std::min(kF, m), m1 = std::max<int64_t>(m - kF, 0);
-        auto [g0, g1] = at::vec::convert_to_float<BFloat16>(m == kB ? BVec::loadu(gp + r * D + j)
-                                                                    : BVec::loadu(gp + r * D + j, m));
-        auto [y0, y1] = at::vec::convert_to_float<BFloat16>(m == kB ? BVec::loadu(yp + r * D + j)
-                                                                    : BVec::loadu(yp + r * D + j, m));
+        auto [g0, g1] = to_float(load(gp + r * D + j, m));
+        auto [y0, y1] = to_float(load(yp + r * D + j, m));
         at::vec::fmadd(g0, y0, Vec::loadu(acc + j, m0)).store(acc + j, m0);
         if (m1) at::vec::fmadd(g1, y1, Vec::loadu(acc + j + kF, m1)).store(acc + j + kF, m1);
       }

@@ -9,6 +9,7 @@
 // dw is summed in fp32 per thread. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
 // lorakit/ops/rms_norm.py.
 #include "cpu_capability.h"
+#include "bf16_rows.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,28 +23,8 @@
 
 namespace lorakit_rms_norm {
 
-using at::BFloat16;
-using at::Tensor;
-using Vec = at::vec::Vectorized<float>;
-using BVec = at::vec::Vectorized<BFloat16>;
-constexpr int64_t kB = BVec::size();  // bf16 lanes per vector: two float vectors
-constexpr int64_t kGrain = 2048;      // elements per parallel task (small tensors stay on one thread)
-
-void check_bf16(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
-              " must be a contiguous bf16 CPU tensor");
-}
-
-void store(const BVec& v, BFloat16* p, int64_t m) { if (m == kB) v.store(p); else v.store(p, m); }
-
-std::tuple<Vec, Vec> to_float(const BVec& v) { return at::vec::convert_to_float<BFloat16>(v); }
-BVec to_bf16(const Vec& a, const Vec& b) { return at::vec::convert_from_float<BFloat16>(a, b); }
-
-// the rows of a (rows, D) problem over the threads
-template <typename F>
-void for_rows(int64_t rows, int64_t D, const F& body) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), body);
-}
+using namespace lorakit_bf16_rows;
+constexpr int64_t kGrain = 2048;  // elements per parallel task (small tensors stay on one thread)
 
 std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd,
                                                        const Tensor& weight, bool weight_grad) {
@@ -60,8 +41,7 @@ std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const T
   const BFloat16* xp = x.data_ptr<BFloat16>();
   const float* rp = rstd.data_ptr<float>();
   BFloat16* dxp = dx.data_ptr<BFloat16>();
-  constexpr int64_t kF = Vec::size();
-  for_rows(rows, D, [&](int64_t begin, int64_t end) {
+  for_rows(rows, D, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> n(D), g(D), dy32(D);
     float* dw = weight_grad ? dw_parts.data() + static_cast<size_t>(at::get_thread_num()) * D : nullptr;
     for (int64_t r = begin; r < end; ++r) {
