@@ -21,6 +21,7 @@
 // KV. Outputs are (B, H, L, D)-shaped views of (B, L, H, D) memory (the layout transformers reshapes into).
 // Built on first use by lorakit/ops/cpu_extension.py; used through lorakit/ops/attention.py.
 #include "cpu_capability.h"
+#include "bf16_rows.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -161,11 +162,15 @@ inline Tensor mat(BFloat16* p, int64_t rows, int64_t cols, const Tensor& like) {
 // at a time. Their arithmetic is element for element the same fp32 math, in the same order of additions, as
 // converting whole rows to fp32 first: exp on full 16-float vectors from the row's first visible key, std::exp on
 // the last width % 16 (the sums and the results equal bit for bit).
-using BVec = at::vec::Vectorized<BFloat16>;
-constexpr int64_t kF = Vec::size(), kB = BVec::size();
+using lorakit_bf16_rows::BVec;
+using lorakit_bf16_rows::kB;
+using lorakit_bf16_rows::kF;
+using lorakit_bf16_rows::load;
+using lorakit_bf16_rows::to_bf16;
+using lorakit_bf16_rows::to_float;
 
-inline std::tuple<Vec, Vec> load_float(const BFloat16* p) { return at::vec::convert_to_float<BFloat16>(BVec::loadu(p)); }
-inline void store_bf16(const Vec& a, const Vec& b, BFloat16* p) { at::vec::convert_from_float<BFloat16>(a, b).store(p); }
+inline std::tuple<Vec, Vec> load_float(const BFloat16* p) { return to_float(BVec::loadu(p)); }
+inline void store_bf16(const Vec& a, const Vec& b, BFloat16* p) { to_bf16(a, b).store(p); }
 inline void zero(BFloat16* p, int64_t count) { if (count > 0) std::memset(p, 0, count * sizeof(BFloat16)); }
 
 // Forward of one row: out[lo..hi) = bf16(softmax(scale * s[lo..hi))), zeros elsewhere in out[0..n); `e` (fp32,
@@ -194,7 +199,7 @@ float softmax_row(const BFloat16* s, BFloat16* out, float* e, int64_t lo, int64_
     acc = acc + eb;
   }
   if (j + kF <= width) {
-    Vec a = std::get<0>(at::vec::convert_to_float<BFloat16>(BVec::loadu(x + j, kF)));
+    Vec a = std::get<0>(to_float(load(x + j, kF)));
     Vec ea = (a * vs - vm).exp_u20();
     ea.store(e + j);
     acc = acc + ea;
@@ -234,8 +239,8 @@ void softmax_grad_row(const BFloat16* s, const BFloat16* dp, BFloat16* p_out, BF
   if (j < width) {  // the last < 32 values: a 16-float vector if there are that many, std::exp for the rest
     const int64_t m = width - j;
     float pf[kB], df[kB];
-    auto [a, b] = at::vec::convert_to_float<BFloat16>(BVec::loadu(x + j, m));
-    auto [ga, gb] = at::vec::convert_to_float<BFloat16>(BVec::loadu(g + j, m));
+    auto [a, b] = to_float(load(x + j, m));
+    auto [ga, gb] = to_float(load(g + j, m));
     a.store(pf); b.store(pf + kF); ga.store(df); gb.store(df + kF);
     int64_t t = 0;
     if (m >= kF) {
