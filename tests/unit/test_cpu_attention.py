@@ -97,8 +97,8 @@ def test_kernel_uses_the_given_scale_and_one_thread_gives_the_same_attention():
 
 
 def test_kernel_gives_the_same_result_on_every_run():
-    """The (head, row block) items are dealt to the threads by their cost, the same way on every run: dK and dV,
-    summed per thread in fp32, come out the same bit for bit. Block-split length, uneven item costs."""
+    """The (head, row block) items are dealt into one list per thread by their cost, the same way on every run:
+    dK and dV, summed per list in fp32, come out the same bit for bit. Block-split length, uneven item costs."""
     q, k, v, grad = _inputs(1, 6, 2, 600, 16, seed=3)
     first = _kernel(q, k, v, grad)
     for again in (_kernel(q, k, v, grad), _kernel(q, k, v, grad)):
