@@ -96,6 +96,18 @@ def test_kernel_uses_the_given_scale_and_one_thread_gives_the_same_attention():
         assert torch.allclose(actual, expected, atol=1e-2, rtol=1e-2), name  # dK, dV: another summation order
 
 
+def test_kernel_gives_the_same_result_on_every_run():
+    """The (head, row block) items are dealt into one list per thread by their cost, the same way on every run:
+    dK and dV, summed per list in fp32, come out the same bit for bit. Block-split length, uneven item costs."""
+    q, k, v, grad = _inputs(1, 6, 2, 600, 16, seed=3)
+    first = _kernel(q, k, v, grad)
+    for again in (_kernel(q, k, v, grad), _kernel(q, k, v, grad)):
+        for actual, expected, name in zip(again, first, ("out", "dq", "dk", "dv")):
+            assert torch.equal(actual, expected), name
+    for actual, expected, name in zip(first, _reference(q, k, v, grad), ("out", "dq", "dk", "dv")):
+        _assert_close_to_bf16(actual, expected, name)
+
+
 def test_kernel_reads_strided_inputs():
     """q, k, v as transformers makes them: (B, H, L, D) views of (B, L, H, D) memory."""
     q, k, v, grad = _inputs(2, 4, 2, 24, 16, seed=2)

@@ -1,10 +1,12 @@
-// What lorakit's row-wise bf16 kernels share (rms_norm.cpp, dora_scale.cpp): vector types, partial loads and
-// stores at a row's tail, bf16 <-> fp32 conversion, the input check and the split of (rows, D) over the threads.
+// What lorakit's row-wise bf16 kernels share (rms_norm.cpp, dora_scale.cpp, causal_attention.cpp): vector types,
+// partial loads and stores at a row's tail, bf16 <-> fp32 conversion, the input check and the split of (rows, D)
+// over the threads.
 // Include after cpu_capability.h.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>  // before the conversions below are instantiated
 #include <algorithm>
 #include <tuple>
 

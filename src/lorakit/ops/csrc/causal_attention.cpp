@@ -13,12 +13,15 @@
 //             dS = P * (dP - delta) * scale; dQ = dS K; dK = dS^T Q   (dK, dV summed over the heads of a group)
 // Work is split over (batch, kv group, heads, row block): all heads of a group in one matmul when a head fits
 // one block (L <= 256) and that leaves every thread several items, else one head per item, in row blocks of 256
-// (a block only multiplies the keys it can see). dK and dV are accumulated per thread in fp32.
+// (a block only multiplies the keys it can see). The items are dealt into one list per thread of about equal cost
+// (deal); dK and dV are accumulated per list in fp32. The matmuls read q, k, v, dO and O where they are (strided
+// views; a group's stacked heads are copied) and write into per-thread buffers.
 //
 // Inputs: q (B, H, L, D), k and v (B, KV, L, D), bf16, unit stride in D (other strides free), H a multiple of
 // KV. Outputs are (B, H, L, D)-shaped views of (B, L, H, D) memory (the layout transformers reshapes into).
 // Built on first use by lorakit/ops/cpu_extension.py; used through lorakit/ops/attention.py.
 #include "cpu_capability.h"
+#include "bf16_rows.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -27,6 +30,8 @@
 #include <cmath>
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <tuple>
 #include <optional>
 #include <vector>
 
@@ -47,11 +52,19 @@ struct View {
   const BFloat16* row(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * sl; }
 };
 
-// Rows of the chunk (head-major, then position) copied into a contiguous (ng*m, D) buffer.
-void gather(const View& v, const Chunk& c, int64_t G, int64_t D, BFloat16* dst) {
+// The chunk's rows of a (B, heads, L, D) view as a (ng*m, D) matrix: a strided view of the tensor's own memory
+// for one head (rows at the tensor's position stride), else (a group's heads stacked) copied into `buf`.
+Tensor rows_of(const View& v, const Chunk& c, int64_t G, int64_t D, BFloat16* buf, const Tensor& like) {
+  if (c.ng == 1)
+    return at::from_blob(const_cast<BFloat16*>(v.row(c.b, c.kv * G + c.g0, c.r0)), {c.m, D}, {v.sl, 1}, like.options());
   for (int64_t g = 0; g < c.ng; ++g)
     for (int64_t i = 0; i < c.m; ++i)
-      std::memcpy(dst + (g * c.m + i) * D, v.row(c.b, c.kv * G + c.g0 + g, c.r0 + i), D * sizeof(BFloat16));
+      std::memcpy(buf + (g * c.m + i) * D, v.row(c.b, c.kv * G + c.g0 + g, c.r0 + i), D * sizeof(BFloat16));
+  return at::from_blob(buf, {c.ng * c.m, D}, like.options());
+}
+// Keys (or values) 0..n-1 of group kv: a strided view, no copy.
+Tensor keys_of(const View& v, const Chunk& c, int64_t n, int64_t D, const Tensor& like) {
+  return at::from_blob(const_cast<BFloat16*>(v.row(c.b, c.kv, 0)), {n, D}, {v.sl, 1}, like.options());
 }
 void scatter(const BFloat16* src, const Chunk& c, int64_t G, int64_t D, Tensor& out) {  // out (B, L, H, D) memory
   BFloat16* p = out.data_ptr<BFloat16>();
@@ -80,6 +93,22 @@ std::vector<Chunk> chunks(int64_t B, int64_t KV, int64_t G, int64_t L) {
           }
   }
   return out;
+}
+
+// The chunks dealt into `count` lists of about equal cost (rows x keys), largest first, each to the list with the
+// least so far: one list per thread. Which list a chunk lands in depends only on the shapes and `count`, so the
+// per-list dK / dV sums, and the results, are the same on every run with the same thread count.
+std::vector<std::vector<Chunk>> deal(std::vector<Chunk> work, int64_t count) {
+  std::stable_sort(work.begin(), work.end(),
+                   [](const Chunk& a, const Chunk& b) { return a.ng * a.m * (a.r0 + a.m) > b.ng * b.m * (b.r0 + b.m); });
+  std::vector<std::vector<Chunk>> lists(std::max<int64_t>(1, std::min<int64_t>(count, work.size())));
+  std::vector<int64_t> cost(lists.size(), 0);
+  for (const Chunk& c : work) {
+    const auto t = std::min_element(cost.begin(), cost.end()) - cost.begin();
+    lists[t].push_back(c);
+    cost[t] += c.ng * c.m * (c.r0 + c.m);
+  }
+  return lists;
 }
 
 // Rows of the largest chunk (the size of the per-thread buffers).
@@ -129,6 +158,115 @@ inline Tensor mat(BFloat16* p, int64_t rows, int64_t cols, const Tensor& like) {
   return at::from_blob(p, {rows, cols}, like.options());
 }
 
+// The row loops read the bf16 matmul outputs and write bf16 matmul inputs directly, 32 values (two float vectors)
+// at a time. Their arithmetic is element for element the same fp32 math, in the same order of additions, as
+// converting whole rows to fp32 first: exp on full 16-float vectors from the row's first visible key, std::exp on
+// the last width % 16 (the sums and the results equal bit for bit).
+using lorakit_bf16_rows::BVec;
+using lorakit_bf16_rows::kB;
+using lorakit_bf16_rows::kF;
+using lorakit_bf16_rows::load;
+using lorakit_bf16_rows::to_bf16;
+using lorakit_bf16_rows::to_float;
+
+inline std::tuple<Vec, Vec> load_float(const BFloat16* p) { return to_float(BVec::loadu(p)); }
+inline void store_bf16(const Vec& a, const Vec& b, BFloat16* p) { to_bf16(a, b).store(p); }
+inline void zero(BFloat16* p, int64_t count) { if (count > 0) std::memset(p, 0, count * sizeof(BFloat16)); }
+
+// Forward of one row: out[lo..hi) = bf16(softmax(scale * s[lo..hi))), zeros elsewhere in out[0..n); `e` (fp32,
+// >= hi - lo values) holds the exponentials. Returns the row's log-sum-exp.
+float softmax_row(const BFloat16* s, BFloat16* out, float* e, int64_t lo, int64_t hi, int64_t n, float scale) {
+  const int64_t width = hi - lo;
+  const BFloat16* x = s + lo;
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kB <= width; j += kB) {
+    auto [a, b] = load_float(x + j);
+    vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+  }
+  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (; j < width; ++j) mx = std::max(mx, static_cast<float>(x[j]));
+  mx *= scale;
+  const Vec vs(scale), vm(mx);
+  Vec acc(0.f);
+  j = 0;
+  for (; j + kB <= width; j += kB) {
+    auto [a, b] = load_float(x + j);
+    Vec ea = (a * vs - vm).exp_u20(), eb = (b * vs - vm).exp_u20();
+    ea.store(e + j);
+    eb.store(e + j + kF);
+    acc = acc + ea;
+    acc = acc + eb;
+  }
+  if (j + kF <= width) {
+    Vec a = std::get<0>(to_float(load(x + j, kF)));
+    Vec ea = (a * vs - vm).exp_u20();
+    ea.store(e + j);
+    acc = acc + ea;
+    j += kF;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; j < width; ++j) { e[j] = std::exp(static_cast<float>(x[j]) * scale - mx); sum += e[j]; }
+  const float inv = 1.f / sum;
+  const Vec vinv(inv);
+  zero(out, lo);
+  BFloat16* o = out + lo;
+  j = 0;
+  for (; j + kB <= width; j += kB) store_bf16(Vec::loadu(e + j) * vinv, Vec::loadu(e + j + kF) * vinv, o + j);
+  for (; j < width; ++j) o[j] = static_cast<BFloat16>(e[j] * inv);
+  zero(out + hi, n - hi);
+  return mx + std::log(sum);
+}
+
+// Backward of one row: p = exp(scale * s - lse) and ds = (dp - delta) * p * scale over [lo, hi), written as bf16
+// with zeros elsewhere in [0, n).
+void softmax_grad_row(const BFloat16* s, const BFloat16* dp, BFloat16* p_out, BFloat16* ds_out, int64_t lo,
+                      int64_t hi, int64_t n, float scale, float lse, float delta) {
+  const int64_t width = hi - lo;
+  const BFloat16 *x = s + lo, *g = dp + lo;
+  BFloat16 *po = p_out + lo, *dso = ds_out + lo;
+  const Vec vs(scale), vl(lse), vd(delta);
+  zero(p_out, lo);
+  zero(ds_out, lo);
+  int64_t j = 0;
+  for (; j + kB <= width; j += kB) {
+    auto [a, b] = load_float(x + j);
+    auto [ga, gb] = load_float(g + j);
+    Vec pa = (a * vs - vl).exp_u20(), pb = (b * vs - vl).exp_u20();
+    store_bf16(pa, pb, po + j);
+    store_bf16((ga - vd) * pa * vs, (gb - vd) * pb * vs, dso + j);
+  }
+  if (j < width) {  // the last < 32 values: a 16-float vector if there are that many, std::exp for the rest
+    const int64_t m = width - j;
+    float pf[kB], df[kB];
+    auto [a, b] = to_float(load(x + j, m));
+    auto [ga, gb] = to_float(load(g + j, m));
+    a.store(pf); b.store(pf + kF); ga.store(df); gb.store(df + kF);
+    int64_t t = 0;
+    if (m >= kF) {
+      Vec pa = (a * vs - vl).exp_u20();
+      pa.store(pf);
+      ((ga - vd) * pa * vs).store(df);
+      t = kF;
+    }
+    for (; t < m; ++t) { pf[t] = std::exp(pf[t] * scale - lse); df[t] = (df[t] - delta) * pf[t] * scale; }
+    for (t = 0; t < m; ++t) { po[t + j] = static_cast<BFloat16>(pf[t]); dso[t + j] = static_cast<BFloat16>(df[t]); }
+  }
+  zero(p_out + hi, n - hi);
+  zero(ds_out + hi, n - hi);
+}
+
+// acc[0..count) += float(x[0..count)), one pass
+void add_to_float(const BFloat16* x, float* acc, int64_t count) {
+  int64_t j = 0;
+  for (; j + kB <= count; j += kB) {
+    auto [a, b] = load_float(x + j);
+    (Vec::loadu(acc + j) + a).store(acc + j);
+    (Vec::loadu(acc + j + kF) + b).store(acc + j + kF);
+  }
+  for (; j < count; ++j) acc[j] += static_cast<float>(x[j]);
+}
+
 std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 const std::optional<Tensor>& key_ranges, double scale_d) {
   check_inputs(q, k, v);
@@ -141,46 +279,28 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k
   const View qv(q), kvw(k), vv(v);
   const auto work = chunks(B, KV, G, L);
   const int64_t max_rows = max_chunk_rows(work);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<BFloat16> qbuf(max_rows * D), kbuf(L * D), vbuf(L * D), pbuf(max_rows * L);
-    std::vector<float> prow(L);
-    for (int64_t w = begin; w < end; ++w) {
-      const Chunk& c = work[w];
+  const auto lists = deal(work, at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t begin, int64_t end) {
+    // per-thread buffers: stacked query rows, scores, probabilities, the output block, fp32 exponentials
+    Tensor buf = at::empty({max_rows * (D + 2 * L + D)}, q.options());
+    BFloat16 *qbuf = buf.data_ptr<BFloat16>(), *sbuf = qbuf + max_rows * D, *pbuf = sbuf + max_rows * L,
+             *obuf = pbuf + max_rows * L;
+    std::vector<float> erow(L);
+    for (int64_t t = begin; t < end; ++t) for (const Chunk& c : lists[t]) {
       const int64_t n = c.r0 + c.m, rows = c.ng * c.m;  // keys 0..n-1
-      gather(qv, c, G, D, qbuf.data());
-      for (int64_t j = 0; j < n; ++j) {
-        std::memcpy(kbuf.data() + j * D, kvw.row(c.b, c.kv, j), D * sizeof(BFloat16));
-        std::memcpy(vbuf.data() + j * D, vv.row(c.b, c.kv, j), D * sizeof(BFloat16));
-      }
-      Tensor Kt = mat(kbuf.data(), n, D, q), Vt = mat(vbuf.data(), n, D, q);
-      Tensor S = at::mm(mat(qbuf.data(), rows, D, q), Kt.t());  // (rows, n) bf16
-      const BFloat16* s = S.data_ptr<BFloat16>();
+      Tensor Qc = rows_of(qv, c, G, D, qbuf, q);
+      Tensor Kt = keys_of(kvw, c, n, D, q), Vt = keys_of(vv, c, n, D, q);
+      Tensor S = mat(sbuf, rows, n, q);
+      at::mm_out(S, Qc, Kt.t());  // (rows, n) bf16
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / c.m, i = c.r0 + r % c.m;
         const auto [lo, hi] = ranges.of(c.b, i);
-        const int64_t width = hi - lo;
-        float* row = prow.data();
-        std::fill(row, row + n, 0.f);
-        float* pr = row + lo;  // the visible keys
-        at::vec::convert(s + r * n + lo, pr, width);
-        float mx = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, pr, width) * scale;
-        const Vec vs(scale), vm(mx);
-        Vec acc(0.f);
-        int64_t j = 0;
-        for (; j + Vec::size() <= width; j += Vec::size()) {
-          Vec e = (Vec::loadu(pr + j) * vs - vm).exp_u20();
-          e.store(pr + j);
-          acc = acc + e;
-        }
-        float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-        for (; j < width; ++j) { pr[j] = std::exp(pr[j] * scale - mx); sum += pr[j]; }
-        const float inv = 1.f / sum;
-        at::vec::map([inv](Vec x) { return x * Vec(inv); }, pr, pr, width);
-        at::vec::convert(row, pbuf.data() + r * n, n);
-        lse_p[(c.b * H + c.kv * G + c.g0 + g) * L + i] = mx + std::log(sum);
+        lse_p[(c.b * H + c.kv * G + c.g0 + g) * L + i] =
+            softmax_row(sbuf + r * n, pbuf + r * n, erow.data(), lo, hi, n, scale);
       }
-      Tensor O = at::mm(mat(pbuf.data(), rows, n, q), Vt);  // (rows, D)
-      scatter(O.data_ptr<BFloat16>(), c, G, D, out);
+      Tensor O = mat(obuf, rows, D, q);
+      at::mm_out(O, mat(pbuf, rows, n, q), Vt);  // (rows, D)
+      scatter(obuf, c, G, D, out);
     }
   });
   return {out.permute({0, 2, 1, 3}), lse};
@@ -198,72 +318,53 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
               "causal_attention_bwd: lse must be the forward's (batch, heads, length) fp32 tensor");
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   const float scale = static_cast<float>(scale_d);
-  const int nthreads = at::get_num_threads();
-  auto dq = at::empty({B, L, H, D}, q.options());
-  auto dk_acc = at::zeros({nthreads, B, KV, L, D}, q.options().dtype(at::kFloat));
-  auto dv_acc = at::zeros({nthreads, B, KV, L, D}, q.options().dtype(at::kFloat));
-  const float* lse_p = lse.data_ptr<float>();
-  const View qv(q), kvw(k), vv(v), dov(dout), ov(out);
   const auto work = chunks(B, KV, G, L);
   const int64_t max_rows = max_chunk_rows(work);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    std::vector<BFloat16> qbuf(max_rows * D), dobuf(max_rows * D), obuf(max_rows * D), kbuf(L * D), vbuf(L * D),
-        pbuf(max_rows * L), dsbuf(max_rows * L);
-    std::vector<float> prow(L), dprow(L), tmp(L * D), f1(D), f2(D);
-    for (int64_t w = begin; w < end; ++w) {
-      const Chunk& c = work[w];
+  const auto lists = deal(work, at::get_num_threads());
+  const int64_t nlists = static_cast<int64_t>(lists.size());
+  auto dq = at::empty({B, L, H, D}, q.options());
+  auto dk_acc = at::zeros({nlists, B, KV, L, D}, q.options().dtype(at::kFloat));  // dK, dV summed per list
+  auto dv_acc = at::zeros({nlists, B, KV, L, D}, q.options().dtype(at::kFloat));
+  const float* lse_p = lse.data_ptr<float>();
+  const View qv(q), kvw(k), vv(v), dov(dout), ov(out);
+  at::parallel_for(0, nlists, 1, [&](int64_t begin, int64_t end) {
+    // per-thread buffers: stacked q / dO / O rows, S, dP, P, dS, the dQ block, the dK and dV blocks
+    Tensor buf = at::empty({max_rows * (4 * D + 4 * L) + 2 * L * D}, q.options());
+    BFloat16 *qbuf = buf.data_ptr<BFloat16>(), *dobuf = qbuf + max_rows * D, *obuf = dobuf + max_rows * D,
+             *dqbuf = obuf + max_rows * D, *sbuf = dqbuf + max_rows * D, *dpbuf = sbuf + max_rows * L,
+             *pbuf = dpbuf + max_rows * L, *dsbuf = pbuf + max_rows * L, *dkbuf = dsbuf + max_rows * L,
+             *dvbuf = dkbuf + L * D;
+    std::vector<float> f1(D), f2(D);
+    for (int64_t t = begin; t < end; ++t) for (const Chunk& c : lists[t]) {
       const int64_t n = c.r0 + c.m, rows = c.ng * c.m;
-      gather(qv, c, G, D, qbuf.data());
-      gather(dov, c, G, D, dobuf.data());
-      gather(ov, c, G, D, obuf.data());
-      for (int64_t j = 0; j < n; ++j) {
-        std::memcpy(kbuf.data() + j * D, kvw.row(c.b, c.kv, j), D * sizeof(BFloat16));
-        std::memcpy(vbuf.data() + j * D, vv.row(c.b, c.kv, j), D * sizeof(BFloat16));
-      }
-      Tensor Qc = mat(qbuf.data(), rows, D, q), dOc = mat(dobuf.data(), rows, D, q);
-      Tensor Kt = mat(kbuf.data(), n, D, q), Vt = mat(vbuf.data(), n, D, q);
-      Tensor S = at::mm(Qc, Kt.t());
-      Tensor dP = at::mm(dOc, Vt.t());
-      const BFloat16* s = S.data_ptr<BFloat16>();
-      const BFloat16* dp = dP.data_ptr<BFloat16>();
+      Tensor Qc = rows_of(qv, c, G, D, qbuf, q), dOc = rows_of(dov, c, G, D, dobuf, q);
+      Tensor Oc = rows_of(ov, c, G, D, obuf, q);
+      Tensor Kt = keys_of(kvw, c, n, D, q), Vt = keys_of(vv, c, n, D, q);
+      Tensor S = mat(sbuf, rows, n, q), dP = mat(dpbuf, rows, n, q);
+      at::mm_out(S, Qc, Kt.t());
+      at::mm_out(dP, dOc, Vt.t());
+      const BFloat16 *dop = dOc.data_ptr<BFloat16>(), *op = Oc.data_ptr<BFloat16>();
+      const int64_t dos = dOc.stride(0), os = Oc.stride(0);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / c.m, i = c.r0 + r % c.m;
         const auto [lo, hi] = ranges.of(c.b, i);
-        const int64_t width = hi - lo;
-        at::vec::convert(dobuf.data() + r * D, f1.data(), D);
-        at::vec::convert(obuf.data() + r * D, f2.data(), D);
+        at::vec::convert(dop + r * dos, f1.data(), D);
+        at::vec::convert(op + r * os, f2.data(), D);
         const float dl = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
                                                          [](Vec a, Vec b) { return a + b; }, f1.data(), f2.data(), D);
         const float l = lse_p[(c.b * H + c.kv * G + c.g0 + g) * L + i];
-        std::fill(prow.begin(), prow.begin() + n, 0.f);
-        std::fill(dprow.begin(), dprow.begin() + n, 0.f);
-        float* pr = prow.data() + lo;  // the visible keys
-        float* dr = dprow.data() + lo;
-        at::vec::convert(s + r * n + lo, pr, width);
-        at::vec::convert(dp + r * n + lo, dr, width);
-        const Vec vs(scale), vl(l), vd(dl);
-        int64_t j = 0;
-        for (; j + Vec::size() <= width; j += Vec::size()) {
-          Vec p = (Vec::loadu(pr + j) * vs - vl).exp_u20();
-          p.store(pr + j);
-          ((Vec::loadu(dr + j) - vd) * p * vs).store(dr + j);
-        }
-        for (; j < width; ++j) { pr[j] = std::exp(pr[j] * scale - l); dr[j] = (dr[j] - dl) * pr[j] * scale; }
-        at::vec::convert(prow.data(), pbuf.data() + r * n, n);
-        at::vec::convert(dprow.data(), dsbuf.data() + r * n, n);
+        softmax_grad_row(sbuf + r * n, dpbuf + r * n, pbuf + r * n, dsbuf + r * n, lo, hi, n, scale, l, dl);
       }
-      Tensor P = mat(pbuf.data(), rows, n, q), dS = mat(dsbuf.data(), rows, n, q);
-      Tensor dQc = at::mm(dS, Kt);
-      scatter(dQc.data_ptr<BFloat16>(), c, G, D, dq);
-      Tensor dKp = at::mm(dS.t(), Qc);  // (n, D), summed over the chunk's heads
-      Tensor dVp = at::mm(P.t(), dOc);
-      float* dk_p = dk_acc.data_ptr<float>() + ((tid * B + c.b) * KV + c.kv) * L * D;
-      float* dv_p = dv_acc.data_ptr<float>() + ((tid * B + c.b) * KV + c.kv) * L * D;
-      at::vec::convert(dKp.data_ptr<BFloat16>(), tmp.data(), n * D);
-      at::vec::map2([](Vec a, Vec b) { return a + b; }, dk_p, dk_p, tmp.data(), n * D);
-      at::vec::convert(dVp.data_ptr<BFloat16>(), tmp.data(), n * D);
-      at::vec::map2([](Vec a, Vec b) { return a + b; }, dv_p, dv_p, tmp.data(), n * D);
+      Tensor P = mat(pbuf, rows, n, q), dS = mat(dsbuf, rows, n, q);
+      Tensor dQc = mat(dqbuf, rows, D, q), dKp = mat(dkbuf, n, D, q), dVp = mat(dvbuf, n, D, q);
+      at::mm_out(dQc, dS, Kt);
+      scatter(dqbuf, c, G, D, dq);
+      at::mm_out(dKp, dS.t(), Qc);  // (n, D), summed over the chunk's heads
+      at::mm_out(dVp, P.t(), dOc);
+      float* dk_p = dk_acc.data_ptr<float>() + ((t * B + c.b) * KV + c.kv) * L * D;
+      float* dv_p = dv_acc.data_ptr<float>() + ((t * B + c.b) * KV + c.kv) * L * D;
+      add_to_float(dkbuf, dk_p, n * D);
+      add_to_float(dvbuf, dv_p, n * D);
     }
   });
   return {dq.permute({0, 2, 1, 3}), dk_acc.sum(0).to(at::kBFloat16), dv_acc.sum(0).to(at::kBFloat16)};
