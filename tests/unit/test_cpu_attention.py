@@ -73,6 +73,7 @@ def _assert_close_to_bf16(actual, expected, name):
     (2, 4, 2, 37, 16),    # grouped heads, a length that is no multiple of the vector width
     (3, 2, 2, 5, 32),     # one query head per kv head
     (8, 6, 2, 64, 64),    # enough groups for the stacked-heads matmul
+    (8, 4, 2, 200, 16),   # stacked heads in two row blocks (72 and 128 rows)
     (1, 3, 1, 300, 8),    # longer than one row block: blocks of 256 and 44 rows, three heads on one kv head
 ])
 def test_kernel_matches_fp32_sdpa_forward_and_backward(shape):

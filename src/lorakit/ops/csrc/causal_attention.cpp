@@ -12,10 +12,11 @@
 //   backward  P = exp(scale * Q K^T - lse); dV = P^T dO; dP = dO V^T; delta = rowsum(dO * O);
 //             dS = P * (dP - delta) * scale; dQ = dS K; dK = dS^T Q   (dK, dV summed over the heads of a group)
 // Work is split over (batch, kv group, heads, row block): all heads of a group in one matmul when a head fits
-// one block (L <= 256) and that leaves every thread several items, else one head per item, in row blocks of 256
-// (a block only multiplies the keys it can see). The items are dealt into one list per thread of about equal cost
-// (deal); dK and dV are accumulated per list in fp32. The matmuls read q, k, v, dO and O where they are (strided
-// views; a group's stacked heads are copied) and write into per-thread buffers.
+// one block (L <= 256) and that leaves every thread several items (stacked rows in blocks of 128 positions), else
+// one head per item, in row blocks of 256 (a block only multiplies the keys it can see). The items are dealt into
+// one list per thread of about equal cost (deal); dK and dV are accumulated per list in fp32. The matmuls read q,
+// k, v, dO and O where they are (strided views; a group's stacked heads are copied) and write into per-thread
+// buffers.
 //
 // Inputs: q (B, H, L, D), k and v (B, KV, L, D), bf16, unit stride in D (other strides free), H a multiple of
 // KV. Outputs are (B, H, L, D)-shaped views of (B, L, H, D) memory (the layout transformers reshapes into).
@@ -78,11 +79,18 @@ std::vector<Chunk> chunks(int64_t B, int64_t KV, int64_t G, int64_t L) {
   std::vector<Chunk> out;
   const int64_t threads = at::get_num_threads();
   if (L <= kRowBlock) {
-    // whole heads; stack all G heads of a group in one matmul unless that leaves threads idle
+    // all G heads of a group stacked in one matmul unless that leaves threads idle; stacked rows in two blocks of
+    // up to kRowBlock / 2 positions, the first multiplying only the keys it sees (a quarter fewer score products
+    // than one block; a single head's 128-row blocks would be too thin for the matmuls to pay)
     const int64_t ng = (B * KV >= 4 * threads) ? G : 1;
+    const int64_t block = ng > 1 ? kRowBlock / 2 : kRowBlock;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t kv = 0; kv < KV; ++kv)
-        for (int64_t g0 = 0; g0 < G; g0 += ng) out.push_back({b, kv, g0, ng, 0, L});
+        for (int64_t g0 = 0; g0 < G; g0 += ng)
+          for (int64_t r0 = L; r0 > 0; r0 -= block) {
+            const int64_t start = std::max<int64_t>(0, r0 - block);
+            out.push_back({b, kv, g0, ng, start, r0 - start});
+          }
   } else {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t kv = 0; kv < KV; ++kv)
