@@ -220,3 +220,21 @@ def test_rms_norm_backward_kernel_gives_the_operators_gradients_to_rounding(monk
     assert torch.allclose(dx.float(), dx_ref.float(), rtol=2 ** -7, atol=1e-6)
     assert torch.allclose(dw.float(), dw_ref.float(), rtol=2 ** -7, atol=1e-4)
     assert (dx != 0).any() and (dw != 0).any()
+
+
+@pytest.mark.parametrize("rows, width", [(1, 576), (37, 576), (5, 50), (3, 7)])
+def test_rms_norm_kernel_normalises_as_the_module_does_bit_for_bit(rows, width):
+    from lorakit.ops import rms_norm as module
+
+    x = (_randn(2, rows, width, seed=6) * 3).to(torch.bfloat16)
+    norm = LlamaRMSNorm(width, eps=1e-5)
+    norm.weight.data = _randn(width, seed=7) + 1
+    norm = norm.to(torch.bfloat16)
+    if not module.kernel_runs(x, norm.weight):
+        pytest.skip("lorakit's RMSNorm kernel cannot be built here")
+    with torch.no_grad():
+        expected = norm(x)
+        x32 = x.to(torch.float32)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
+        assert torch.equal(torch.ops.lorakit.rms_norm_apply(x, rstd, norm.weight), expected)
+        assert torch.equal(rms_norm(x, norm.weight, 1e-5), expected)

@@ -1,11 +1,17 @@
-// RMSNorm's backward for bf16 training on the CPU, in one pass over each row where PyTorch's operators
-// (ops/rms_norm.py) take ~14 (fp32 copies of x and dy, products, casts, a mean, a sum: each a pass of its own):
+// RMSNorm for bf16 training on the CPU: its normalisation and its backward, each in one pass over each row where
+// PyTorch's operators (ops/rms_norm.py) take 3-4 and ~14 (fp32 copies, products, casts, a mean, a sum: each a pass
+// of its own):
 //
+//   rms_norm_apply(x, rstd, w)        y = bf16(w32 * bf16(x32 * rstd)): the forward's output from its 1 / rms (and
+//                                     its recomputation for the backward), the operations of ops/rms_norm.py in
+//                                     their order (the same result bit for bit)
 //   rms_norm_bwd(dy, x, rstd, w)      n = x32 * rstd, g = dy32 * w32; dx = bf16(rstd * (g - n * mean(g * n)));
 //                                     dw = sum over rows of dy32 * bf16(n): the fp32 math of ops/rms_norm.py, in
 //                                     another order of additions (equal to fp32 rounding)
 //
 // Inputs: contiguous bf16 CPU tensors dy and x (rows, D), w (D); rstd fp32, one value per row (the forward's).
+// (x * rstd rounds once to fp32, and the product of two bf16 values is exact in fp32, so both roundings are
+// PyTorch's.)
 // dw is summed in fp32 per thread. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
 // lorakit/ops/rms_norm.py.
 #include "cpu_capability.h"
@@ -26,12 +32,42 @@ namespace lorakit_rms_norm {
 using namespace lorakit_bf16_rows;
 constexpr int64_t kGrain = 2048;  // elements per parallel task (small tensors stay on one thread)
 
+void check_rows(const Tensor& x, const Tensor& rstd, const Tensor& weight, const char* op) {
+  check_bf16(x, "x"); check_bf16(weight, "weight");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() * D == x.numel() &&
+              weight.numel() == D, op, ": shapes do not match");
+}
+
+Tensor rms_norm_apply(const Tensor& x, const Tensor& rstd, const Tensor& weight) {
+  check_rows(x, rstd, weight, "rms_norm_apply");
+  const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
+  Tensor y = at::empty_like(x);
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  const BFloat16* wp = weight.data_ptr<BFloat16>();
+  const float* rp = rstd.data_ptr<float>();
+  BFloat16* yp = y.data_ptr<BFloat16>();
+  for_rows(rows, D, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Vec scale(rp[r]);
+      for (int64_t j = 0; j < D; j += kB) {
+        const int64_t m = std::min(kB, D - j);
+        auto [x0, x1] = to_float(load(xp + r * D + j, m));
+        auto [w0, w1] = to_float(load(wp + j, m));
+        auto [n0, n1] = to_float(to_bf16(x0 * scale, x1 * scale));
+        store(to_bf16(w0 * n0, w1 * n1), yp + r * D + j, m);
+      }
+    }
+  });
+  return y;
+}
+
 std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd,
                                                        const Tensor& weight, bool weight_grad) {
-  check_bf16(dy, "grad"); check_bf16(x, "x"); check_bf16(weight, "weight");
+  check_bf16(dy, "grad");
+  check_rows(x, rstd, weight, "rms_norm_bwd");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "rms_norm_bwd: grad and x must have one shape");
   const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
-  TORCH_CHECK(dy.sizes() == x.sizes() && rstd.scalar_type() == at::kFloat && rstd.is_contiguous() &&
-              rstd.numel() == rows && weight.numel() == D, "rms_norm_bwd: shapes do not match");
   Tensor dx = at::empty_like(x);
   const int threads = at::get_num_threads();
   std::vector<float> dw_parts(weight_grad ? static_cast<size_t>(threads) * D : 0, 0.0f);
@@ -92,9 +128,11 @@ std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const T
 }  // namespace lorakit_rms_norm
 
 TORCH_LIBRARY_FRAGMENT(lorakit, m) {
+  m.def("rms_norm_apply(Tensor x, Tensor rstd, Tensor weight) -> Tensor");
   m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor rstd, Tensor weight, bool weight_grad) -> (Tensor, Tensor?)");
 }
 
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
+  m.impl("rms_norm_apply", lorakit_rms_norm::rms_norm_apply);
   m.impl("rms_norm_bwd", lorakit_rms_norm::rms_norm_bwd);
 }
