@@ -1,5 +1,6 @@
 """Swap a model's RMSNorm and gated-MLP forwards for the fused kernels (rms_norm.py, swiglu.py) that keep less
-for the backward, where they compute exactly what the module does.
+for the backward, and Llama attention's for one whose rotary embedding runs in lorakit's kernel (rotary.py),
+where they compute exactly what the module does.
 
     swapped = use_fused_modules(model)           # once, after the adapters are in; returns the module names
     with recompute_saved_tensors():              # around each training forward (ops/recompute.py)
@@ -7,7 +8,9 @@ for the backward, where they compute exactly what the module does.
 
 Which modules: any module with a 1-D `weight` and a float `variance_epsilon` (RMSNorm as Llama, Mistral, Qwen2,
 Phi-3, SmolLM and most decoder models write it), and any module with `gate_proj`, `up_proj`, `down_proj` and an
-`act_fn` (the SwiGLU MLP). Each candidate is probed before it is swapped: its own forward and the fused one run
+`act_fn` (the SwiGLU MLP), and transformers' `LlamaAttention` itself (not a subclass: its forward is the one
+`_fused_attention_forward` repeats, with `apply_rotary` for `apply_rotary_pos_emb`; other architectures' attention
+differs in ways a short probe cannot see, such as sliding windows). Each candidate is probed before it is swapped: its own forward and the fused one run
 on the same random input (drawn from a private generator: the run's random state is untouched; eval mode:
 no dropout), in fp32 and bf16, and the swap happens only when the outputs are equal bit for bit. A norm written
 differently (Gemma's `1 + weight`, a norm with an offset) or another activation fails the probe and keeps its own
@@ -21,8 +24,11 @@ import types
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
 from lorakit.ops.rms_norm import rms_norm
+from lorakit.ops.rotary import apply_rotary
 from lorakit.ops.swiglu import silu_mul
 
 _ORIGINAL = "_lorakit_original_forward"
@@ -37,6 +43,38 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
+def _fused_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                             past_key_values=None, **kwargs):
+    """LlamaAttention.forward with the rotary embedding in lorakit's kernel (ops/rotary.py)."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_states, key_states = apply_rotary(query_states, key_states, cos, sin)
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        self, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _is_llama_attention(module: nn.Module) -> bool:
+    return isinstance(module, LlamaAttention) and type(module).forward is LlamaAttention.forward
+
+
+def _attention_inputs(module: nn.Module, x: torch.Tensor) -> tuple:
+    """The probe's call of an attention module: hidden states x and random rotary cos / sin of x's dtype."""
+    generator = torch.Generator().manual_seed(1)
+    angles = torch.rand(*x.shape[:-1], module.head_dim, generator=generator).to(x.device) * 6.3
+    return x, (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+
+
 def _is_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.is_floating_point()
@@ -48,8 +86,10 @@ def _is_gated_mlp(module: nn.Module) -> bool:
                for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-CANDIDATES = ((_is_norm, _fused_norm_forward, lambda m: m.weight.shape[0]),
-              (_is_gated_mlp, _fused_mlp_forward, lambda m: _in_features(m.gate_proj)))
+# (which modules, the fused forward, the probe input's width, the probe's call arguments from its input)
+CANDIDATES = ((_is_norm, _fused_norm_forward, lambda m: m.weight.shape[0], None),
+              (_is_gated_mlp, _fused_mlp_forward, lambda m: _in_features(m.gate_proj), None),
+              (_is_llama_attention, _fused_attention_forward, lambda m: m.config.hidden_size, _attention_inputs))
 
 
 def _in_features(layer: nn.Module) -> int | None:
@@ -58,8 +98,9 @@ def _in_features(layer: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def _probe(module: nn.Module, fused, width: int) -> bool:
-    """True when the fused forward gives the module's own output, bit for bit, in fp32 and bf16."""
+def _probe(module: nn.Module, fused, width: int, inputs=None) -> bool:
+    """True when the fused forward gives the module's own output, bit for bit, in fp32 and bf16. `inputs` makes
+    the call's arguments from the random input (default: the input alone); a tuple output compares its first."""
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
@@ -68,8 +109,11 @@ def _probe(module: nn.Module, fused, width: int) -> bool:
     try:
         for dtype in _PROBE_DTYPES:
             x = torch.randn(2, 3, width, generator=generator).to(device=device, dtype=dtype)
+            arguments = (x,) if inputs is None else inputs(module, x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                expected, got = module(x), fused(module, x)
+                expected, got = module(*arguments), fused(module, *arguments)
+            if isinstance(expected, tuple) and isinstance(got, tuple):
+                expected, got = expected[0], got[0]
             if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype \
                     or not torch.equal(expected, got):
                 return False
@@ -86,11 +130,11 @@ def use_fused_modules(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if hasattr(module, _ORIGINAL):
             continue
-        for matches, fused, width_of in CANDIDATES:
+        for matches, fused, width_of, inputs in CANDIDATES:
             if not matches(module):
                 continue
             width = width_of(module)
-            if width and _probe(module, fused, width):
+            if width and _probe(module, fused, width, inputs):
                 setattr(module, _ORIGINAL, module.forward)
                 module.forward = types.MethodType(fused, module)
                 swapped.append(name)

@@ -77,8 +77,9 @@ class TrainArgs:
     bf16: bool | str = "auto"
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
-    # Run RMSNorm and SwiGLU MLPs on fused kernels that keep half the activations for the backward (forward
-    # outputs equal bit for bit; lorakit/ops/fused_modules.py). false: the modules' own forwards.
+    # Run RMSNorm and SwiGLU MLPs on fused kernels that keep half the activations for the backward, and Llama
+    # attention's rotary embedding in one pass (forward outputs equal bit for bit; lorakit/ops/fused_modules.py).
+    # false: the modules' own forwards.
     fused_modules: bool = True
     # bf16 runs on the CPU: causal self-attention on lorakit's kernel, 2-3x PyTorch's CPU flash attention (built
     # on first use with the system's C++ compiler; padded and packed batches too; SDPA where it cannot be built

@@ -5,3 +5,4 @@
 #include "rms_norm.cpp"
 #include "cross_entropy.cpp"
 #include "dora_scale.cpp"
+#include "rotary.cpp"
