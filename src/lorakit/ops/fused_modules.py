@@ -10,9 +10,10 @@ Which modules: any module with a 1-D `weight` and a float `variance_epsilon` (RM
 Phi-3, SmolLM and most decoder models write it), and any module with `gate_proj`, `up_proj`, `down_proj` and an
 `act_fn` (the SwiGLU MLP), and transformers' `LlamaAttention` itself (not a subclass: its forward is the one
 `_fused_attention_forward` repeats, with `apply_rotary` for `apply_rotary_pos_emb`; other architectures' attention
-differs in ways a short probe cannot see, such as sliding windows). Each candidate is probed before it is swapped: its own forward and the fused one run
-on the same random input (drawn from a private generator: the run's random state is untouched; eval mode:
-no dropout), in fp32 and bf16, and the swap happens only when the outputs are equal bit for bit. A norm written
+differs in ways a short probe cannot see, such as sliding windows). Each candidate is probed before it is
+swapped: its own forward and the fused one run on the same random input (drawn from a private generator: the
+run's random state is untouched; eval mode: no dropout), in fp32 and bf16, and the swap happens only when the
+outputs are equal bit for bit. A norm written
 differently (Gemma's `1 + weight`, a norm with an offset) or another activation fails the probe and keeps its own
 forward; nothing is swapped on a model with none of them. The swap sets the module's `forward` attribute
 (the class is untouched); `restore_modules(model)` takes it back.

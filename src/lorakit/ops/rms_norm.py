@@ -31,11 +31,13 @@ def kernel_runs(*tensors: torch.Tensor) -> bool:
     return bf16_kernel_runs(*tensors)
 
 
-def _normalise(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """weight * (x32 * rstd).to(x.dtype): the forward's output from its 1 / rms, and its recomputation."""
+def _normalise(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, x32: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """weight * (x32 * rstd).to(x.dtype): the forward's output from its 1 / rms (which passes the fp32 x it
+    already has), and its recomputation."""
     if kernel_runs(x, weight):
         return torch.ops.lorakit.rms_norm_apply(x, rstd, weight)
-    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+    return weight * ((x.to(torch.float32) if x32 is None else x32) * rstd).to(x.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -43,7 +45,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.to(torch.float32)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        out = _normalise(x, rstd, weight)
+        out = _normalise(x, rstd, weight, x32)
         ctx.save_for_backward(x, rstd, weight)
         if any(ctx.needs_input_grad):
             recompute.register(out, _normalise, x, rstd, weight)
