@@ -196,7 +196,8 @@ def test_saving_during_training_keeps_only_the_kept_triplets_and_loads_back_equa
         assert not any(k.endswith("ranknum") for k in tensors)
     loaded = PeftModel.from_pretrained(Three(), str(tmp_path))
     assert loaded.peft_config["default"].rank_pattern == pattern
-    torch.testing.assert_close(loaded(X), model(X), atol=1e-6, rtol=0)
+    # the kept ranks only against the full rank masked: other matmul shapes, another summation order (fp32 ulps)
+    torch.testing.assert_close(loaded(X), model(X), atol=1e-6, rtol=1e-5)
     resaved = tmp_path / "again"
     loaded.save_pretrained(resaved)
     assert {k: v.shape for k, v in load_file(resaved / "adapter_model.safetensors").items()} == \

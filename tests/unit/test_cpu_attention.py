@@ -1,5 +1,6 @@
 """lorakit's CPU attention kernel (ops/csrc/causal_attention.cpp through ops/attention.py): the same attention
-as fp32 SDPA to bf16 rounding, forward and backward, for grouped and plain heads, short and block-split lengths;
+as fp32 SDPA to bf16 rounding, forward and backward, for grouped and plain heads, short and block-split lengths,
+with the kernel's forward and with PyTorch's flash forward (what CPUs with AMX run) before the kernel's backward;
 used only where it computes what SDPA would (everything else goes to SDPA unchanged); switched in by the
 trainer's bf16 CPU runs and given back at the end; a failed build leaves SDPA and no file behind."""
 
@@ -35,6 +36,14 @@ def two_threads():
     torch.set_num_threads(min(threads, 2))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["kernel forward", "flash forward"])
+def forward(request, monkeypatch):
+    """Both forwards the kernel's backward follows, whatever this machine has: the kernel's, and PyTorch's flash
+    kernel (ops/attention.py: _forward, taken on CPUs with AMX)."""
+    monkeypatch.setitem(attention._cpu_flags, "amx", request.param == "flash forward")
+    return request.param
 
 
 def _inputs(batch, heads, kv_heads, length, dim, seed=0):
@@ -76,13 +85,13 @@ def _assert_close_to_bf16(actual, expected, name):
     (8, 4, 2, 200, 16),   # stacked heads in two row blocks (72 and 128 rows)
     (1, 3, 1, 300, 8),    # longer than one row block: blocks of 256 and 44 rows, three heads on one kv head
 ])
-def test_kernel_matches_fp32_sdpa_forward_and_backward(shape):
+def test_kernel_matches_fp32_sdpa_forward_and_backward(shape, forward):
     q, k, v, grad = _inputs(*shape)
     for actual, expected, name in zip(_kernel(q, k, v, grad), _reference(q, k, v, grad), ("out", "dq", "dk", "dv")):
         _assert_close_to_bf16(actual, expected, name)
 
 
-def test_kernel_uses_the_given_scale_and_one_thread_gives_the_same_attention():
+def test_kernel_uses_the_given_scale_and_one_thread_gives_the_same_attention(forward):
     q, k, v, grad = _inputs(2, 4, 2, 40, 16, seed=1)
     for actual, expected, name in zip(_kernel(q, k, v, grad, 0.3), _reference(q, k, v, grad, 0.3),
                                       ("out", "dq", "dk", "dv")):
@@ -97,7 +106,7 @@ def test_kernel_uses_the_given_scale_and_one_thread_gives_the_same_attention():
         assert torch.allclose(actual, expected, atol=1e-2, rtol=1e-2), name  # dK, dV: another summation order
 
 
-def test_kernel_gives_the_same_result_on_every_run():
+def test_kernel_gives_the_same_result_on_every_run(forward):
     """The (head, row block) items are dealt into one list per thread by their cost, the same way on every run:
     dK and dV, summed per list in fp32, come out the same bit for bit. Block-split length, uneven item costs."""
     q, k, v, grad = _inputs(1, 6, 2, 600, 16, seed=3)
@@ -109,7 +118,7 @@ def test_kernel_gives_the_same_result_on_every_run():
         _assert_close_to_bf16(actual, expected, name)
 
 
-def test_kernel_reads_strided_inputs():
+def test_kernel_reads_strided_inputs(forward):
     """q, k, v as transformers makes them: (B, H, L, D) views of (B, L, H, D) memory."""
     q, k, v, grad = _inputs(2, 4, 2, 24, 16, seed=2)
     strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
@@ -159,11 +168,29 @@ def test_pytorch_kernel_kept_where_it_is_the_faster_one(monkeypatch):
     q, k, v, _ = (t.bfloat16() for t in _inputs(1, 4, 2, 8, 16))
     module = _Module()
     assert kernel_applies(module, q, k, v, None, 0.0, None, {})
+    monkeypatch.setitem(attention._cpu_flags, "amx", True)  # AMX: the kernel's backward is still the faster one
+    assert kernel_applies(module, q, k, v, None, 0.0, None, {})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # 1 row x 4 heads x 1 block: 4 items for 8 threads
     assert not kernel_applies(module, q, k, v, None, 0.0, None, {})
-    monkeypatch.undo()
-    monkeypatch.setitem(attention._cpu_flags, "amx", True)  # AMX: PyTorch's brgemm runs its fast path
-    assert not kernel_applies(module, q, k, v, None, 0.0, None, {})
+
+
+def test_on_amx_the_forward_is_pytorchs_flash_kernel_unless_there_are_key_ranges(monkeypatch):
+    """CPUs with AMX: PyTorch's flash forward (output and log-sum-exp bit for bit its own), then the kernel's
+    backward; with key ranges (padding, packing) the kernel's forward, as without AMX."""
+    q, k, v, _ = (t.bfloat16() for t in _inputs(2, 4, 2, 24, 16, seed=5))
+    flash_out, flash_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.25)
+    kernel_out, kernel_lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, None, 0.25)
+    assert not torch.equal(flash_out, kernel_out)  # fp32 against bf16 scores: the two forwards can be told apart
+    monkeypatch.setitem(attention._cpu_flags, "amx", False)
+    out, lse = attention._forward(q, k, v, None, 0.25)
+    assert torch.equal(out, kernel_out) and torch.equal(lse, kernel_lse)
+    monkeypatch.setitem(attention._cpu_flags, "amx", True)
+    out, lse = attention._forward(q, k, v, None, 0.25)
+    assert torch.equal(out, flash_out) and torch.equal(lse, flash_lse) and lse.is_contiguous()
+    ranges = attention.mask_key_ranges(_causal_mask(2, 24, lengths=[24, 10]), 2, 24)
+    out, lse = attention._forward(q, k, v, ranges, 0.25)
+    expected_out, expected_lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, ranges, 0.25)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
 
 
 def test_attention_forward_falls_back_to_sdpa_unchanged():

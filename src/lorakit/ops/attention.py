@@ -5,20 +5,22 @@
     causal_attention(q, k, v, scale, key_ranges)   # the autograd function: q (B, H, L, D), k and v (B, KV, L, D)
 
 PyTorch's CPU flash attention multiplies its blocks with cpublas::brgemm, which runs at ~100 GFLOP/s on CPUs
-without AMX (the AVX512-BF16 EPYC this project measures on); attention took a quarter of a bf16 LoRA step.
+without AMX (the AVX512-BF16 EPYC this project first measured on); attention took a quarter of a bf16 LoRA step.
 ops/csrc/causal_attention.cpp computes the same softmax(scale Q K^T, causal) V, and its backward, on oneDNN
 matmuls (260-400 GFLOP/s on the same blocks) with the softmax fused in row loops: 2.2-3.5x faster than PyTorch's
-kernel from 128 to 2,048 tokens (docs/performance.md, optimisation 13). Precision: the score and dP matmuls
-give bf16 outputs as in transformers' eager attention (PyTorch's flash kernel keeps them fp32); the softmax and
-the dK / dV sums over a group's heads are fp32. tests/unit/test_cpu_attention.py checks it against fp32 SDPA.
+kernel from 128 to 2,048 tokens (docs/performance.md, optimisation 13). On CPUs with AMX, brgemm has its fast
+path and PyTorch's forward is 1.4-2.1x faster than the kernel's, but its backward stays 1.6-3.2x slower: there
+the forward is PyTorch's flash kernel (its output and log-sum-exp) and the backward the kernel's
+(optimisation 24). Precision: the kernel's score and dP matmuls give bf16 outputs as in transformers' eager
+attention (PyTorch's flash kernel keeps the scores fp32); the softmax and the dK / dV sums over a group's heads
+are fp32. tests/unit/test_cpu_attention.py checks both forwards against fp32 SDPA.
 
 The kernel is registered as the attention implementation "lorakit_cpu" (transformers' AttentionInterface, with
 SDPA's mask function) and is used only where it computes exactly what SDPA would: bf16 CPU tensors, causal, no
 mask or one that gives every query one run of keys ending at or before itself (the trainer's right-padded
 batches and packed sequences: mask_key_ranges; left padding and custom masks go to SDPA), no dropout, as many
 keys as queries (no KV cache prefix), no soft-capping, sliding window or attention sinks; and only where it is
-the faster one: not on CPUs with AMX (PyTorch's brgemm has its fast path there; not measured here, this project's
-CPU has none), nor with fewer (batch row, head, 256-token block) items than threads. Everything else goes to
+the faster one: not with fewer (batch row, head, 256-token block) items than threads. Everything else goes to
 transformers' SDPA function unchanged, so a model switched to it stays correct wherever it runs. A model whose implementation is not "sdpa" (eager,
 flex, flash) is left alone. The kernel is compiled on first use (ops/cpu_extension.py); where it cannot be
 (no C++ compiler), a warning says so and SDPA stays.
@@ -48,7 +50,7 @@ class CausalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_ranges, scale: float):
-        out, lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, key_ranges, scale)
+        out, lse = _forward(q, k, v, key_ranges, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.key_ranges, ctx.scale = key_ranges, scale
         return out
@@ -59,6 +61,16 @@ class CausalAttentionFunction(torch.autograd.Function):
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         dq, dk, dv = torch.ops.lorakit.causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.key_ranges, ctx.scale)
         return dq, dk, dv, None, None
+
+
+def _forward(q, k, v, key_ranges, scale: float):
+    """The attention output and each query's log-sum-exp ((B, H, L) fp32, natural log of the scaled scores'
+    sum of exponentials: the backward's convention). On CPUs with AMX and with no key ranges (plain causal),
+    PyTorch's flash kernel, the faster forward there; the kernel's otherwise."""
+    if key_ranges is None and cpu_has_amx():
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return out, lse.contiguous()
+    return torch.ops.lorakit.causal_attention_fwd(q, k, v, key_ranges, scale)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -93,8 +105,8 @@ def mask_key_ranges(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles, on which PyTorch's flash attention runs its fast brgemm path (the
-    kernel is for the CPUs where it does not). Read once from /proc/cpuinfo (False where there is none)."""
+    """Whether this CPU has AMX bf16 tiles, on which PyTorch's flash attention runs its fast brgemm path (its
+    forward is then the faster one). Read once from /proc/cpuinfo (False where there is none)."""
     if "amx" not in _cpu_flags:
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -122,7 +134,7 @@ def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout
             and key.shape == value.shape and query.shape[-1] == key.shape[-1]
             and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
             and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
-            and enough_work(query) and not cpu_has_amx()
+            and enough_work(query)
             and not kwargs.get("output_attentions") and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
             and (attention_mask is None or mask_key_ranges(attention_mask, query.shape[0], query.shape[2]) is not None))
 

@@ -1,18 +1,20 @@
 """Dense matmuls `x @ w.T` on the fastest kernel for the device and dtype.
 
-On CPU, PyTorch sends fp32 matmuls to MKL and bf16 ones to oneDNN. MKL's sgemm runs a generic AVX2 path on
-AMD processors: on the EPYC (Zen 5) this project is measured on, oneDNN's fp32 inner product is 2.1-2.3x
-faster for every shape of a SmolLM2 training step (~215 vs ~100 GFLOP/s per core; docs/performance.md). Both
-compute in IEEE fp32 (no reduced-precision arithmetic); they differ only in the order of the additions, so
-results agree to fp32 rounding, not bit for bit.
+On CPU, PyTorch sends fp32 matmuls to MKL and bf16 ones to oneDNN. MKL's sgemm takes its AVX512 kernels on Intel
+processors only and runs a generic AVX2 path on others: on the AMD EPYC (Zen 5) this project was first measured
+on, oneDNN's fp32 inner product is 2.1-2.3x faster for every shape of a SmolLM2 training step (~215 vs ~100
+GFLOP/s per core), while on an Intel Xeon MKL is the faster one (3-10% per matmul, 1.10x per fp32 step;
+docs/performance.md, optimisations 1 and 25). Both compute in IEEE fp32 (no reduced-precision arithmetic); they
+differ only in the order of the additions, so results agree to fp32 rounding, not bit for bit.
 
     linear(x, w)               x @ w.T (+ bias)           x: (..., d_in), w: (d_out, d_in) (any strides)
     linear_add(x, w, other)    other + x @ w.T            fused into the matmul's output stage on oneDNN
 
-Backend, chosen per call: "onednn" for CPU tensors of one dtype (fp32 or bf16) when PyTorch has oneDNN, else
-"aten" (F.linear: cuBLAS on CUDA, MKL on CPU). `LORAKIT_MATMUL=aten` forces the aten kernels, e.g. to compare
-with another library bit for bit. These functions do not record autograd history: call them inside a
-torch.autograd.Function (methods/lora/fused.py, cross_entropy.py).
+Backend, chosen per call: "onednn" for CPU tensors of one dtype when PyTorch has oneDNN (bf16 always; fp32 on
+CPUs other than Intel's), else "aten" (F.linear: cuBLAS on CUDA, MKL on CPU). `LORAKIT_MATMUL=aten` forces the
+aten kernels, e.g. to compare with another library bit for bit; `LORAKIT_MATMUL=onednn` sends fp32 to oneDNN on
+Intel CPUs too. These functions do not record autograd history: call them inside a torch.autograd.Function
+(methods/lora/fused.py, cross_entropy.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ import torch.nn.functional as F
 BACKEND_ENV = "LORAKIT_MATMUL"
 BACKENDS = ("auto", "aten", "onednn")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# the dtypes "auto" sends to oneDNN: fp32 only where MKL has no fast path (not an Intel CPU)
+_AUTO_DTYPES = _ONEDNN_DTYPES if cpu_vendor() != "GenuineIntel" else (torch.bfloat16,)
 
 
 def _onednn_op():
@@ -50,7 +68,8 @@ def requested_backend() -> str:
 
 
 def use_onednn(*tensors: torch.Tensor | None) -> bool:
-    """True when oneDNN runs this matmul: CPU tensors of one supported dtype, oneDNN present, not forced off.
+    """True when oneDNN runs this matmul: CPU tensors of one dtype, oneDNN present, the dtype one "auto" sends to
+    oneDNN on this CPU (or any supported one under LORAKIT_MATMUL=onednn), not forced off.
     A plain loop, run for every matmul of a step (~1,300): 1.1 instead of 2.1 us a call."""
     if _ONEDNN is None:
         return False
@@ -61,7 +80,9 @@ def use_onednn(*tensors: torch.Tensor | None) -> bool:
         if not tensor.is_cpu or (tensor.dtype != dtype and dtype is not None):
             return False
         dtype = tensor.dtype
-    return dtype in _ONEDNN_DTYPES and requested_backend() != "aten"
+    if dtype in _AUTO_DTYPES:
+        return requested_backend() != "aten"
+    return dtype in _ONEDNN_DTYPES and requested_backend() == "onednn"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

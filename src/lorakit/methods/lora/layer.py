@@ -265,8 +265,8 @@ class LoraLinear(LoraLayer):
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Without autograd (inference: merged, disabled, mixed batches), a dense base layer multiplies on the
-        fastest kernel (lorakit.ops.matmul: oneDNN for CPU fp32, 2.1x MKL here), as the fused training path
-        does; with autograd, or on any other layer or device, the base layer's own forward."""
+        fastest kernel (lorakit.ops.matmul: oneDNN for bf16, and for fp32 where MKL is slow), as the fused
+        training path does; with autograd, or on any other layer or device, the base layer's own forward."""
         if not args and not kwargs and not torch.is_grad_enabled() and x.is_floating_point():
             weight, bias, _ = self._fused_base_weight()
             if weight is not None and use_onednn(x, weight, bias):

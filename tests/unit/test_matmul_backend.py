@@ -1,0 +1,45 @@
+"""lorakit.ops.matmul's choice of kernel: bf16 on oneDNN; fp32 on oneDNN where MKL has no fast path (CPUs other
+than Intel's) and on MKL on Intel CPUs; LORAKIT_MATMUL forces either; both give x @ w.T to fp32 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.ops import matmul
+from lorakit.ops.matmul import BACKEND_ENV, linear, linear_add, use_onednn
+
+pytestmark = pytest.mark.skipif(matmul._ONEDNN is None, reason="this PyTorch has no oneDNN linear")
+
+
+@pytest.mark.parametrize("vendor, fp32_on_onednn", [("GenuineIntel", False), ("AuthenticAMD", True), ("", True)])
+def test_fp32_goes_to_onednn_only_where_mkl_is_slow(monkeypatch, vendor, fp32_on_onednn):
+    auto = matmul._ONEDNN_DTYPES if vendor != "GenuineIntel" else (torch.bfloat16,)
+    monkeypatch.setattr(matmul, "_AUTO_DTYPES", auto)
+    x32, w32 = torch.randn(4, 8), torch.randn(6, 8)
+    x16, w16 = x32.bfloat16(), w32.bfloat16()
+    assert use_onednn(x32, w32) is fp32_on_onednn
+    assert use_onednn(x16, w16)
+    assert not use_onednn(x16, w32)  # mixed dtypes: aten
+    monkeypatch.setenv(BACKEND_ENV, "onednn")
+    assert use_onednn(x32, w32) and use_onednn(x16, w16)
+    monkeypatch.setenv(BACKEND_ENV, "aten")
+    assert not use_onednn(x32, w32) and not use_onednn(x16, w16)
+    monkeypatch.setenv(BACKEND_ENV, "mkl")
+    with pytest.raises(ValueError, match="LORAKIT_MATMUL='mkl' is not a matmul backend; use one of"):
+        use_onednn(x32, w32)
+
+
+def test_this_machines_rule_follows_its_vendor():
+    assert matmul._AUTO_DTYPES == ((torch.bfloat16,) if matmul.cpu_vendor() == "GenuineIntel"
+                                   else matmul._ONEDNN_DTYPES)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "aten"])
+def test_both_kernels_compute_x_times_w_transposed(monkeypatch, backend):
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    g = torch.Generator().manual_seed(0)
+    x, w, other = torch.randn(2, 5, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(2, 5, 40, generator=g)
+    expected = x.double() @ w.double().T
+    torch.testing.assert_close(linear(x, w).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear_add(x, w, other).double(), expected + other.double(), rtol=1e-5, atol=1e-5)
