@@ -43,6 +43,24 @@ def _output_and_grads(layer, x, forward):
     return (out.detach(), *grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [8, 12])
+def test_without_autograd_the_layer_skips_the_autograd_function_with_the_same_bits(monkeypatch, alpha, dtype):
+    _, layer = _layer(alpha)
+    layer.to(dtype).eval()
+    x = torch.randn(3, 5, 24).to(dtype)
+    with torch.no_grad():
+        calls = []
+        original = LoraLinearFunction.forward
+        monkeypatch.setattr(LoraLinearFunction, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+        direct = layer(x)
+        assert not calls  # no autograd function under no_grad
+    with torch.enable_grad():
+        through_function = layer(x)
+    assert calls  # with autograd, the function
+    assert torch.equal(direct, through_function.detach())
+
+
 @pytest.mark.parametrize("alpha", [8, 12])  # s = 2 (a power of two: scaled on the rank-r side), s = 3 (output side)
 def test_fused_fp32_is_bit_for_bit_the_reference_on_the_reference_kernels(monkeypatch, alpha):
     monkeypatch.setenv(BACKEND_ENV, "aten")  # the reference's kernels: then the math must give the same bits

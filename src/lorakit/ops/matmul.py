@@ -14,7 +14,7 @@ Backend, chosen per call: "onednn" for CPU tensors of one dtype when PyTorch has
 CPUs other than Intel's), else "aten" (F.linear: cuBLAS on CUDA, MKL on CPU). `LORAKIT_MATMUL=aten` forces the
 aten kernels, e.g. to compare with another library bit for bit; `LORAKIT_MATMUL=onednn` sends fp32 to oneDNN on
 Intel CPUs too. These functions do not record autograd history: call them inside a torch.autograd.Function
-(methods/lora/fused.py, cross_entropy.py).
+(methods/lora/fused.py, cross_entropy.py) or without autograd (inference).
 """
 
 from __future__ import annotations

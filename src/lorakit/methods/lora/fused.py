@@ -62,20 +62,8 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.lora_x_dtype = None if lora_x is None else lora_x.dtype
         ctx.base_out_dtype = None if base_out is None else base_out.dtype
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
-        xc = _to(x, dtype)
-        lx = xc if lora_x is None else _to(lora_x, dtype)
-        a, b = _to(lora_a, dtype), _to(lora_b, dtype)
-        if base_out is None:
-            base_out = linear(xc, _to(weight, dtype), _to(bias, dtype))
-        else:
-            base_out = _to(base_out, dtype).contiguous()
-        u = linear(lx, a)
         ctx.scale_intermediate = _is_power_of_two(scaling)
-        if ctx.scale_intermediate:
-            u.mul_(scaling)  # s A x: the scaling on the rank-r intermediate
-            out = linear_add(u, b, base_out)
-        else:  # where the reference puts it, so that the result is the same bit for bit
-            out = linear(u, b).mul_(scaling).add_(base_out)
+        out, lx, u = _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype)
         # x (or dropout(x)) only for A's gradient: LoRA-FA (A frozen) keeps the r-wide u alone
         saved_x = lx if lora_a.requires_grad else None
         ctx.save_for_backward(saved_x, u, weight, lora_a, lora_b)
@@ -120,6 +108,25 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_lora_x, grad_base, None, grad_bias, grad_a, grad_b, None, None
 
 
+def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
+    """The layer's output, and the dropout input and s A x the backward keeps: LoraLinearFunction's forward, and
+    lora_linear's whole work without autograd (inference), the same operations either way."""
+    xc = _to(x, dtype)
+    lx = xc if lora_x is None else _to(lora_x, dtype)
+    a, b = _to(lora_a, dtype), _to(lora_b, dtype)
+    if base_out is None:
+        base_out = linear(xc, _to(weight, dtype), _to(bias, dtype))
+    else:
+        base_out = _to(base_out, dtype).contiguous()
+    u = linear(lx, a)
+    if _is_power_of_two(scaling):
+        u.mul_(scaling)  # s A x: the scaling on the rank-r intermediate
+        out = linear_add(u, b, base_out)
+    else:  # where the reference puts it, so that the result is the same bit for bit
+        out = linear(u, b).mul_(scaling).add_(base_out)
+    return out, lx, u
+
+
 def _is_power_of_two(value: float) -> bool:
     mantissa, _ = math.frexp(value)
     return mantissa == 0.5  # also for 2**-k: multiplying by it is exact (barring under/overflow)
@@ -128,6 +135,9 @@ def _is_power_of_two(value: float) -> bool:
 def lora_linear(x: torch.Tensor, lora_x: torch.Tensor | None, base_out: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float) -> torch.Tensor:
-    """base(x) + s B A lora_x (lora_x defaults to x); see LoraLinearFunction for the arguments."""
+    """base(x) + s B A lora_x (lora_x defaults to x); see LoraLinearFunction for the arguments. Without autograd
+    (inference) the same operations run without the autograd function's bookkeeping."""
+    if not torch.is_grad_enabled():
+        return _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), compute_dtype(x))[0]
     return LoraLinearFunction.apply(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling),
                                     compute_dtype(x))
