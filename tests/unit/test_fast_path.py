@@ -289,3 +289,36 @@ def test_inference_base_matmul_on_the_fast_kernel_matches_the_base_layer(monkeyp
     out = layer(x.requires_grad_(True))  # with autograd the base layer runs itself (gradients flow to x)
     out.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("state", ["one", "merged", "disabled", "two active", "other only", "none held"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_every_adapter_state_of_a_layer_gives_the_reference_output(monkeypatch, state, grad):
+    """LoraLinear.forward picks its path from the adapters' state (reading the containers directly): each state
+    against the plain module composition, base_layer(x) + the sum of s B A x over the running adapters."""
+    monkeypatch.setenv(BACKEND_ENV, "aten")
+    wrapped = _two_adapter_model().eval()
+    layer = wrapped.get_base_model()[0]  # holds "default" (s = 2) and "other" (s = 3)
+    second = wrapped.get_base_model()[2]  # holds "default" only
+    running = {"one": ["default"], "merged": [], "disabled": [], "two active": ["default", "other"],
+               "other only": ["other"], "none held": []}[state]
+    x = torch.randn(3, 4, 12)
+    with torch.no_grad():
+        expected = layer.base_layer(x) + sum(
+            (layer.lora_B[n](layer.lora_A[n](x)) * layer.scaling[n] for n in running), torch.zeros(()))
+    if state == "two active":
+        layer.active_adapters = ["default", "other"]
+    elif state == "other only":
+        layer.active_adapters = ["other"]
+    elif state == "merged":
+        layer.merge(["default"])
+        expected = layer.base_layer(x).detach()  # the merged weight, alone
+    elif state == "disabled":
+        layer.disabled = True
+    elif state == "none held":
+        second.active_adapters = ["other"]  # not held by this layer
+        x = torch.randn(3, 4, 20)
+        layer, expected = second, second.base_layer(x).detach()
+    with torch.set_grad_enabled(grad):
+        got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -8,12 +8,13 @@ docs/performance.md, optimisations 1 and 25). Both compute in IEEE fp32 (no redu
 differ only in the order of the additions, so results agree to fp32 rounding, not bit for bit.
 
     linear(x, w)               x @ w.T (+ bias)           x: (..., d_in), w: (d_out, d_in) (any strides)
-    linear_add(x, w, other)    other + x @ w.T            fused into the matmul's output stage on oneDNN
+    linear_add(x, w, other, a) other + a * (x @ w.T)      added in the matmul's output stage
 
 Backend, chosen per call: "onednn" for CPU tensors of one dtype when PyTorch has oneDNN (bf16 always; fp32 on
-CPUs other than Intel's), else "aten" (F.linear: cuBLAS on CUDA, MKL on CPU). `LORAKIT_MATMUL=aten` forces the
-aten kernels, e.g. to compare with another library bit for bit; `LORAKIT_MATMUL=onednn` sends fp32 to oneDNN on
-Intel CPUs too. These functions do not record autograd history: call them inside a torch.autograd.Function
+CPUs other than Intel's, from FP32_ONEDNN_MIN_MACS multiply-accumulates up: below, oneDNN's fixed cost per call
+outweighs its faster kernel, as for a decoded token's products), else "aten" (F.linear: cuBLAS on CUDA, MKL on
+CPU). `LORAKIT_MATMUL=aten` forces the aten kernels, e.g. to compare with another library bit for bit;
+`LORAKIT_MATMUL=onednn` sends fp32 to oneDNN on Intel CPUs too, and small fp32 products everywhere. These functions do not record autograd history: call them inside a torch.autograd.Function
 (methods/lora/fused.py, cross_entropy.py) or without autograd (inference).
 """
 
@@ -56,6 +57,10 @@ def _onednn_op():
 
 _ONEDNN = _onednn_op()
 
+# multiply-accumulates (rows x d_in x d_out) from which "auto" sends an fp32 product to oneDNN (where it does fp32):
+# below, MKL's smaller fixed cost wins (docs/performance.md, optimisation 27)
+FP32_ONEDNN_MIN_MACS = 1 << 21
+
 
 def requested_backend() -> str:
     value = os.environ.get(BACKEND_ENV)
@@ -67,20 +72,20 @@ def requested_backend() -> str:
     return value
 
 
-def use_onednn(*tensors: torch.Tensor | None) -> bool:
-    """True when oneDNN runs this matmul: CPU tensors of one dtype, oneDNN present, the dtype one "auto" sends to
-    oneDNN on this CPU (or any supported one under LORAKIT_MATMUL=onednn), not forced off.
-    A plain loop, run for every matmul of a step (~1,300): 1.1 instead of 2.1 us a call."""
-    if _ONEDNN is None:
+def use_onednn(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor | None = None) -> bool:
+    """True when oneDNN runs `x @ weight.T` (+ other: a bias, or the tensor linear_add adds): CPU tensors of one
+    dtype, oneDNN present, the dtype one "auto" sends to oneDNN on this CPU (or any supported one under
+    LORAKIT_MATMUL=onednn), not forced off. Under "auto", an fp32 product smaller than FP32_ONEDNN_MIN_MACS
+    stays on aten: oneDNN's fixed cost per call (~20 us: a decoded token's rank-r products) outweighs its faster
+    fp32 kernel there. Plain code, run for every matmul of a step (~1,300)."""
+    if _ONEDNN is None or not x.is_cpu or not weight.is_cpu:
         return False
-    dtype = None
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        if not tensor.is_cpu or (tensor.dtype != dtype and dtype is not None):
-            return False
-        dtype = tensor.dtype
+    dtype = x.dtype
+    if weight.dtype != dtype or (other is not None and (other.dtype != dtype or not other.is_cpu)):
+        return False
     if dtype in _AUTO_DTYPES:
+        if dtype == torch.float32 and x.numel() * weight.shape[0] < FP32_ONEDNN_MIN_MACS:
+            return requested_backend() == "onednn"
         return requested_backend() != "aten"
     return dtype in _ONEDNN_DTYPES and requested_backend() == "onednn"
 
@@ -92,9 +97,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """other + x @ weight.T; `other` has the result's shape. On aten: F.linear then add in place (the same
-    value as `other + F.linear(x, weight)`: IEEE addition commutes)."""
+def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """other + alpha * (x @ weight.T); `other` has the result's shape. The sum is made in the matmul's output
+    stage: oneDNN's binary post-op (with x scaled first when alpha != 1), aten's addmm (alpha its own
+    argument). Where this is used, the inner dimension is a LoRA rank, which the kernels reduce in one block:
+    the value is that of `other + F.linear(x, weight) * alpha` bit for bit when alpha is a power of two
+    (tests/unit/test_matmul_backend.py)."""
     if use_onednn(x, weight, other) and other.shape[:-1] == x.shape[:-1] and other.is_contiguous():
-        return _ONEDNN.binary(x, other, weight, None, "add")
-    return F.linear(x, weight).add_(other)
+        return _ONEDNN.binary(x if alpha == 1.0 else x * alpha, other, weight, None, "add")
+    if x.dim() == 2 and other.dim() == 2:
+        return torch.addmm(other, x, weight.T, alpha=alpha)
+    out = torch.addmm(other.reshape(-1, other.shape[-1]), x.reshape(-1, x.shape[-1]), weight.T, alpha=alpha)
+    return out.view(other.shape)

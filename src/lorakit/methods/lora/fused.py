@@ -5,14 +5,15 @@
 The plain module composition (base_layer(x) + lora_B(lora_A(x)) * s, layer.py) is the reference. This function
 computes the same quantities with fewer passes over full-width tensors:
 
-- the scaling multiplies the rank-r intermediate u = A x (r values per token) instead of the d_out-wide output
-  when s is a power of two (alpha = 2r, the usual choice), which gives the same value bit for bit; any other s
-  (rsLoRA's alpha / sqrt(r), ...) multiplies the output as the reference does, so that it stays exact too;
+- when s is a power of two (alpha = 2r, the usual choice) the scaling is applied with the adapter's second
+  matmul, as its alpha (or on the rank-r intermediate u = A x), never as a pass over the d_out-wide output,
+  which gives the same value bit for bit; any other s (rsLoRA's alpha / sqrt(r), ...) multiplies the output as
+  the reference does, so that it stays exact too;
 - the adapter's term is added in the output stage of its matmul (no separate full-width add);
 - the backward computes dX = dY W0 + s (dY B) A in one pass (the second product is added in the output stage
-  of the first), dB = dY^T (s u) and dA = s (dY B)^T x, and saves only x (for dA; not even x when A is
-  frozen, as in LoRA-FA) and s u: no dropout or dtype-cast copies of x, no full-width intermediates;
-- the matmuls go to the fastest kernel (lorakit.ops.matmul: oneDNN for CPU fp32, 2.1x MKL here).
+  of the first), dB = s dY^T u and dA = s (dY B)^T x, and saves only x (for dA; not even x when A is
+  frozen, as in LoRA-FA) and u: no dropout or dtype-cast copies of x, no full-width intermediates;
+- the matmuls go to the fastest kernel (lorakit.ops.matmul: oneDNN or MKL, by CPU, dtype and size).
 
 Precision: the compute dtype is that of autocast when it is on, else the input's. With bf16 activations (bf16
 base weights, or autocast) the adapter computes in bf16 too, from its fp32 master weights, and its gradients
@@ -62,7 +63,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.lora_x_dtype = None if lora_x is None else lora_x.dtype
         ctx.base_out_dtype = None if base_out is None else base_out.dtype
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
-        ctx.scale_intermediate = _is_power_of_two(scaling)
+        ctx.power_of_two = _is_power_of_two(scaling)
         out, lx, u = _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype)
         # x (or dropout(x)) only for A's gradient: LoRA-FA (A frozen) keeps the r-wide u alone
         saved_x = lx if lora_a.requires_grad else None
@@ -76,7 +77,7 @@ class LoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad  # x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype
         dy = _to(grad_out, dtype).contiguous()
         a, b = _to(lora_a, dtype), _to(lora_b, dtype)
-        if ctx.scale_intermediate:
+        if ctx.power_of_two:
             lora_dy = dy
             g = linear(dy, b.T).mul_(s)  # s dY B: (..., r)
         else:
@@ -102,29 +103,34 @@ class LoraLinearFunction(torch.autograd.Function):
         if needs[5]:
             grad_a = (_flat(g).T @ _flat(saved_x)).to(ctx.param_dtypes[0])  # s (dY B)^T x: (r, d_in)
         if needs[6]:
-            grad_b = (_flat(lora_dy).T @ _flat(u)).to(ctx.param_dtypes[1])  # dY^T (s A x): (d_out, r)
+            grad_b = _flat(lora_dy).T @ _flat(u)  # dY^T (A x): (d_out, r)
+            if ctx.power_of_two:
+                grad_b.mul_(s)  # s dY^T u: a power of two, the bits of dY^T (s u)
+            grad_b = grad_b.to(ctx.param_dtypes[1])
         grad_x = _to(grad_x, ctx.x_dtype)
         grad_lora_x = _to(grad_lora_x, ctx.lora_x_dtype) if grad_lora_x is not None else None
         return grad_x, grad_lora_x, grad_base, None, grad_bias, grad_a, grad_b, None, None
 
 
 def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
-    """The layer's output, and the dropout input and s A x the backward keeps: LoraLinearFunction's forward, and
-    lora_linear's whole work without autograd (inference), the same operations either way."""
+    """The layer's output, and the dropout input and A x (tokens, r) the backward keeps: LoraLinearFunction's
+    forward, and lora_linear's whole work without autograd (inference), the same operations either way. The
+    matmuls run on 2-d views, which go straight to the kernels; the input is kept as it came (ops/recompute.py
+    knows a recomputable activation by its identity)."""
     xc = _to(x, dtype)
     lx = xc if lora_x is None else _to(lora_x, dtype)
+    x2 = _flat(xc)
     a, b = _to(lora_a, dtype), _to(lora_b, dtype)
     if base_out is None:
-        base_out = linear(xc, _to(weight, dtype), _to(bias, dtype))
+        base_out = linear(x2, _to(weight, dtype), _to(bias, dtype))
     else:
-        base_out = _to(base_out, dtype).contiguous()
-    u = linear(lx, a)
+        base_out = _flat(_to(base_out, dtype).contiguous())
+    u = linear(x2 if lora_x is None else _flat(lx), a)
     if _is_power_of_two(scaling):
-        u.mul_(scaling)  # s A x: the scaling on the rank-r intermediate
-        out = linear_add(u, b, base_out)
+        out = linear_add(u, b, base_out, alpha=scaling)  # base + s (A x) B^T, the scaling in the matmul
     else:  # where the reference puts it, so that the result is the same bit for bit
         out = linear(u, b).mul_(scaling).add_(base_out)
-    return out, lx, u
+    return out.view(*x.shape[:-1], out.shape[-1]), lx, u
 
 
 def _is_power_of_two(value: float) -> bool:

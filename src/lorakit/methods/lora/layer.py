@@ -231,19 +231,34 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The common case, one unmerged LoRA adapter (plain, or DoRA: _fused_dora_forward), runs on one autograd
-        function (fused.py); everything else (several adapters, mixed-adapter batches, fp16 activations on fp32
-        adapters) takes the general path of AdapterLayer."""
-        name = None if args or kwargs else self._single_running_adapter(x)
-        if name is None:
+        function (fused.py); no unmerged adapter (merged, disabled), the base layer alone; everything else (several
+        adapters, mixed-adapter batches, fp16 activations on fp32 adapters) takes the general path of AdapterLayer.
+        Run for every layer of every step and decoded token (210 calls a token for SmolLM2): the checks read the
+        containers' dicts directly, as nn.Module's attribute fallback costs ~1 us a lookup (docs/performance.md,
+        optimisation 27)."""
+        if args or kwargs or self.routing is not None or not x.is_floating_point():
             return super().forward(x, *args, **kwargs)
+        lora_a = self._modules["lora_A"]._modules
+        active, merged = self.active_adapters, self.merged_adapters
+        if len(active) == 1 and not merged:  # the usual case, without building a list
+            running = active if active[0] in lora_a else ()
+        else:
+            running = [n for n in active if n not in merged and n in lora_a]
+        if self.disabled or not running:
+            return self.base_forward(x)
+        name = running[0]
+        a = lora_a[name]._parameters["weight"]
+        if len(running) > 1 or (a.dtype != torch.float16 and compute_dtype(x) == torch.float16):
+            return super().forward(x)  # fp16 activations: the adapter computes in its own fp32 (range), as PEFT does
         if name in self.lora_variant:
             return self._fused_dora_forward(x, name)
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        lora_x = self.lora_dropout[name](x) if self.dropout_acts(name) else None
+        b = self._modules["lora_B"]._modules[name]._parameters["weight"]
+        dropout = self._modules["lora_dropout"]._modules[name]
+        lora_x = dropout(x) if type(dropout) is not nn.Identity and self.dropout_acts(name) else None
         weight, bias, base_out = self._fused_base_weight()
         if weight is None:
             base_out = self.base_layer(x)
-        return lora_linear(x, lora_x, base_out, weight, bias, lora_a, lora_b, self.scaling[name])
+        return lora_linear(x, lora_x, base_out, weight, bias, a, b, self.scaling[name])
 
     def _fused_dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The one running adapter `name` is DoRA's: without active dropout, scale * (x W0^T + s B A x) + bias, the
@@ -269,7 +284,9 @@ class LoraLinear(LoraLayer):
         training path does; with autograd, or on any other layer or device, the base layer's own forward."""
         if not args and not kwargs and not torch.is_grad_enabled() and x.is_floating_point():
             weight, bias, _ = self._fused_base_weight()
-            if weight is not None and use_onednn(x, weight, bias):
+            # an nn.Linear's own forward is F.linear, which linear() calls where oneDNN does not run: one module
+            # call less (Conv1D multiplies in its own way: its forward, unless oneDNN runs)
+            if weight is not None and (not self.fan_in_fan_out or use_onednn(x, weight, bias)):
                 return linear(x, weight, bias)
         return self.base_layer(x, *args, **kwargs)
 
@@ -280,28 +297,16 @@ class LoraLinear(LoraLayer):
         fast = mixed_lora_forward(self, x, base_out)
         return super()._mixed_batch_forward(x, base_out) if fast is None else fast
 
-    def _single_running_adapter(self, x: torch.Tensor) -> str | None:
-        """The one adapter forward() would add, when exactly one adapter runs and fused.py applies."""
-        if self.disabled or self.routing is not None or not x.is_floating_point():
-            return None
-        running = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
-        if len(running) != 1:
-            return None
-        adapter_dtype = self.lora_A[running[0]].weight.dtype
-        if compute_dtype(x) == torch.float16 and adapter_dtype != torch.float16:
-            return None  # fp16 activations: the adapter computes in its own fp32 (range), as PEFT does
-        return running[0]
-
     def _fused_base_weight(self):
         """(weight as (d_out, d_in), bias, None) for a dense frozen base layer the fused function multiplies
         itself; (None, None, None) when the base layer must run its own forward (quantized, sharded, trained)."""
-        base = self.base_layer
+        base = self._modules["base_layer"]
         if type(base) not in (nn.Linear, Conv1D):
             return None, None, None
-        weight = base.weight
+        weight = base._parameters["weight"]
         if weight.requires_grad or type(weight) not in (nn.Parameter, torch.Tensor):
             return None, None, None
-        return self.to_matrix(weight), base.bias, None
+        return self.to_matrix(weight), base._parameters.get("bias"), None
 
 
 class LoraEmbedding(LoraLayer):
