@@ -14,8 +14,9 @@ Backend, chosen per call: "onednn" for CPU tensors of one dtype when PyTorch has
 CPUs other than Intel's, from FP32_ONEDNN_MIN_MACS multiply-accumulates up: below, oneDNN's fixed cost per call
 outweighs its faster kernel, as for a decoded token's products), else "aten" (F.linear: cuBLAS on CUDA, MKL on
 CPU). `LORAKIT_MATMUL=aten` forces the aten kernels, e.g. to compare with another library bit for bit;
-`LORAKIT_MATMUL=onednn` sends fp32 to oneDNN on Intel CPUs too, and small fp32 products everywhere. These functions do not record autograd history: call them inside a torch.autograd.Function
-(methods/lora/fused.py, cross_entropy.py) or without autograd (inference).
+`LORAKIT_MATMUL=onednn` sends fp32 to oneDNN on Intel CPUs too, and small fp32 products everywhere. These
+functions do not record autograd history: call them inside a torch.autograd.Function (methods/lora/fused.py,
+cross_entropy.py) or without autograd (inference).
 """
 
 from __future__ import annotations
@@ -105,7 +106,5 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor, alpha
     (tests/unit/test_matmul_backend.py)."""
     if use_onednn(x, weight, other) and other.shape[:-1] == x.shape[:-1] and other.is_contiguous():
         return _ONEDNN.binary(x if alpha == 1.0 else x * alpha, other, weight, None, "add")
-    if x.dim() == 2 and other.dim() == 2:
-        return torch.addmm(other, x, weight.T, alpha=alpha)
     out = torch.addmm(other.reshape(-1, other.shape[-1]), x.reshape(-1, x.shape[-1]), weight.T, alpha=alpha)
     return out.view(other.shape)

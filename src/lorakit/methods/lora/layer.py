@@ -253,8 +253,7 @@ class LoraLinear(LoraLayer):
         if name in self.lora_variant:
             return self._fused_dora_forward(x, name)
         b = self._modules["lora_B"]._modules[name]._parameters["weight"]
-        dropout = self._modules["lora_dropout"]._modules[name]
-        lora_x = dropout(x) if type(dropout) is not nn.Identity and self.dropout_acts(name) else None
+        lora_x = self.lora_dropout[name](x) if self.dropout_acts(name) else None
         weight, bias, base_out = self._fused_base_weight()
         if weight is None:
             base_out = self.base_layer(x)
