@@ -1,9 +1,10 @@
 """Compute kernels shared by the methods and the trainer: dense matmuls on the fastest backend available
 (matmul.py), the cross-entropy of a language-model head computed in chunks (cross_entropy.py, lm_head.py),
 fused RMSNorm and SwiGLU modules that keep less for the backward and Llama attention with a one-pass rotary
-embedding (fused_modules.py, rms_norm.py, swiglu.py, rotary.py, recompute.py), and C++ kernels for bf16 training on
-the CPU: causal attention (attention.py), RMSNorm, the rotary embedding, the LM head's softmax and DoRA's output
-scaling (csrc/, one library built on first use by cpu_extension.py).
+embedding (fused_modules.py, rms_norm.py, swiglu.py, rotary.py, recompute.py), and C++ kernels for the CPU: for bf16
+training causal attention (attention.py), RMSNorm, the rotary embedding, the LM head's softmax and DoRA's output
+scaling, and for decoding a LoRA adapter's update of a few fp32 rows (lora_rows.py) (csrc/, one library built on
+first use by cpu_extension.py).
 
 docs/performance.md gives the measurements behind each choice.
 """

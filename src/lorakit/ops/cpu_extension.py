@@ -14,7 +14,7 @@ compiler call.
 
 Callers fall back to PyTorch's kernels when this raises (no compiler, no Python headers needed: only torch's):
 `kernels_available` does that bookkeeping, with one warning per process. lorakit's kernels (causal_attention.cpp,
-rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp) build as one library from lorakit_cpu.cpp, which includes them: one compiler
+rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp, lora_rows.cpp) build as one library from lorakit_cpu.cpp, which includes them: one compiler
 call parses torch's headers once (~13 s, against ~12 s per kernel built on its own).
 """
 
@@ -77,7 +77,7 @@ def kernels_available() -> bool:
     except KernelBuildError as error:
         _FAILED[KERNELS] = str(error)
         logger.warning("lorakit's CPU kernels are not available; attention stays on PyTorch's SDPA and RMSNorm, "
-                       "the rotary embedding, the LM head's loss and DoRA's scaling on PyTorch's operators (slower; the results equal to "
+                       "the rotary embedding, the LM head's loss, DoRA's scaling and a decoded token's LoRA products on PyTorch's operators (slower; the results equal to "
                        "rounding): %s", error)
         return False
     return True

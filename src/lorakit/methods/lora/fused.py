@@ -13,7 +13,9 @@ computes the same quantities with fewer passes over full-width tensors:
 - the backward computes dX = dY W0 + s (dY B) A in one pass (the second product is added in the output stage
   of the first), dB = s dY^T u and dA = s (dY B)^T x, and saves only x (for dA; not even x when A is
   frozen, as in LoRA-FA) and u: no dropout or dtype-cast copies of x, no full-width intermediates;
-- the matmuls go to the fastest kernel (lorakit.ops.matmul: oneDNN or MKL, by CPU, dtype and size).
+- the matmuls go to the fastest kernel (lorakit.ops.matmul: oneDNN or MKL, by CPU, dtype and size); for a few
+  fp32 rows (a decoded token's batch) both adapter products run in one call of lorakit's kernel
+  (lorakit.ops.lora_rows), which sums in another order: equal to fp32 rounding.
 
 Precision: the compute dtype is that of autocast when it is on, else the input's. With bf16 activations (bf16
 base weights, or autocast) the adapter computes in bf16 too, from its fp32 master weights, and its gradients
@@ -31,6 +33,7 @@ import math
 
 import torch
 
+from lorakit.ops import lora_rows
 from lorakit.ops.matmul import linear, linear_add
 
 
@@ -119,8 +122,11 @@ def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
     knows a recomputable activation by its identity)."""
     xc = _to(x, dtype)
     lx = xc if lora_x is None else _to(lora_x, dtype)
-    x2 = _flat(xc)
     a, b = _to(lora_a, dtype), _to(lora_b, dtype)
+    if base_out is None and lora_rows.kernel_runs(xc, lx, a, b):  # a few rows (a decoded token): one kernel call
+        out = linear(xc, _to(weight, dtype), _to(bias, dtype))
+        return out, lx, lora_rows.lora_rows_(out, lx, a, b, scaling)
+    x2 = _flat(xc)
     if base_out is None:
         base_out = linear(x2, _to(weight, dtype), _to(bias, dtype))
     else:
@@ -140,10 +146,11 @@ def _is_power_of_two(value: float) -> bool:
 
 def lora_linear(x: torch.Tensor, lora_x: torch.Tensor | None, base_out: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float) -> torch.Tensor:
-    """base(x) + s B A lora_x (lora_x defaults to x); see LoraLinearFunction for the arguments. Without autograd
-    (inference) the same operations run without the autograd function's bookkeeping."""
+                scaling: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """base(x) + s B A lora_x (lora_x defaults to x); see LoraLinearFunction for the arguments; dtype: the compute
+    dtype when the caller has it (compute_dtype(x)). Without autograd (inference) the same operations run without
+    the autograd function's bookkeeping."""
+    dtype = compute_dtype(x) if dtype is None else dtype
     if not torch.is_grad_enabled():
-        return _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), compute_dtype(x))[0]
-    return LoraLinearFunction.apply(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling),
-                                    compute_dtype(x))
+        return _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), dtype)[0]
+    return LoraLinearFunction.apply(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), dtype)

@@ -166,7 +166,7 @@ class LoraLayer(AdapterLayer):
 
     def dropout_acts(self, name: str) -> bool:
         """True when lora_input changes x (training with lora_dropout > 0)."""
-        dropout = self.lora_dropout[name]
+        dropout = self._modules["lora_dropout"]._modules[name]  # the dict itself: run for every layer call
         return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +248,8 @@ class LoraLinear(LoraLayer):
             return self.base_forward(x)
         name = running[0]
         a = lora_a[name]._parameters["weight"]
-        if len(running) > 1 or (a.dtype != torch.float16 and compute_dtype(x) == torch.float16):
+        dtype = compute_dtype(x)
+        if len(running) > 1 or (a.dtype != torch.float16 and dtype == torch.float16):
             return super().forward(x)  # fp16 activations: the adapter computes in its own fp32 (range), as PEFT does
         if name in self.lora_variant:
             return self._fused_dora_forward(x, name)
@@ -257,7 +258,7 @@ class LoraLinear(LoraLayer):
         weight, bias, base_out = self._fused_base_weight()
         if weight is None:
             base_out = self.base_layer(x)
-        return lora_linear(x, lora_x, base_out, weight, bias, a, b, self.scaling[name])
+        return lora_linear(x, lora_x, base_out, weight, bias, a, b, self.scaling[name], dtype)
 
     def _fused_dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The one running adapter `name` is DoRA's: without active dropout, scale * (x W0^T + s B A x) + bias, the

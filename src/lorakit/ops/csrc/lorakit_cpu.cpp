@@ -6,3 +6,4 @@
 #include "cross_entropy.cpp"
 #include "dora_scale.cpp"
 #include "rotary.cpp"
+#include "lora_rows.cpp"

@@ -1,0 +1,38 @@
+"""A LoRA adapter's update of a few rows in one call of lorakit's kernel (ops/csrc/lora_rows.cpp).
+
+    u = lora_rows_(out, x, a, b, s)    # u = x a^T; out += s * u b^T in place; x (..., d_in), out (..., d_out)
+
+A decoded token's batch is a handful of rows, where the two rank-r products cost little arithmetic and the matmul
+library's fixed cost per call is most of their time (~15-25 us a layer on MKL; oneDNN's is larger still):
+the kernel does both on one thread in one call. Used by the LoRA layer's fused function (methods/lora/fused.py)
+when `kernel_runs` says so: contiguous fp32 CPU tensors, at most MAX_ROWS rows, the "auto" matmul backend (under
+LORAKIT_MATMUL=aten or onednn the chosen library computes, e.g. to compare with another library bit for bit), and
+the kernels built. The sums run in another order than the libraries': equal to fp32 rounding
+(tests/unit/test_lora_rows.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.ops.cpu_extension import kernels_available
+from lorakit.ops.matmul import requested_backend
+
+# rows up to which the one-thread kernel beats MKL's two-thread products plus their fixed cost (docs/performance.md,
+# optimisation 28); a training step's or a prompt's rows are far above
+MAX_ROWS = 16
+
+
+def kernel_runs(x: torch.Tensor, lora_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether lora_rows_ computes the update of the layer's output for input x (..., d_in) whose adapter reads
+    lora_x (x itself, or its dropout): see the module's docstring. Plain code, run for every layer of every
+    decoded token."""
+    return (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
+            and lora_x.is_contiguous() and a.dtype == b.dtype == torch.float32 and a.is_contiguous()
+            and b.is_contiguous() and requested_backend() == "auto" and kernels_available())
+
+
+def lora_rows_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """u = x a^T, and out += scaling * u b^T in place, for x (..., d_in) and out (..., d_out) (contiguous, fp32);
+    returns u (rows, r)."""
+    return torch.ops.lorakit.lora_rows_.default(out, x, a, b, scaling)  # the overload: ~1.5 us less a call

@@ -1,0 +1,165 @@
+"""lorakit's kernel for a LoRA adapter's update of a few fp32 rows (ops/lora_rows.py, csrc/lora_rows.cpp), where the
+layer uses it, and the output head's contiguous input during generation (ops/lm_head.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.ops import lora_rows
+from lorakit.ops.cpu_extension import kernels_available
+from lorakit.ops.lm_head import contiguous_head_input
+from lorakit.ops.matmul import BACKEND_ENV
+from tests.tiny import tiny_llama
+
+needs_kernels = pytest.mark.skipif(not kernels_available(), reason="lorakit's CPU kernels cannot be built here")
+
+
+def _operands(rows: int, d_in: int, r: int, d_out: int, seed: int = 0, lead: tuple[int, ...] = ()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, rows, d_in, generator=g)
+    return x, torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), torch.randn(*lead, rows, d_out, generator=g)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, d_in, r, d_out", [
+    (8, 576, 16, 1536),  # a decoded token of SmolLM2's gate projection, batch 8
+    (1, 24, 4, 40),
+    (16, 37, 7, 19),     # nothing a multiple of the vector width
+    (13, 100, 1, 3),
+    (5, 64, 80, 33),     # a rank above the kernel's on-stack tile
+    (9, 17, 16, 16),     # one row past a block of 8
+])
+@pytest.mark.parametrize("scaling", [2.0, 0.3])
+def test_the_kernel_computes_the_lora_update_in_place(rows, d_in, r, d_out, scaling):
+    x, a, b, out = _operands(rows, d_in, r, d_out)
+    expected_u = x.double() @ a.double().T
+    expected = out.double() + scaling * (expected_u @ b.double().T)
+    result = out.clone()
+    u = lora_rows.lora_rows_(result, x, a, b, scaling)
+    assert u.shape == (rows, r) and u.dtype == torch.float32
+    torch.testing.assert_close(u.double(), expected_u, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_the_kernel_takes_leading_dimensions_as_rows():
+    x, a, b, out = _operands(1, 24, 4, 40, lead=(8,))  # (batch, 1 token, d): a decoding step's layout
+    flat = out.reshape(8, 40).clone()
+    u_flat = lora_rows.lora_rows_(flat, x.reshape(8, 24), a, b, 2.0)
+    u = lora_rows.lora_rows_(out, x, a, b, 2.0)
+    assert torch.equal(out.reshape(8, 40), flat) and torch.equal(u, u_flat)
+
+
+@needs_kernels
+@pytest.mark.parametrize("change, message", [
+    (lambda x, a, b, out: (x.double(), a, b, out), "x must be a contiguous fp32 CPU tensor"),
+    (lambda x, a, b, out: (x, a, b, out.T), "out must be a contiguous fp32 CPU tensor"),
+    (lambda x, a, b, out: (x, a[:, :-1].contiguous(), b, out), "shapes do not match"),
+    (lambda x, a, b, out: (x, a, b, out[:, :-1].contiguous()), "shapes do not match"),
+])
+def test_the_kernel_rejects_what_it_cannot_compute(change, message):
+    with pytest.raises(RuntimeError, match=message):
+        x, a, b, out = change(*_operands(4, 24, 4, 40))
+        lora_rows.lora_rows_(out, x, a, b, 2.0)
+
+
+@needs_kernels
+def test_the_kernel_runs_for_a_few_contiguous_fp32_rows_on_the_default_backend(monkeypatch):
+    x, a, b, _ = _operands(lora_rows.MAX_ROWS, 24, 4, 40)
+    assert lora_rows.kernel_runs(x, x, a, b)
+    many = torch.randn(lora_rows.MAX_ROWS + 1, 24)
+    assert not lora_rows.kernel_runs(many, many, a, b)  # a prompt's or a training step's rows: the matmul library
+    assert not lora_rows.kernel_runs(x.bfloat16(), x.bfloat16(), a.bfloat16(), b.bfloat16())
+    strided = torch.randn(24, lora_rows.MAX_ROWS).T
+    assert not lora_rows.kernel_runs(strided, strided, a, b)
+    for backend in ("aten", "onednn"):  # a library chosen by the user computes everything
+        monkeypatch.setenv(BACKEND_ENV, backend)
+        assert not lora_rows.kernel_runs(x, x, a, b)
+
+
+def _decoding_layer(alpha: int):
+    torch.manual_seed(0)
+    wrapped = get_peft_model(nn.Sequential(nn.Linear(24, 40)),
+                             LoraConfig(r=4, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False))
+    return wrapped.get_base_model()[0].eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("alpha", [8, 12])
+def test_a_decoding_step_of_the_layer_runs_the_kernel_and_gives_the_reference(monkeypatch, alpha):
+    layer = _decoding_layer(alpha)
+    x = torch.randn(6, 1, 24)  # 6 sequences, one new token each
+    calls = []
+    kernel = lora_rows.lora_rows_
+    monkeypatch.setattr(lora_rows, "lora_rows_", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        out = layer(x)
+        reference = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    assert calls == [1]
+    assert out.shape == (6, 1, 40)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(BACKEND_ENV, "aten")  # the reference's kernels: the reference's bits
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference)
+    assert calls == [1]
+
+
+@needs_kernels
+def test_with_autograd_a_few_rows_give_the_same_output_and_the_reference_gradients(monkeypatch):
+    layer = _decoding_layer(8).train()
+    x = torch.randn(3, 2, 24, requires_grad=True)
+    calls = []
+    kernel = lora_rows.lora_rows_
+    monkeypatch.setattr(lora_rows, "lora_rows_", lambda *args: calls.append(1) or kernel(*args))
+    out = layer(x)
+    assert calls == [1]  # the autograd function's forward ran the kernel, and keeps its u for the backward
+    with torch.no_grad():
+        assert torch.equal(layer(x), out.detach())  # the same kernel with and without autograd
+    grad = torch.randn(out.shape)
+    out.backward(grad)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    got = (x.grad.clone(), a.grad.clone(), b.grad.clone())
+    x.grad = a.grad = b.grad = None
+    reference = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    reference.backward(grad)
+    for mine, want in zip(got, (x.grad, a.grad, b.grad)):
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+
+
+def _frozen_tiny_llama():
+    wrapped = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                      init_lora_weights=False))
+    return wrapped.eval()
+
+
+def test_generation_hands_the_head_a_contiguous_input_and_leaves_no_hook():
+    wrapped = _frozen_tiny_llama()
+    head = wrapped.get_base_model().get_output_embeddings()
+    assert not head.weight.requires_grad  # frozen: PyTorch's matmul would run a strided input as a batched matmul
+    seen = []
+    spy = head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(5, 200, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = wrapped.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                  do_sample=False, pad_token_id=0)
+    spy.remove()
+    assert seen and all(seen)  # the prompt's last positions too
+    assert not head._forward_pre_hooks  # the hook lasted the call only
+    with torch.no_grad():  # the same tokens as the model's own generate
+        plain = wrapped.get_base_model().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                  max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, plain)
+
+
+def test_the_contiguous_head_hook_keeps_values_and_ignores_models_without_a_linear_head():
+    model = tiny_llama()
+    handle = contiguous_head_input(model)
+    hidden = torch.randn(3, 5, 32)[:, -1:, :]
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        assert torch.equal(head(hidden), head(hidden.contiguous()))
+    handle.remove()
+    assert contiguous_head_input(nn.Sequential(nn.Linear(4, 4))) is None
