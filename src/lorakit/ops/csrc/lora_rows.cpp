@@ -3,12 +3,12 @@
 //   lora_rows_(out, x, a, b, scale) -> u     u = x a^T (rows, r);  out += scale * (u b^T), in place
 //
 // out (..., d_out), x (..., d_in) (rows: the leading dimensions), a (r, d_in), b (d_out, r): contiguous fp32 CPU
-// tensors. For a handful of rows
-// the two rank-r products are tiny (8 x 576 x 16 multiply-accumulates, 8 x 16 x 1,536), and the matmul library's
-// fixed cost per call (threading, dispatch, a copy of out for addmm) is most of their time: ~15-25 us a layer, 210
-// layers a decoded token on SmolLM2. Here both products run in ~2-3 us: the rows' dot products with a for u, then
-// for each block of output columns the matching tile of b transposed in registers and every row's update
-// accumulated from it. The sums run in another order than MKL's or oneDNN's: equal to fp32 rounding.
+// tensors. For a handful of rows the two rank-r products are tiny (8 x 576 x 16 multiply-accumulates, 8 x 16 x
+// 1,536), and the matmul library's fixed cost per call (threading, dispatch, a copy of out for addmm) is much of
+// their time: mm + addmm take 11-22 us a layer on MKL, 210 layers a decoded token on SmolLM2. Here both run in one
+// call, 6-13 us with the call itself: the rows' dot products with a for u, then for each block of output columns
+// the matching tile of b transposed in registers and every row's update accumulated from it. The sums run in
+// another order than MKL's or oneDNN's: equal to fp32 rounding (docs/performance.md, optimisation 28).
 // Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by lorakit/methods/lora/fused.py (_forward)
 // through lorakit/ops/lora_rows.py.
 #include "cpu_capability.h"
@@ -104,12 +104,12 @@ Tensor lora_rows_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& b
   float* op = out.data_ptr<float>();
   products_with_a(xp, ap, up, rows, d_in, r);
   const Vec s(static_cast<float>(scale));
-  float tile_on_stack[kMaxStackRank * kV];
+  float tile_on_stack[kMaxStackRank * kV] = {};  // zeros in the lanes a last, narrower block never fills
   std::vector<float> tile_on_heap(r > kMaxStackRank ? r * kV : 0);
   float* tile = r > kMaxStackRank ? tile_on_heap.data() : tile_on_stack;
   for (int64_t j0 = 0; j0 < d_out; j0 += kV) {
     const int64_t m = std::min(kV, d_out - j0);
-    // tile[k, c] = b[j0 + c, k]; the columns past m hold what they held (their sums are never stored)
+    // tile[k, c] = b[j0 + c, k]; the columns past m hold earlier values or zeros (their sums are never stored)
     at::vec::transpose_mxn<float>(bp + j0 * r, r, tile, kV, static_cast<int>(m), static_cast<int>(r));
     int64_t i0 = 0;
     for (; i0 + kRowBlock <= rows; i0 += kRowBlock) update_rows<kRowBlock>(up, tile, op, i0, j0, m, r, d_out, s);
