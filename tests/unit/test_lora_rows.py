@@ -1,5 +1,6 @@
-"""lorakit's kernel for a LoRA adapter's update of a few fp32 rows (ops/lora_rows.py, csrc/lora_rows.cpp), where the
-layer uses it, and the output head's contiguous input during generation (ops/lm_head.py)."""
+"""lorakit's kernels for a LoRA adapter's update of a few fp32 rows, one adapter or one per sequence (ops/lora_rows.py,
+csrc/lora_rows.cpp), where the layers use them, and the output head's contiguous input during generation
+(ops/lm_head.py)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,49 @@ def test_the_kernel_runs_for_a_few_contiguous_fp32_rows_on_the_default_backend(m
     for backend in ("aten", "onednn"):  # a library chosen by the user computes everything
         monkeypatch.setenv(BACKEND_ENV, backend)
         assert not lora_rows.kernel_runs(x, x, a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, tokens, d_in, r, d_out", [(8, 1, 576, 16, 1536), (3, 2, 37, 5, 70), (5, 1, 64, 16, 17)])
+def test_the_gathered_kernel_adds_each_sequences_own_adapter(n, tokens, d_in, r, d_out):
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(n, tokens, d_in, generator=g), torch.randn(n, tokens, d_out, generator=g)
+    a, b = torch.randn(n, r, d_in, generator=g), torch.randn(n, d_out, r, generator=g)
+    scales = torch.rand(n, generator=g) + 0.5
+    scales[1] = 0.0  # a sequence without an adapter in this layer: its output stays the base output
+    expected = out.double() + torch.bmm(torch.bmm(x.double(), a.double().transpose(1, 2)),
+                                        b.double().transpose(1, 2)) * scales.double().view(-1, 1, 1)
+    result = out.clone()
+    lora_rows.lora_rows_gathered_(result, x, a, b.transpose(1, 2).contiguous(), scales)
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(result[1], out[1])
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        lora_rows.lora_rows_gathered_(result, x, a, b.contiguous(), scales)  # B itself, not B^T
+
+
+@needs_kernels
+def test_a_mixed_batch_decoding_step_runs_the_gathered_kernel_and_gives_each_rows_adapter(monkeypatch):
+    torch.manual_seed(0)
+    wrapped = get_peft_model(nn.Sequential(nn.Linear(24, 40)),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    wrapped.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_modules=["0"], init_lora_weights=False))
+    wrapped.eval()
+    calls = []
+    kernel = lora_rows.lora_rows_gathered_
+    monkeypatch.setattr(lora_rows, "lora_rows_gathered_", lambda *args: calls.append(1) or kernel(*args))
+    rows = ["default", "other", "__base__", "other"]
+    x = torch.randn(4, 1, 24)
+    with torch.no_grad():
+        mixed = wrapped(x, adapter_names=rows)
+        assert calls == [1]
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with wrapped.disable_adapter():
+                    alone = wrapped(x[i:i + 1])
+            else:
+                wrapped.set_adapter(name)
+                alone = wrapped(x[i:i + 1])
+            torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 def _decoding_layer(alpha: int):

@@ -12,6 +12,8 @@ add, whatever the number of adapters: the approach of S-LoRA / Punica's batched 
 Zero padding adds exact zeros, so the result equals the general path to fp32 rounding (the matmuls sum over the
 padded rank). Used when every adapter routed through the layer is plain LoRA without active dropout, all in
 one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the general path.
+Without autograd, a decoded token's few fp32 rows take lorakit's kernel instead of the two `bmm`s
+(lorakit.ops.lora_rows: one call, the update added into the base output; equal to fp32 rounding).
 Without autograd (inference) the gathered weights are kept for the duration of the mixed batch (one
 `generate()` call decodes every token with them); with autograd they are rebuilt on every forward, so that
 gradients reach each adapter's own tensors.
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.ops import lora_rows
+
 
 def gathered_weights(layer, names: list[str], device: torch.device):
-    """(A per row (rows, r_max, d_in), B per row (rows, d_out, r_max), s per row (rows, 1, 1)) for the adapters
-    named per row, or None when the general path must run. `layer` is a LoraLinear."""
+    """(A per row (rows, r_max, d_in), B^T per row (rows, r_max, d_out), s per row (rows,)) for the adapters named
+    per row, or None when the general path must run. `layer` is a LoraLinear."""
     held = sorted({n for n in names if n in layer.lora_A})
     if not held:
         return None
@@ -39,21 +43,21 @@ def gathered_weights(layer, names: list[str], device: torch.device):
     d_out, d_in = layer.out_features, layer.in_features
     # slot 0: zeros, for rows without an adapter in this layer
     a_stack = torch.zeros(len(held) + 1, r_max, d_in, dtype=dtype, device=device)
-    b_stack = torch.zeros(len(held) + 1, d_out, r_max, dtype=dtype, device=device)
+    b_stack = torch.zeros(len(held) + 1, r_max, d_out, dtype=dtype, device=device)  # B^T: rows of r_max x d_out
     scales = torch.zeros(len(held) + 1, dtype=dtype, device=device)
     if torch.is_grad_enabled():  # differentiable stacking: each slot is its adapter's tensor
         a_stack = torch.stack([a_stack[0]] + [_pad_rows(factors[n][0], r_max) for n in held])
-        b_stack = torch.stack([b_stack[0]] + [_pad_cols(factors[n][1], r_max) for n in held])
+        b_stack = torch.stack([b_stack[0]] + [_pad_cols(factors[n][1], r_max).T for n in held])
     else:
         for slot, name in enumerate(held, start=1):
             a, b = factors[name]
             a_stack[slot, :a.shape[0]] = a
-            b_stack[slot, :, :b.shape[1]] = b
+            b_stack[slot, :b.shape[1]] = b.T
     for slot, name in enumerate(held, start=1):
         scales[slot] = layer.scaling[name]
     slot_of = {name: slot for slot, name in enumerate(held, start=1)}
     rows = torch.tensor([slot_of.get(n, 0) for n in names], device=device)
-    return a_stack[rows], b_stack[rows], scales[rows].view(-1, 1, 1)
+    return a_stack[rows], b_stack[rows], scales[rows]
 
 
 def _pad_rows(a: torch.Tensor, r_max: int) -> torch.Tensor:
@@ -78,7 +82,10 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
             return None
         if not torch.is_grad_enabled():
             routing.layer_state[key] = cached
-    a_rows, b_rows, s_rows = cached
+    a_rows, bt_rows, s_rows = cached
     rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype)             # (rows, tokens, d_in)
-    update = torch.bmm(torch.bmm(rows_x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2)) * s_rows
+    if not torch.is_grad_enabled() and lora_rows.gathered_kernel_runs(rows_x, base_out, a_rows):
+        lora_rows.lora_rows_gathered_(base_out, rows_x, a_rows, bt_rows, s_rows)  # a decoded token: one call
+        return base_out
+    update = torch.bmm(torch.bmm(rows_x, a_rows.transpose(1, 2)), bt_rows) * s_rows.view(-1, 1, 1)
     return base_out + update.reshape(base_out.shape).to(base_out.dtype)

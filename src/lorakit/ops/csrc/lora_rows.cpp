@@ -1,6 +1,8 @@
 // A LoRA adapter's update of a few rows (a decoded token's batch), fp32, on one thread, in one call:
 //
 //   lora_rows_(out, x, a, b, scale) -> u     u = x a^T (rows, r);  out += scale * (u b^T), in place
+//   lora_rows_gathered_(out, x, a, bt, scales)   the same per sequence i with its own adapter (a mixed-adapter
+//                                                batch): a (n, r, d_in), bt (n, r, d_out) = B_i^T, scales (n)
 //
 // out (..., d_out), x (..., d_in) (rows: the leading dimensions), a (r, d_in), b (d_out, r): contiguous fp32 CPU
 // tensors. For a handful of rows the two rank-r products are tiny (8 x 576 x 16 multiply-accumulates, 8 x 16 x
@@ -9,11 +11,13 @@
 // call, 6-13 us with the call itself: the rows' dot products with a for u, then for each block of output columns
 // the matching tile of b transposed in registers and every row's update accumulated from it. The sums run in
 // another order than MKL's or oneDNN's: equal to fp32 rounding (docs/performance.md, optimisation 28).
-// Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by lorakit/methods/lora/fused.py (_forward)
-// through lorakit/ops/lora_rows.py.
+// The gathered form reads each sequence's own adapter (0.65 MB a layer of SmolLM2 at r=16, from memory): its
+// sequences are split over the threads. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
+// lorakit/methods/lora/fused.py (_forward) and mixed.py through lorakit/ops/lora_rows.py.
 #include "cpu_capability.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
@@ -118,12 +122,79 @@ Tensor lora_rows_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& b
   return u;
 }
 
+// out_t[j] += scale * sum_k u_t[k] bt[k, j] for the T rows t of one sequence: bt = B^T (r, d_out), contiguous, so
+// each output block is a run of FMAs over k; four blocks at a time, each its own accumulator
+void add_products_with_bt(const float* u, const float* bt, float* out, int64_t T, int64_t r, int64_t d_out,
+                          float scale) {
+  const Vec s(scale);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* ut = u + t * r;
+    float* ot = out + t * d_out;
+    int64_t j = 0;
+    for (; j + 4 * kV <= d_out; j += 4 * kV) {
+      Vec acc0(0.0f), acc1(0.0f), acc2(0.0f), acc3(0.0f);
+      for (int64_t k = 0; k < r; ++k) {
+        const Vec uk(ut[k]);
+        const float* bk = bt + k * d_out + j;
+        acc0 = at::vec::fmadd(uk, Vec::loadu(bk), acc0);
+        acc1 = at::vec::fmadd(uk, Vec::loadu(bk + kV), acc1);
+        acc2 = at::vec::fmadd(uk, Vec::loadu(bk + 2 * kV), acc2);
+        acc3 = at::vec::fmadd(uk, Vec::loadu(bk + 3 * kV), acc3);
+      }
+      (Vec::loadu(ot + j) + acc0 * s).store(ot + j);
+      (Vec::loadu(ot + j + kV) + acc1 * s).store(ot + j + kV);
+      (Vec::loadu(ot + j + 2 * kV) + acc2 * s).store(ot + j + 2 * kV);
+      (Vec::loadu(ot + j + 3 * kV) + acc3 * s).store(ot + j + 3 * kV);
+    }
+    for (; j < d_out; j += kV) {
+      const int64_t m = std::min(kV, d_out - j);
+      Vec acc(0.0f);
+      for (int64_t k = 0; k < r; ++k) acc = at::vec::fmadd(Vec(ut[k]), Vec::loadu(bt + k * d_out + j, m), acc);
+      (Vec::loadu(ot + j, m) + acc * s).store(ot + j, m);
+    }
+  }
+}
+
+// A mixed-adapter batch: sequence i (its T rows) uses its own adapter, gathered per sequence by the caller.
+//   out (n, T, d_out) += scales[i] * (x_i a_i^T) bt_i      x (n, T, d_in), a (n, r, d_in), bt (n, r, d_out) = B_i^T
+void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& bt, const Tensor& scales) {
+  check(out, "out");
+  check(x, "x");
+  check(a, "a");
+  check(bt, "bt");
+  check(scales, "scales");
+  TORCH_CHECK(x.dim() == 3 && out.dim() == 3 && a.dim() == 3 && bt.dim() == 3 && scales.dim() == 1,
+              "lora_rows_gathered_: out, x, a and bt must have 3 dimensions, scales 1");
+  const int64_t n = x.size(0), T = x.size(1), d_in = x.size(2), r = a.size(1), d_out = bt.size(2);
+  TORCH_CHECK(a.size(0) == n && bt.size(0) == n && scales.size(0) == n && a.size(2) == d_in && bt.size(1) == r &&
+              out.size(0) == n && out.size(1) == T && out.size(2) == d_out,
+              "lora_rows_gathered_: shapes do not match: out ", out.sizes(), ", x ", x.sizes(), ", a ", a.sizes(),
+              ", bt ", bt.sizes(), ", scales ", scales.sizes());
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = bt.data_ptr<float>();
+  const float* sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // the sequences over the threads: each reads its own adapter's weights (~0.65 MB a layer of SmolLM2 at r=16),
+  // from memory, and one core alone draws less bandwidth than all
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(T * r);
+    for (int64_t i = begin; i < end; ++i) {
+      if (sp[i] == 0.0f) continue;  // a row without an adapter in this layer (its slot is zeros)
+      products_with_a(xp + i * T * d_in, ap + i * r * d_in, u.data(), T, d_in, r);
+      add_products_with_bt(u.data(), bp + i * r * d_out, op + i * T * d_out, T, r, d_out, sp[i]);
+    }
+  });
+}
+
 }  // namespace lorakit_lora_rows
 
 TORCH_LIBRARY_FRAGMENT(lorakit, m) {
   m.def("lora_rows_(Tensor(a!) out, Tensor x, Tensor a, Tensor b, float scale) -> Tensor");
+  m.def("lora_rows_gathered_(Tensor(a!) out, Tensor x, Tensor a, Tensor bt, Tensor scales) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
   m.impl("lora_rows_", lorakit_lora_rows::lora_rows_);
+  m.impl("lora_rows_gathered_", lorakit_lora_rows::lora_rows_gathered_);
 }
