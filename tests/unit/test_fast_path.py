@@ -263,6 +263,46 @@ def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatc
     assert any(g.abs().sum() > 0 for n, g in got_grads.items() if ".other." in n)  # both adapters were reached
 
 
+@pytest.mark.parametrize("tokens,base_dtype,backend,per_adapter", [
+    (40, torch.float32, "auto", True),     # a prompt: each adapter's own matmuls on its rows, in place
+    (3, torch.float32, "aten", False),     # few rows, the decode kernel off: batched matmuls, in place
+    (40, torch.bfloat16, "auto", False),   # bf16 base weights, fp32 adapters: batched, in the adapters' dtype
+])
+def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_dtype, backend, per_adapter):
+    import lorakit.methods.lora.layer as layer_module
+    import lorakit.methods.lora.mixed as mixed_module
+
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    taken, per_adapter_runs = [], []
+    original, original_per_adapter = layer_module.mixed_lora_forward, mixed_module.add_per_adapter_
+    monkeypatch.setattr(layer_module, "mixed_lora_forward",
+                        lambda layer, x, base: (lambda out: taken.append((out is not None, out is base)) or out)(
+                            original(layer, x, base)))
+    monkeypatch.setattr(mixed_module, "add_per_adapter_",
+                        lambda *a: (lambda done: per_adapter_runs.append(done) or done)(original_per_adapter(*a)))
+    wrapped = _two_adapter_model().eval()
+    for name, param in wrapped.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.to(base_dtype)
+    rows = ["other", "other", "__base__", "default", "other"]  # a run of two rows with one adapter
+    x = torch.randn(len(rows), tokens, 12, dtype=base_dtype)
+    with torch.no_grad():
+        mixed = wrapped(x, adapter_names=rows)
+        alone = []
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with wrapped.disable_adapter():
+                    alone.append(wrapped(x[i:i + 1]))
+            else:
+                wrapped.set_adapter(name)
+                alone.append(wrapped(x[i:i + 1]))
+    assert taken and all(ran for ran, _ in taken), "the gathered path did not run"
+    assert all(in_place == (base_dtype == torch.float32) for _, in_place in taken)  # in place where dtypes match
+    assert any(per_adapter_runs) == per_adapter
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if base_dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(mixed, torch.cat(alone), **tolerance)
+
+
 def test_mixed_batch_without_grad_reuses_the_gathered_weights_within_one_call_only():
     wrapped = _two_adapter_model().eval()
     x = torch.randn(2, 5, 12)

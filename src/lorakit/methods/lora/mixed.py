@@ -6,13 +6,16 @@ The general path (AdapterLayer._mixed_batch_forward) runs each adapter on its ro
 gather of the rows, two matmuls, a scaling and a scatter-add of the full output, so a batch of 8 rows with 8
 adapters costs ~50 small operators per layer, which dominate a decoding step (every generated token runs them).
 Here the adapters' A and B are stacked once per mixed batch (zero-padded to the largest rank; a row without an
-adapter, "__base__", gets zeros), gathered per row, and every row's update is two `bmm`s, one scaling and one
-add, whatever the number of adapters: the approach of S-LoRA / Punica's batched gather matmul, in plain PyTorch.
+adapter, "__base__", gets zeros), gathered per row, and every row's update is two batched matmuls, whatever
+the number of adapters: `bmm` for the rank-wide s_i x_i A_i^T (the scaling on r columns, not on the full-width
+output), then `baddbmm`, which adds the product with B_i^T to the base output in the matmul's output stage (in
+place without autograd): no full-width temporary. The approach of S-LoRA / Punica's batched gather matmul, in
+plain PyTorch.
 
 Zero padding adds exact zeros, so the result equals the general path to fp32 rounding (the matmuls sum over the
 padded rank). Used when every adapter routed through the layer is plain LoRA without active dropout, all in
 one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the general path.
-Without autograd, a decoded token's few fp32 rows take lorakit's kernel instead of the two `bmm`s
+Without autograd, a decoded token's few fp32 rows take lorakit's kernel instead of the batched matmuls
 (lorakit.ops.lora_rows: one call, the update added into the base output; equal to fp32 rounding).
 Without autograd (inference) the gathered weights are kept for the duration of the mixed batch (one
 `generate()` call decodes every token with them); with autograd they are rebuilt on every forward, so that
@@ -24,21 +27,25 @@ from __future__ import annotations
 import torch
 
 from lorakit.ops import lora_rows
+from lorakit.ops.matmul import linear
 
 
-def gathered_weights(layer, names: list[str], device: torch.device):
-    """(A per row (rows, r_max, d_in), B^T per row (rows, r_max, d_out), s per row (rows,)) for the adapters named
-    per row, or None when the general path must run. `layer` is a LoraLinear."""
+def plain_factors(layer, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """{adapter: (A, B)} for the adapters named per row that this layer holds, or None when the general path must
+    run: none held, a variant (DoRA, ...) or active dropout, or factors of more than one dtype. `layer` is a
+    LoraLinear."""
     held = sorted({n for n in names if n in layer.lora_A})
-    if not held:
-        return None
-    if any(n in layer.lora_variant or layer.dropout_acts(n) for n in held):
+    if not held or any(n in layer.lora_variant or layer.dropout_acts(n) for n in held):
         return None
     factors = {n: layer.matrix_factors(n) for n in held}
-    dtypes = {t.dtype for pair in factors.values() for t in pair}
-    if len(dtypes) != 1:
-        return None
-    dtype = dtypes.pop()
+    return factors if len({t.dtype for pair in factors.values() for t in pair}) == 1 else None
+
+
+def gathered_weights(layer, names: list[str], factors: dict, device: torch.device):
+    """(A per row (rows, r_max, d_in), B^T per row (rows, r_max, d_out), s per row (rows,)) for the adapters named
+    per row; `factors` from plain_factors."""
+    held = list(factors)
+    dtype = next(iter(factors.values()))[0].dtype
     r_max = max(a.shape[0] for a, _ in factors.values())
     d_out, d_in = layer.out_features, layer.in_features
     # slot 0: zeros, for rows without an adapter in this layer
@@ -60,6 +67,30 @@ def gathered_weights(layer, names: list[str], device: torch.device):
     return a_stack[rows], b_stack[rows], scales[rows]
 
 
+def add_per_adapter_(layer, names: list[str], factors: dict, x: torch.Tensor, base_out: torch.Tensor) -> bool:
+    """Without autograd, for rows of many tokens (a prompt): each run of consecutive rows with one adapter gets
+    that adapter's update from its own A and B, two matmuls on 2-d views, added into base_out in place (the
+    scaling and the sum in the second matmul's output stage). No per-row copies of the weights, which for a
+    batch of 8 rows would be ~8 adapters' worth of memory written per forward. False where it does not apply
+    (dtypes differ, base_out not contiguous): the batched matmuls run instead."""
+    dtype = x.dtype
+    if base_out.dtype != dtype or not base_out.is_contiguous() or next(iter(factors.values()))[0].dtype != dtype:
+        return False
+    batch = x.shape[0]
+    x_rows = x.reshape(batch, -1, x.shape[-1])
+    out_rows = base_out.view(batch, -1, base_out.shape[-1])
+    start = 0
+    for stop in range(1, batch + 1):
+        if stop < batch and names[stop] == names[start]:
+            continue
+        if names[start] in factors:
+            a, b = factors[names[start]]
+            u = linear(x_rows[start:stop].reshape(-1, a.shape[1]), a)  # (tokens, r)
+            out_rows[start:stop].view(-1, b.shape[0]).addmm_(u, b.T, alpha=layer.scaling[names[start]])
+        start = stop
+    return True
+
+
 def _pad_rows(a: torch.Tensor, r_max: int) -> torch.Tensor:
     return a if a.shape[0] == r_max else torch.cat([a, a.new_zeros(r_max - a.shape[0], a.shape[1])])
 
@@ -74,18 +105,29 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
         return None
     routing, batch = layer.routing, x.shape[0]
     names = routing.row_names(batch)
+    grad = torch.is_grad_enabled()
     key = (id(layer), batch, x.device)
-    cached = None if torch.is_grad_enabled() else routing.layer_state.get(key)
+    cached = None if grad else routing.layer_state.get(key)
     if cached is None:
-        cached = gathered_weights(layer, names, x.device)
-        if cached is None:
+        factors = plain_factors(layer, names)
+        if factors is None:
             return None
-        if not torch.is_grad_enabled():
+        if not grad and x.numel() > batch * lora_rows.MAX_ROWS * x.shape[-1] and add_per_adapter_(
+                layer, names, factors, x, base_out):  # a prompt's rows
+            return base_out
+        cached = gathered_weights(layer, names, factors, x.device)
+        if not grad:
             routing.layer_state[key] = cached
     a_rows, bt_rows, s_rows = cached
     rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype)             # (rows, tokens, d_in)
-    if not torch.is_grad_enabled() and lora_rows.gathered_kernel_runs(rows_x, base_out, a_rows):
+    if not grad and lora_rows.gathered_kernel_runs(rows_x, base_out, a_rows):
         lora_rows.lora_rows_gathered_(base_out, rows_x, a_rows, bt_rows, s_rows)  # a decoded token: one call
         return base_out
-    update = torch.bmm(torch.bmm(rows_x, a_rows.transpose(1, 2)), bt_rows) * s_rows.view(-1, 1, 1)
-    return base_out + update.reshape(base_out.shape).to(base_out.dtype)
+    u = torch.bmm(rows_x, a_rows.transpose(1, 2)) * s_rows.view(-1, 1, 1)  # s_i x_i A_i^T: rank-wide
+    if base_out.dtype != u.dtype:  # e.g. bf16 base weights, fp32 adapters: the update in the adapters' dtype
+        return base_out + torch.bmm(u, bt_rows).reshape(base_out.shape).to(base_out.dtype)
+    rows_shape = (batch, -1, base_out.shape[-1])
+    if not grad and base_out.is_contiguous():  # inference: added into the fresh base output
+        base_out.view(rows_shape).baddbmm_(u, bt_rows)
+        return base_out
+    return torch.baddbmm(base_out.reshape(rows_shape), u, bt_rows).view(base_out.shape)
