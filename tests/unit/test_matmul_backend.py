@@ -75,3 +75,23 @@ def test_linear_add_scales_the_product_as_the_reference_does(monkeypatch, backen
             assert torch.equal(got, reference)
         else:
             torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "aten"])
+def test_linear_add_overwrite_gives_the_same_bits(monkeypatch, backend):
+    """overwrite=True lets aten add into `other` in place (the caller's temporary): the same bits as addmm's copy;
+    a non-contiguous `other` is never written; oneDNN returns a new tensor either way."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    g = torch.Generator().manual_seed(2)
+    u, b = torch.randn(3, 50, 16, generator=g), torch.randn(96, 16, generator=g)
+    other = torch.randn(3, 50, 96, generator=g)
+    expected = linear_add(u, b, other, alpha=2.0)
+    scratch = other.clone()
+    got = linear_add(u, b, scratch, alpha=2.0, overwrite=True)
+    assert torch.equal(got, expected)
+    assert (got is scratch) == (backend == "aten")
+    strided = other.clone().transpose(0, 1)  # (50, 3, 96), not contiguous
+    kept = strided.clone()
+    got = linear_add(u.transpose(0, 1), b, strided, alpha=2.0, overwrite=True)
+    assert torch.equal(strided, kept) and got is not strided
+    torch.testing.assert_close(got, expected.transpose(0, 1), rtol=1e-5, atol=1e-5)

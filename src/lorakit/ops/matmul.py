@@ -8,7 +8,7 @@ docs/performance.md, optimisations 1 and 25). Both compute in IEEE fp32 (no redu
 differ only in the order of the additions, so results agree to fp32 rounding, not bit for bit.
 
     linear(x, w)               x @ w.T (+ bias)           x: (..., d_in), w: (d_out, d_in) (any strides)
-    linear_add(x, w, other, a) other + a * (x @ w.T)      added in the matmul's output stage
+    linear_add(x, w, other, a) other + a * (x @ w.T)      added in the matmul's output stage (in place on request)
 
 Backend, chosen per call: "onednn" for CPU tensors of one dtype when PyTorch has oneDNN (bf16 always; fp32 on
 CPUs other than Intel's, from FP32_ONEDNN_MIN_MACS multiply-accumulates up: below, oneDNN's fixed cost per call
@@ -112,13 +112,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor, alpha: float = 1.0,
+               overwrite: bool = False) -> torch.Tensor:
     """other + alpha * (x @ weight.T); `other` has the result's shape. The sum is made in the matmul's output
     stage: oneDNN's binary post-op (with x scaled first when alpha != 1), aten's addmm (alpha its own
     argument). Where this is used, the inner dimension is a LoRA rank, which the kernels reduce in one block:
     the value is that of `other + F.linear(x, weight) * alpha` bit for bit when alpha is a power of two
-    (tests/unit/test_matmul_backend.py)."""
+    (tests/unit/test_matmul_backend.py). overwrite=True: `other` is the caller's own temporary (no autograd
+    history) and may receive the result; aten then adds in place (addmm_), one pass over `other` fewer than
+    addmm's copy, with the same bits."""
     if use_onednn(x, weight, other) and other.shape[:-1] == x.shape[:-1] and other.is_contiguous():
         return _ONEDNN.binary(x if alpha == 1.0 else x * alpha, other, weight, None, "add")
-    out = torch.addmm(other.reshape(-1, other.shape[-1]), x.reshape(-1, x.shape[-1]), weight.T, alpha=alpha)
-    return out.view(other.shape)
+    x2, other2 = x.reshape(-1, x.shape[-1]), other.reshape(-1, other.shape[-1])
+    if overwrite and other2.data_ptr() == other.data_ptr() and other.is_contiguous():
+        other2.addmm_(x2, weight.T, alpha=alpha)
+        return other
+    return torch.addmm(other2, x2, weight.T, alpha=alpha).view(other.shape)

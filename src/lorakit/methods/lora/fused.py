@@ -90,7 +90,7 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_input_grad = needs[1] if ctx.lora_x_dtype is not None else needs[0]
         if ctx.fused_base:
             if needs[0] and ctx.lora_x_dtype is None:
-                grad_x = linear_add(g, a.T, linear(dy, _to(weight, dtype).T))  # dY W0 + s (dY B) A, one pass
+                grad_x = linear_add(g, a.T, linear(dy, _to(weight, dtype).T), overwrite=True)  # dY W0 + s (dY B) A
             else:
                 if needs[0]:
                     grad_x = linear(dy, _to(weight, dtype).T)
@@ -127,13 +127,14 @@ def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
         out = linear(xc, _to(weight, dtype), _to(bias, dtype))
         return out, lx, lora_rows.lora_rows_(out, lx, a, b, scaling)
     x2 = _flat(xc)
-    if base_out is None:
+    own_base = base_out is None  # computed here: the adapter's term may be added into it in place
+    if own_base:
         base_out = linear(x2, _to(weight, dtype), _to(bias, dtype))
     else:
         base_out = _flat(_to(base_out, dtype).contiguous())
     u = linear(x2 if lora_x is None else _flat(lx), a)
     if _is_power_of_two(scaling):
-        out = linear_add(u, b, base_out, alpha=scaling)  # base + s (A x) B^T, the scaling in the matmul
+        out = linear_add(u, b, base_out, alpha=scaling, overwrite=own_base)  # base + s (A x) B^T, s in the matmul
     else:  # where the reference puts it, so that the result is the same bit for bit
         out = linear(u, b).mul_(scaling).add_(base_out)
     return out.view(*x.shape[:-1], out.shape[-1]), lx, u
