@@ -82,25 +82,31 @@ def test_the_kernel_runs_for_a_few_contiguous_fp32_rows_on_the_default_backend(m
 
 
 @needs_kernels
-@pytest.mark.parametrize("n, tokens, d_in, r, d_out", [(8, 1, 576, 16, 1536), (3, 2, 37, 5, 70), (5, 1, 64, 16, 17)])
+@pytest.mark.parametrize("n, tokens, d_in, r, d_out", [(8, 1, 576, 16, 1536), (3, 2, 37, 5, 70), (40, 1, 64, 16, 17)])
 def test_the_gathered_kernel_adds_each_sequences_own_adapter(n, tokens, d_in, r, d_out):
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(n, tokens, d_in, generator=g), torch.randn(n, tokens, d_out, generator=g)
-    a, b = torch.randn(n, r, d_in, generator=g), torch.randn(n, d_out, r, generator=g)
-    scales = torch.rand(n, generator=g) + 0.5
-    scales[1] = 0.0  # a sequence without an adapter in this layer: its output stays the base output
-    expected = out.double() + torch.bmm(torch.bmm(x.double(), a.double().transpose(1, 2)),
-                                        b.double().transpose(1, 2)) * scales.double().view(-1, 1, 1)
+    stacked = 4  # fewer adapters than sequences: sequences share slots; slot 0 is the zero slot
+    a, b = torch.randn(stacked, r, d_in, generator=g), torch.randn(stacked, d_out, r, generator=g)
+    scales = torch.rand(stacked, generator=g) + 0.5
+    scales[0] = 0.0
+    slots = torch.randint(0, stacked, (n,), generator=g)
+    slots[1] = 0  # a sequence without an adapter in this layer: its output stays the base output
+    expected = out.double() + torch.bmm(torch.bmm(x.double(), a[slots].double().transpose(1, 2)),
+                                        b[slots].double().transpose(1, 2)) * scales[slots].double().view(-1, 1, 1)
     result = out.clone()
-    lora_rows.lora_rows_gathered_(result, x, a, b.transpose(1, 2).contiguous(), scales)
+    lora_rows.lora_rows_gathered_(result, x, a, b.transpose(1, 2).contiguous(), scales, slots)
     torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(result[1], out[1])
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        lora_rows.lora_rows_gathered_(result, x, a, b.contiguous(), scales)  # B itself, not B^T
+        lora_rows.lora_rows_gathered_(result, x, a, b.contiguous(), scales, slots)  # B itself, not B^T
+    with pytest.raises(RuntimeError, match="outside the 4 stacked adapters"):
+        lora_rows.lora_rows_gathered_(result, x, a, b.transpose(1, 2).contiguous(), scales, slots + stacked)
 
 
 @needs_kernels
-def test_a_mixed_batch_decoding_step_runs_the_gathered_kernel_and_gives_each_rows_adapter(monkeypatch):
+@pytest.mark.parametrize("sequences", [4, 3 * lora_rows.MAX_ROWS])  # also more sequences than the kernel's rows
+def test_a_mixed_batch_decoding_step_runs_the_gathered_kernel_and_gives_each_rows_adapter(monkeypatch, sequences):
     torch.manual_seed(0)
     wrapped = get_peft_model(nn.Sequential(nn.Linear(24, 40)),
                              LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
@@ -109,8 +115,8 @@ def test_a_mixed_batch_decoding_step_runs_the_gathered_kernel_and_gives_each_row
     calls = []
     kernel = lora_rows.lora_rows_gathered_
     monkeypatch.setattr(lora_rows, "lora_rows_gathered_", lambda *args: calls.append(1) or kernel(*args))
-    rows = ["default", "other", "__base__", "other"]
-    x = torch.randn(4, 1, 24)
+    rows = (["default", "other", "__base__", "other"] * sequences)[:sequences]
+    x = torch.randn(sequences, 1, 24)
     with torch.no_grad():
         mixed = wrapped(x, adapter_names=rows)
         assert calls == [1]

@@ -1,13 +1,13 @@
 """A LoRA adapter's update of a few rows in one call of lorakit's kernel (ops/csrc/lora_rows.cpp).
 
     u = lora_rows_(out, x, a, b, s)    # u = x a^T; out += s * u b^T in place; x (..., d_in), out (..., d_out)
-    lora_rows_gathered_(out, x, a_rows, bt_rows, s_rows)   # the same per sequence, each with its own adapter
+    lora_rows_gathered_(out, x, a_stack, bt_stack, scales, slots)   # the same per sequence, its adapter's slot
 
 A decoded token's batch is a handful of rows, where the two rank-r products cost little arithmetic and the matmul
 library's fixed cost per call is most of their time (~15-25 us a layer on MKL; oneDNN's is larger still):
 the kernel does both on one thread in one call. Used by the LoRA layer's fused function (methods/lora/fused.py)
 and by mixed-adapter batches without autograd (methods/lora/mixed.py) when `kernel_runs` / `gathered_kernel_runs`
-say so: contiguous fp32 CPU tensors, at most MAX_ROWS rows, the "auto" matmul backend (under
+say so: contiguous fp32 CPU tensors, at most MAX_ROWS rows (per sequence for the gathered form), the "auto" matmul backend (under
 LORAKIT_MATMUL=aten or onednn the chosen library computes, e.g. to compare with another library bit for bit), and
 the kernels built. The sums run in another order than the libraries': equal to fp32 rounding
 (tests/unit/test_lora_rows.py).
@@ -40,17 +40,18 @@ def lora_rows_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     return torch.ops.lorakit.lora_rows_.default(out, x, a, b, scaling)  # the overload: ~1.5 us less a call
 
 
-def gathered_kernel_runs(x: torch.Tensor, out: torch.Tensor, a_rows: torch.Tensor) -> bool:
+def gathered_kernel_runs(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor) -> bool:
     """Whether lora_rows_gathered_ computes a mixed-adapter batch's update: x (sequences, tokens, d_in) of at most
-    MAX_ROWS rows in all, out the base output to add into, a_rows the gathered A's (methods/lora/mixed.py); the
-    same conditions as kernel_runs otherwise."""
-    return (x.dim() == 3 and x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == out.dtype == a_rows.dtype == torch.float32
+    MAX_ROWS tokens per sequence (a decoded token; any number of sequences), out the base output to add into,
+    a_stack the adapters' stacked A's (methods/lora/mixed.py); the same conditions as kernel_runs otherwise."""
+    return (x.dim() == 3 and x.shape[1] <= MAX_ROWS and x.dtype == out.dtype == a_stack.dtype == torch.float32
             and x.is_cpu and x.is_contiguous() and out.is_contiguous() and out.dim() == 3
             and requested_backend() == "auto" and kernels_available())
 
 
-def lora_rows_gathered_(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, bt_rows: torch.Tensor,
-                        scales: torch.Tensor) -> None:
-    """out[i] += scales[i] * (x[i] a_rows[i]^T) bt_rows[i] in place, sequence i with its own adapter: out
-    (n, T, d_out), x (n, T, d_in), a_rows (n, r, d_in), bt_rows (n, r, d_out) (B^T), scales (n,); contiguous fp32."""
-    torch.ops.lorakit.lora_rows_gathered_.default(out, x, a_rows, bt_rows, scales)
+def lora_rows_gathered_(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, bt_stack: torch.Tensor,
+                        scales: torch.Tensor, slots: torch.Tensor) -> None:
+    """out[i] += scales[k] * (x[i] a_stack[k]^T) bt_stack[k] in place with k = slots[i], sequence i with its own
+    adapter: out (n, T, d_out), x (n, T, d_in), a_stack (S, r, d_in), bt_stack (S, r, d_out) (B^T), scales (S,),
+    slots (n,) int64; contiguous, fp32. Sequences that share an adapter read the same stacked weights."""
+    torch.ops.lorakit.lora_rows_gathered_.default(out, x, a_stack, bt_stack, scales, slots)

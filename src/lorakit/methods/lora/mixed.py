@@ -15,11 +15,14 @@ plain PyTorch.
 Zero padding adds exact zeros, so the result equals the general path to fp32 rounding (the matmuls sum over the
 padded rank). Used when every adapter routed through the layer is plain LoRA without active dropout, all in
 one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the general path.
-Without autograd, a decoded token's few fp32 rows take lorakit's kernel instead of the batched matmuls
-(lorakit.ops.lora_rows: one call, the update added into the base output; equal to fp32 rounding).
-Without autograd (inference) the gathered weights are kept for the duration of the mixed batch (one
-`generate()` call decodes every token with them); with autograd they are rebuilt on every forward, so that
-gradients reach each adapter's own tensors.
+Without autograd:
+- a decoded token's fp32 rows on the CPU (at most 16 tokens per sequence, any number of sequences) take
+  lorakit's kernel instead of the batched matmuls (lorakit.ops.lora_rows: one call reading each sequence's
+  adapter from the stacks, no copy per row; the update added into the base output; equal to fp32 rounding);
+- a prompt's rows (more than 16 tokens each) take `add_per_adapter_`: each adapter's own A and B on its rows;
+- the stacks (and the per-row copies, where the batched matmuls read them) are kept for the duration of the
+  mixed batch (one `generate()` call decodes every token with them).
+With autograd they are rebuilt on every forward, so that gradients reach each adapter's own tensors.
 """
 
 from __future__ import annotations
@@ -41,14 +44,14 @@ def plain_factors(layer, names: list[str]) -> dict[str, tuple[torch.Tensor, torc
     return factors if len({t.dtype for pair in factors.values() for t in pair}) == 1 else None
 
 
-def gathered_weights(layer, names: list[str], factors: dict, device: torch.device):
-    """(A per row (rows, r_max, d_in), B^T per row (rows, r_max, d_out), s per row (rows,)) for the adapters named
-    per row; `factors` from plain_factors."""
+def stacked_weights(layer, names: list[str], factors: dict, device: torch.device):
+    """(A per slot (S, r_max, d_in), B^T per slot (S, r_max, d_out), s per slot (S,), the slot of each row (rows,)):
+    the adapters named per row stacked once, zero-padded to the largest rank, slot 0 zeros for rows without an
+    adapter in this layer; `factors` from plain_factors. With autograd each slot is its adapter's tensor."""
     held = list(factors)
     dtype = next(iter(factors.values()))[0].dtype
     r_max = max(a.shape[0] for a, _ in factors.values())
     d_out, d_in = layer.out_features, layer.in_features
-    # slot 0: zeros, for rows without an adapter in this layer
     a_stack = torch.zeros(len(held) + 1, r_max, d_in, dtype=dtype, device=device)
     b_stack = torch.zeros(len(held) + 1, r_max, d_out, dtype=dtype, device=device)  # B^T: rows of r_max x d_out
     scales = torch.zeros(len(held) + 1, dtype=dtype, device=device)
@@ -63,8 +66,8 @@ def gathered_weights(layer, names: list[str], factors: dict, device: torch.devic
     for slot, name in enumerate(held, start=1):
         scales[slot] = layer.scaling[name]
     slot_of = {name: slot for slot, name in enumerate(held, start=1)}
-    rows = torch.tensor([slot_of.get(n, 0) for n in names], device=device)
-    return a_stack[rows], b_stack[rows], scales[rows]
+    slots = torch.tensor([slot_of.get(n, 0) for n in names], device=device)
+    return a_stack, b_stack, scales, slots
 
 
 def add_per_adapter_(layer, names: list[str], factors: dict, x: torch.Tensor, base_out: torch.Tensor) -> bool:
@@ -115,14 +118,15 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
         if not grad and x.numel() > batch * lora_rows.MAX_ROWS * x.shape[-1] and add_per_adapter_(
                 layer, names, factors, x, base_out):  # a prompt's rows
             return base_out
-        cached = gathered_weights(layer, names, factors, x.device)
+        cached = stacked_weights(layer, names, factors, x.device)
         if not grad:
             routing.layer_state[key] = cached
-    a_rows, bt_rows, s_rows = cached
-    rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype)             # (rows, tokens, d_in)
-    if not grad and lora_rows.gathered_kernel_runs(rows_x, base_out, a_rows):
-        lora_rows.lora_rows_gathered_(base_out, rows_x, a_rows, bt_rows, s_rows)  # a decoded token: one call
+    a_stack, bt_stack, scales, slots = cached
+    rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_stack.dtype)             # (rows, tokens, d_in)
+    if not grad and lora_rows.gathered_kernel_runs(rows_x, base_out, a_stack):
+        lora_rows.lora_rows_gathered_(base_out, rows_x, a_stack, bt_stack, scales, slots)  # decoding: one call
         return base_out
+    a_rows, bt_rows, s_rows = _per_row(routing, key, cached)
     u = torch.bmm(rows_x, a_rows.transpose(1, 2)) * s_rows.view(-1, 1, 1)  # s_i x_i A_i^T: rank-wide
     if base_out.dtype != u.dtype:  # e.g. bf16 base weights, fp32 adapters: the update in the adapters' dtype
         return base_out + torch.bmm(u, bt_rows).reshape(base_out.shape).to(base_out.dtype)
@@ -131,3 +135,17 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
         base_out.view(rows_shape).baddbmm_(u, bt_rows)
         return base_out
     return torch.baddbmm(base_out.reshape(rows_shape), u, bt_rows).view(base_out.shape)
+
+
+def _per_row(routing, key, stacked):
+    """Each row's own (A, B^T, s) gathered from the stacks for the batched matmuls: with autograd on every
+    forward; without, once per mixed batch (kept beside the stacks: a decoded token's batched matmuls read them
+    on every step)."""
+    a_stack, bt_stack, scales, slots = stacked
+    if torch.is_grad_enabled():
+        return a_stack[slots], bt_stack[slots], scales[slots]
+    rows_key = (*key, "rows")
+    per_row = routing.layer_state.get(rows_key)
+    if per_row is None:
+        per_row = routing.layer_state[rows_key] = (a_stack[slots], bt_stack[slots], scales[slots])
+    return per_row

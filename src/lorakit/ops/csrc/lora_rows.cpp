@@ -1,8 +1,10 @@
 // A LoRA adapter's update of a few rows (a decoded token's batch), fp32, on one thread, in one call:
 //
 //   lora_rows_(out, x, a, b, scale) -> u     u = x a^T (rows, r);  out += scale * (u b^T), in place
-//   lora_rows_gathered_(out, x, a, bt, scales)   the same per sequence i with its own adapter (a mixed-adapter
-//                                                batch): a (n, r, d_in), bt (n, r, d_out) = B_i^T, scales (n)
+//   lora_rows_gathered_(out, x, a, bt, scales, slots)   the same per sequence i with its own adapter (a
+//                                                mixed-adapter batch): the adapters stacked along a slot axis,
+//                                                a (S, r, d_in), bt (S, r, d_out) = B_k^T, scales (S), and the
+//                                                slot of each sequence, slots (n) int64
 //
 // out (..., d_out), x (..., d_in) (rows: the leading dimensions), a (r, d_in), b (d_out, r): contiguous fp32 CPU
 // tensors. For a handful of rows the two rank-r products are tiny (8 x 576 x 16 multiply-accumulates, 8 x 16 x
@@ -11,8 +13,9 @@
 // call, 6-13 us with the call itself: the rows' dot products with a for u, then for each block of output columns
 // the matching tile of b transposed in registers and every row's update accumulated from it. The sums run in
 // another order than MKL's or oneDNN's: equal to fp32 rounding (docs/performance.md, optimisation 28).
-// The gathered form reads each sequence's own adapter (0.65 MB a layer of SmolLM2 at r=16, from memory): its
-// sequences are split over the threads. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
+// The gathered form reads each sequence's own adapter from the stacks (0.65 MB a layer of SmolLM2 at r=16), with
+// no copy per sequence: sequences that share an adapter read the same weights. Its sequences are split over the
+// threads. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
 // lorakit/methods/lora/fused.py (_forward) and mixed.py through lorakit/ops/lora_rows.py.
 #include "cpu_capability.h"
 
@@ -155,34 +158,43 @@ void add_products_with_bt(const float* u, const float* bt, float* out, int64_t T
   }
 }
 
-// A mixed-adapter batch: sequence i (its T rows) uses its own adapter, gathered per sequence by the caller.
-//   out (n, T, d_out) += scales[i] * (x_i a_i^T) bt_i      x (n, T, d_in), a (n, r, d_in), bt (n, r, d_out) = B_i^T
-void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& bt, const Tensor& scales) {
+// A mixed-adapter batch: sequence i (its T rows) uses the adapter in slot slots[i] of the stacks.
+//   out (n, T, d_out) += scales[k] * (x_i a_k^T) bt_k, k = slots[i]   x (n, T, d_in), a (S, r, d_in), bt (S, r, d_out)
+void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& bt, const Tensor& scales,
+                         const Tensor& slots) {
   check(out, "out");
   check(x, "x");
   check(a, "a");
   check(bt, "bt");
   check(scales, "scales");
-  TORCH_CHECK(x.dim() == 3 && out.dim() == 3 && a.dim() == 3 && bt.dim() == 3 && scales.dim() == 1,
-              "lora_rows_gathered_: out, x, a and bt must have 3 dimensions, scales 1");
-  const int64_t n = x.size(0), T = x.size(1), d_in = x.size(2), r = a.size(1), d_out = bt.size(2);
-  TORCH_CHECK(a.size(0) == n && bt.size(0) == n && scales.size(0) == n && a.size(2) == d_in && bt.size(1) == r &&
+  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "lora_rows_gathered_: slots must be a contiguous int64 CPU tensor");
+  TORCH_CHECK(x.dim() == 3 && out.dim() == 3 && a.dim() == 3 && bt.dim() == 3 && scales.dim() == 1 &&
+              slots.dim() == 1, "lora_rows_gathered_: out, x, a and bt must have 3 dimensions, scales and slots 1");
+  const int64_t n = x.size(0), T = x.size(1), d_in = x.size(2), S = a.size(0), r = a.size(1), d_out = bt.size(2);
+  TORCH_CHECK(bt.size(0) == S && scales.size(0) == S && slots.size(0) == n && a.size(2) == d_in && bt.size(1) == r &&
               out.size(0) == n && out.size(1) == T && out.size(2) == d_out,
               "lora_rows_gathered_: shapes do not match: out ", out.sizes(), ", x ", x.sizes(), ", a ", a.sizes(),
-              ", bt ", bt.sizes(), ", scales ", scales.sizes());
+              ", bt ", bt.sizes(), ", scales ", scales.sizes(), ", slots ", slots.sizes());
+  const int64_t* kp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(kp[i] >= 0 && kp[i] < S, "lora_rows_gathered_: slot ", kp[i], " of sequence ", i,
+                " is outside the ", S, " stacked adapters");
+  }
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const float* bp = bt.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // the sequences over the threads: each reads its own adapter's weights (~0.65 MB a layer of SmolLM2 at r=16),
-  // from memory, and one core alone draws less bandwidth than all
+  // the sequences over the threads: each reads its adapter's weights (~0.65 MB a layer of SmolLM2 at r=16), from
+  // memory the first time, and one core alone draws less bandwidth than all
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u(T * r);
     for (int64_t i = begin; i < end; ++i) {
-      if (sp[i] == 0.0f) continue;  // a row without an adapter in this layer (its slot is zeros)
-      products_with_a(xp + i * T * d_in, ap + i * r * d_in, u.data(), T, d_in, r);
-      add_products_with_bt(u.data(), bp + i * r * d_out, op + i * T * d_out, T, r, d_out, sp[i]);
+      const int64_t k = kp[i];
+      if (sp[k] == 0.0f) continue;  // no adapter in this layer (the zero slot)
+      products_with_a(xp + i * T * d_in, ap + k * r * d_in, u.data(), T, d_in, r);
+      add_products_with_bt(u.data(), bp + k * r * d_out, op + i * T * d_out, T, r, d_out, sp[k]);
     }
   });
 }
@@ -191,7 +203,7 @@ void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Te
 
 TORCH_LIBRARY_FRAGMENT(lorakit, m) {
   m.def("lora_rows_(Tensor(a!) out, Tensor x, Tensor a, Tensor b, float scale) -> Tensor");
-  m.def("lora_rows_gathered_(Tensor(a!) out, Tensor x, Tensor a, Tensor bt, Tensor scales) -> ()");
+  m.def("lora_rows_gathered_(Tensor(a!) out, Tensor x, Tensor a, Tensor bt, Tensor scales, Tensor slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
