@@ -15,6 +15,7 @@ from lorakit.methods.lora.fused import LoraLinearFunction
 from lorakit.ops.cross_entropy import linear_cross_entropy
 from lorakit.ops.lm_head import plain_output_head
 from lorakit.ops.matmul import BACKEND_ENV
+from tests.mixed_batch import rows_run_alone
 from tests.tiny import tiny_llama
 
 
@@ -231,20 +232,6 @@ def _train_both(wrapped) -> None:
         param.requires_grad_("lora_" in name)
 
 
-def _rows_run_alone(wrapped, x: torch.Tensor, rows: list[str]) -> torch.Tensor:
-    """Each row through its adapter alone ("__base__": the base model), concatenated."""
-    alone = []
-    for i, name in enumerate(rows):
-        if name == "__base__":
-            with wrapped.disable_adapter():
-                alone.append(wrapped(x[i:i + 1]))
-        else:
-            wrapped.set_adapter(name)
-            _train_both(wrapped)
-            alone.append(wrapped(x[i:i + 1]))
-    return torch.cat(alone)
-
-
 def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatch):
     import lorakit.methods.lora.layer as layer_module
 
@@ -260,7 +247,7 @@ def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatc
     mixed.square().sum().backward()
     got_grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.requires_grad}
     wrapped.zero_grad(set_to_none=True)
-    expected = _rows_run_alone(wrapped, x, rows)
+    expected = rows_run_alone(wrapped, x, rows, after_switch=lambda: _train_both(wrapped))
     expected.square().sum().backward()
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
     for name, grad in got_grads.items():
@@ -293,7 +280,7 @@ def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_
     x = torch.randn(len(rows), tokens, 12, dtype=base_dtype)
     with torch.no_grad():
         mixed = wrapped(x, adapter_names=rows)
-        expected = _rows_run_alone(wrapped, x, rows)
+        expected = rows_run_alone(wrapped, x, rows)
     assert taken and all(ran for ran, _ in taken), "the gathered path did not run"
     assert all(in_place == (base_dtype == torch.float32) for _, in_place in taken)  # in place where dtypes match
     assert any(per_adapter_runs) == per_adapter

@@ -13,6 +13,7 @@ from lorakit.ops import lora_rows
 from lorakit.ops.cpu_extension import kernels_available
 from lorakit.ops.lm_head import contiguous_head_input
 from lorakit.ops.matmul import BACKEND_ENV
+from tests.mixed_batch import rows_run_alone
 from tests.tiny import tiny_llama
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="lorakit's CPU kernels cannot be built here")
@@ -120,14 +121,7 @@ def test_a_mixed_batch_decoding_step_runs_the_gathered_kernel_and_gives_each_row
     with torch.no_grad():
         mixed = wrapped(x, adapter_names=rows)
         assert calls == [1]
-        for i, name in enumerate(rows):
-            if name == "__base__":
-                with wrapped.disable_adapter():
-                    alone = wrapped(x[i:i + 1])
-            else:
-                wrapped.set_adapter(name)
-                alone = wrapped(x[i:i + 1])
-            torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed, rows_run_alone(wrapped, x, rows), rtol=1e-5, atol=1e-5)
 
 
 def _decoding_layer(alpha: int):

@@ -52,13 +52,15 @@ def stacked_weights(layer, names: list[str], factors: dict, device: torch.device
     dtype = next(iter(factors.values()))[0].dtype
     r_max = max(a.shape[0] for a, _ in factors.values())
     d_out, d_in = layer.out_features, layer.in_features
-    a_stack = torch.zeros(len(held) + 1, r_max, d_in, dtype=dtype, device=device)
-    b_stack = torch.zeros(len(held) + 1, r_max, d_out, dtype=dtype, device=device)  # B^T: rows of r_max x d_out
     scales = torch.zeros(len(held) + 1, dtype=dtype, device=device)
     if torch.is_grad_enabled():  # differentiable stacking: each slot is its adapter's tensor
-        a_stack = torch.stack([a_stack[0]] + [_pad_rows(factors[n][0], r_max) for n in held])
-        b_stack = torch.stack([b_stack[0]] + [_pad_cols(factors[n][1], r_max).T for n in held])
+        a_stack = torch.stack([torch.zeros(r_max, d_in, dtype=dtype, device=device)]
+                              + [_pad_rows(factors[n][0], r_max) for n in held])
+        b_stack = torch.stack([torch.zeros(r_max, d_out, dtype=dtype, device=device)]
+                              + [_pad_cols(factors[n][1], r_max).T for n in held])  # B^T: rows of r_max x d_out
     else:
+        a_stack = torch.zeros(len(held) + 1, r_max, d_in, dtype=dtype, device=device)
+        b_stack = torch.zeros(len(held) + 1, r_max, d_out, dtype=dtype, device=device)
         for slot, name in enumerate(held, start=1):
             a, b = factors[name]
             a_stack[slot, :a.shape[0]] = a
