@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from typing import Iterable
 
 RESULT_PREFIX = "LORAKIT-BENCH-RESULT "
@@ -80,8 +81,8 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
+def machine(all_rates: Iterable[dict | None] = ()) -> dict:
+    """What the numbers were measured on; all_rates: the workers' matmul rates (matmul_rates), summarised."""
     import platform
 
     import torch
@@ -93,7 +94,75 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "matmul_gflops_per_thread": rates_summary(all_rates)}
+
+
+# the probe's product, (rows, d_in, d_out): SmolLM2's MLP up-projection in a 4 x 256 training step
+RATE_PROBE_SHAPE = (1024, 576, 1536)
+
+
+def matmul_rates(repeats: int = 5) -> dict:
+    """One thread's GFLOP/s on one dense CPU product of RATE_PROBE_SHAPE, per kernel: "bf16" (oneDNN), "fp32_onednn"
+    and "fp32_aten" (MKL). What the machine could do when a measurement ran: a VM's CPU may change speed from one
+    run to the next (docs/performance.md, "Method": the EPYC's two states, in which AVX-512 runs at full or half
+    width, so oneDNN's rates double or halve while MKL's AVX2 path on AMD stays put). Each worker measures it
+    after its measurement (its result's "matmul_gflops"); the reports give the range over their runs. ~0.4 s."""
+    import torch
+
+    from lorakit.ops.matmul import kernels
+
+    rows, d_in, d_out = RATE_PROBE_SHAPE
+    found = kernels()
+    probes = [("fp32_aten", found["aten"], torch.float32)]
+    if "onednn" in found:
+        probes += [("fp32_onednn", found["onednn"], torch.float32), ("bf16", found["onednn"], torch.bfloat16)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rates = {}
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x32, w32 = (torch.randn(shape, generator=generator) for shape in ((rows, d_in), (d_out, d_in)))
+        for name, kernel, dtype in probes:
+            x, w = x32.to(dtype), w32.to(dtype)
+            times = []
+            for i in range(repeats + 2):  # two untimed calls first (the kernel's set-up, caches)
+                started = time.perf_counter()
+                kernel(x, w)
+                if i >= 2:
+                    times.append(time.perf_counter() - started)
+            rates[name] = round(2 * rows * d_in * d_out / statistics.median(times) / 1e9, 1)
+    finally:
+        torch.set_num_threads(threads)
+    return rates
+
+
+def rates_label(rates: dict | None) -> str:
+    """A worker's matmul rates for its progress line: "bf16 205 / fp32 105 (oneDNN), 90 (aten) GFLOP/s"."""
+    if not rates:
+        return ""
+    parts = [f"bf16 {rates['bf16']:.0f}" if "bf16" in rates else None,
+             f"fp32 {rates['fp32_onednn']:.0f} (oneDNN)" if "fp32_onednn" in rates else None,
+             f"fp32 {rates['fp32_aten']:.0f} (aten)" if "fp32_aten" in rates else None]
+    return "matmul " + ", ".join(p for p in parts if p) + " GFLOP/s a thread"
+
+
+def rates_summary(all_rates: Iterable[dict | None]) -> dict:
+    """kernel -> min / median / max of the workers' matmul rates over a run: a wide range means the machine
+    changed state during the run (then compare ratios within one repetition)."""
+    all_rates = [r for r in all_rates if r]
+    return {name: {"min": min(r[name] for r in all_rates if name in r),
+                   "median": round(median(r[name] for r in all_rates if name in r), 1),
+                   "max": max(r[name] for r in all_rates if name in r)}
+            for name in dict.fromkeys(k for r in all_rates for k in r)}
+
+
+def rates_report_line(summary: dict) -> str:
+    """The report's line on the machine's state over the run."""
+    if not summary:
+        return "matmul rates: not measured"
+    return ("one thread's matmul rate over the runs, GFLOP/s (min / median / max; the machine's state, "
+            "docs/performance.md \"Method\"): " + "; ".join(
+                f"{name} {v['min']:.0f} / {v['median']:.0f} / {v['max']:.0f}" for name, v in summary.items()))
 
 
 def table(header: list[str], rows: list[list]) -> str:

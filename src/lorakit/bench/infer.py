@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
           f"of {args.seq} tokens, decode of {args.new_tokens} tokens after {args.prompt_tokens}; {args.repeats} "
           f"repetition(s), each mode in a fresh process; load average {harness.load_average()}", flush=True)
     results: dict[str, list[dict]] = {m: [] for m in modes}
+    probes = []  # each worker's matmul rates: the machine's state
     # lorakit's modes share one process (interleaved, measure()); PEFT's modes another (PEFT's layers would
     # otherwise wrap the same base weights); the two processes take turns, repetition after repetition
     groups = [g for g in ([m for m in modes if not m.startswith("peft")], [m for m in modes if m.startswith("peft")])
@@ -157,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
                     "new_tokens": args.new_tokens, "iterations": args.iterations, "seed": args.seed,
                     "threads": args.threads}
             result = harness.run_worker(spec)
+            probes.append(result.get("matmul_gflops"))
+            print(f"  run {repeat + 1}: {library} process: {harness.rates_label(probes[-1])}", flush=True)
             base_in_process = result["modes"]["base"]
             for mode, measured in result["modes"].items():
                 if mode == "base" and library == "peft":
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
                    decode_cpu_ratio=_median_ratio(results[mode], "decode_cpu_ms_per_token"),
                    load_average=harness.median(r["load_before"] for r in results[mode]))
         rows.append(row)
-    report = {"benchmark": "infer", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine(),
+    report = {"benchmark": "infer", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine(probes),
               "workload": {k: getattr(args, k) for k in ("model", "dtype", "r", "adapters", "batch", "seq",
                                                           "prompt_tokens", "new_tokens", "iterations", "repeats",
                                                           "quick")},
@@ -195,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
                         [[r["mode"], r["forward_ms"], r["forward_ratio"], r["forward_cpu_ratio"],
                           r["decode_ms_per_token"], r["decode_ratio"], r["decode_cpu_ratio"], r["load_average"]]
                          for r in rows]))
+    print(harness.rates_report_line(report["machine"]["matmul_gflops_per_thread"]))
     harness.write_json(args.json, report)
     return 0
 

@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
                 result = harness.run_worker(spec)
                 results[(batch, seq)].append(result)
                 print(f"  run {repeat + 1}: batch {batch:3} x {seq:5}: {result['tokens_per_second']:8.1f} "
-                      f"tokens/s  peak RSS {result['peak_rss_mb']:6.0f} MB  (load {result['load_before']:.1f})",
-                      flush=True)
+                      f"tokens/s  peak RSS {result['peak_rss_mb']:6.0f} MB  (load {result['load_before']:.1f})  "
+                      f"{harness.rates_label(result.get('matmul_gflops'))}", flush=True)
     rows = []
     for sweep in ("length", "batch"):
         first = first_cpu = None
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
                        max(r["relative"] for r in rows if r["sweep"] == s), 3) for s in ("length", "batch")}
     spread_cpu = {s: round(min(r["relative_cpu"] for r in rows if r["sweep"] == s) /
                            max(r["relative_cpu"] for r in rows if r["sweep"] == s), 3) for s in ("length", "batch")}
-    report = {"benchmark": "scale", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine(),
+    report = {"benchmark": "scale", "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": harness.machine(r.get("matmul_gflops") for measured in results.values() for r in measured),
               "workload": {"model": args.model, "r": args.r, "alpha": args.alpha, "setting": args.setting,
                            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick},
               "rows": rows, "slowest_over_fastest": spread,
@@ -117,5 +118,6 @@ def run(args: argparse.Namespace) -> int:
                          for r in rows]))
     print(f"slowest / fastest point: lengths {spread['length']}, batches {spread['batch']} (per CPU second: "
           f"lengths {spread_cpu['length']}, batches {spread_cpu['batch']})")
+    print(harness.rates_report_line(report["machine"]["matmul_gflops_per_thread"]))
     harness.write_json(args.json, report)
     return 0

@@ -105,6 +105,15 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor | None
     return dtype in _ONEDNN_DTYPES and requested_backend() == "onednn"
 
 
+def kernels() -> dict:
+    """name -> `x @ weight.T` of each backend present here ("aten"; "onednn" where PyTorch has it), without the
+    per-call choice of `linear`: for probes that time the kernels themselves (lorakit.bench.harness.matmul_rates)."""
+    found = {"aten": F.linear}
+    if _ONEDNN is not None:
+        found["onednn"] = lambda x, weight: _ONEDNN(x, weight, None, "none", [], "")
+    return found
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), in x's dtype (all operands must share it)."""
     if use_onednn(x, weight, bias):
