@@ -95,6 +95,11 @@ def test_fused_bf16_autocast_returns_fp32_gradients_for_fp32_adapters():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16
+    # the forward's bf16 casts of A and B are what the backward reads (cast once a step), equal to the weights
+    saved_a, saved_b = out.grad_fn.saved_tensors[3:5]
+    assert saved_a.dtype == saved_b.dtype == torch.bfloat16
+    assert torch.equal(saved_a, layer.lora_A["default"].weight.bfloat16())
+    assert torch.equal(saved_b, layer.lora_B["default"].weight.bfloat16())
     out.float().sum().backward()
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
     reference = _reference(layer, x)

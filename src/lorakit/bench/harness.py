@@ -102,7 +102,7 @@ RATE_PROBE_SHAPE = (1024, 576, 1536)
 
 
 def matmul_rates(repeats: int = 5) -> dict:
-    """One thread's GFLOP/s on one dense CPU product of RATE_PROBE_SHAPE, per kernel: "bf16" (oneDNN), "fp32_onednn"
+    """One thread's GFLOP/s (best of `repeats` calls) on one dense CPU product of RATE_PROBE_SHAPE, per kernel: "bf16" (oneDNN), "fp32_onednn"
     and "fp32_aten" (MKL). What the machine could do when a measurement ran: a VM's CPU may change speed from one
     run to the next (docs/performance.md, "Method": the EPYC's two states, in which AVX-512 runs at full or half
     width, so oneDNN's rates double or halve while MKL's AVX2 path on AMD stays put). Each worker measures it
@@ -130,7 +130,8 @@ def matmul_rates(repeats: int = 5) -> dict:
                 kernel(x, w)
                 if i >= 2:
                     times.append(time.perf_counter() - started)
-            rates[name] = round(2 * rows * d_in * d_out / statistics.median(times) / 1e9, 1)
+            rates[name] = round(2 * rows * d_in * d_out / min(times) / 1e9, 1)  # the best: a neighbour's burst
+            # or a page fault slows one call, never speeds it up
     finally:
         torch.set_num_threads(threads)
     return rates
