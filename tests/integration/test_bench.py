@@ -36,11 +36,11 @@ def test_bench_train_quick_compares_with_peft(model_dir, capsys, tmp_path):
     assert "x PEFT speed" in stdout and "lorakit default vs PEFT's fastest setting (fp32)" in stdout
     assert "Nonex" not in stdout and "peak RSS against PEFT bf16: not measured" in stdout
     assert (tmp_path / "train_loss.png").stat().st_size > 0
-    # every run records the machine's matmul rates after its measurement; the report gives their range
-    assert all(rep["matmul_gflops"]["fp32_aten"] > 0 for r in rows.values() for rep in r["repeats"])
-    summary = report["machine"]["matmul_gflops_per_thread"]
-    assert 0 < summary["fp32_aten"]["min"] <= summary["fp32_aten"]["median"] <= summary["fp32_aten"]["max"]
-    assert "one thread's matmul rate over the runs" in stdout and "GFLOP/s a thread" in stdout
+    # every run probes the machine after its measurement; the report gives the probes' range
+    assert all(rep["machine_probe"]["fp32_aten_gflops"] > 0 for r in rows.values() for rep in r["repeats"])
+    summary = report["machine"]["probe"]["copy_gb_s"]
+    assert 0 < summary["min"] <= summary["median"] <= summary["max"]
+    assert "machine probe over the runs" in stdout and "GB/s a thread" in stdout
 
 
 def test_bench_infer_quick_reports_ratios_to_base(model_dir, capsys, tmp_path):
@@ -53,7 +53,7 @@ def test_bench_infer_quick_reports_ratios_to_base(model_dir, capsys, tmp_path):
     assert report["ratios_to_base"]["base"] == {"forward": 1.0, "decode": 1.0, "forward_cpu": 1.0, "decode_cpu": 1.0}
     assert all(r["forward_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in report["rows"])
     assert "decode ms/token" in stdout
-    assert report["machine"]["matmul_gflops_per_thread"]["fp32_aten"]["median"] > 0
+    assert report["machine"]["probe"]["fp32_aten_gflops"]["median"] > 0
 
 
 def test_bench_trainer_quick_times_lorakit_train_against_the_engine_on_the_same_batches(model_dir, capsys, tmp_path):
@@ -100,7 +100,7 @@ def test_bench_scale_quick_sweeps_lengths_and_batches(model_dir, capsys, tmp_pat
         ("length", 4, 16), ("length", 2, 32), ("batch", 2, 32)]  # (2, 32) is measured once, shown in both sweeps
     assert report["rows"][1]["tokens_per_second"] == report["rows"][2]["tokens_per_second"]
     assert report["rows"][0]["relative"] == 1.0 and "slowest / fastest point" in stdout
-    assert report["machine"]["matmul_gflops_per_thread"]["fp32_aten"]["median"] > 0
+    assert report["machine"]["probe"]["fp32_aten_gflops"]["median"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -81,8 +81,8 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def machine(all_rates: Iterable[dict | None] = ()) -> dict:
-    """What the numbers were measured on; all_rates: the workers' matmul rates (matmul_rates), summarised."""
+def machine(probes: Iterable[dict | None] = ()) -> dict:
+    """What the numbers were measured on; probes: the workers' machine probes (probe_machine), summarised."""
     import platform
 
     import torch
@@ -94,76 +94,89 @@ def machine(all_rates: Iterable[dict | None] = ()) -> dict:
     except OSError:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "matmul_gflops_per_thread": rates_summary(all_rates)}
+            "python": platform.python_version(), "probe": probe_summary(probes)}
 
 
-# the probe's product, (rows, d_in, d_out): SmolLM2's MLP up-projection in a 4 x 256 training step
-RATE_PROBE_SHAPE = (1024, 576, 1536)
+# the probe's matmul, (rows, d_in, d_out): SmolLM2's MLP up-projection in a 4 x 256 training step; its copy: 64 MB,
+# twice the EPYC's L3 cache, so that it measures memory
+PROBE_MATMUL_SHAPE = (1024, 576, 1536)
+PROBE_COPY_FLOATS = 16 * 1024 * 1024
 
 
-def matmul_rates(repeats: int = 5) -> dict:
-    """One thread's GFLOP/s (best of `repeats` calls) on one dense CPU product of RATE_PROBE_SHAPE, per kernel: "bf16" (oneDNN), "fp32_onednn"
-    and "fp32_aten" (MKL). What the machine could do when a measurement ran: a VM's CPU may change speed from one
-    run to the next (docs/performance.md, "Method": the EPYC's two states, in which AVX-512 runs at full or half
-    width, so oneDNN's rates double or halve while MKL's AVX2 path on AMD stays put). Each worker measures it
-    after its measurement (its result's "matmul_gflops"); the reports give the range over their runs. ~0.4 s."""
+def probe_machine(repeats: int = 5) -> dict:
+    """What one thread of the machine could do when a measurement ran (best of `repeats`, after untimed calls):
+    GFLOP/s of one dense CPU product of PROBE_MATMUL_SHAPE per kernel ("bf16_gflops" on oneDNN, "fp32_onednn_gflops",
+    "fp32_aten_gflops" on MKL) and the memory bandwidth of a 64 MB copy ("copy_gb_s", bytes read + written).
+    A VM's CPU may change speed from one run to the next (docs/performance.md, "Method": the EPYC's two states,
+    AVX-512 at full or half rate, which doubles or halves oneDNN's rates while MKL's AVX2 path on AMD stays put;
+    neighbours' memory traffic, which the copy shows). Each worker runs it after its measurement and its peak
+    RSS (result "machine_probe"); the reports give the range over their runs. ~0.5 s."""
     import torch
 
     from lorakit.ops.matmul import kernels
 
-    rows, d_in, d_out = RATE_PROBE_SHAPE
+    rows, d_in, d_out = PROBE_MATMUL_SHAPE
     found = kernels()
-    probes = [("fp32_aten", found["aten"], torch.float32)]
+    matmuls = [("fp32_aten_gflops", found["aten"], torch.float32)]
     if "onednn" in found:
-        probes += [("fp32_onednn", found["onednn"], torch.float32), ("bf16", found["onednn"], torch.bfloat16)]
+        matmuls += [("fp32_onednn_gflops", found["onednn"], torch.float32),
+                    ("bf16_gflops", found["onednn"], torch.bfloat16)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rates = {}
+    probe = {}
     try:
         generator = torch.Generator().manual_seed(0)
         x32, w32 = (torch.randn(shape, generator=generator) for shape in ((rows, d_in), (d_out, d_in)))
-        for name, kernel, dtype in probes:
+        for name, kernel, dtype in matmuls:
             x, w = x32.to(dtype), w32.to(dtype)
-            times = []
-            for i in range(repeats + 2):  # two untimed calls first (the kernel's set-up, caches)
-                started = time.perf_counter()
-                kernel(x, w)
-                if i >= 2:
-                    times.append(time.perf_counter() - started)
-            rates[name] = round(2 * rows * d_in * d_out / min(times) / 1e9, 1)  # the best: a neighbour's burst
-            # or a page fault slows one call, never speeds it up
+            probe[name] = round(2 * rows * d_in * d_out / _best_time(lambda: kernel(x, w), repeats) / 1e9, 1)
+        source, target = torch.ones(PROBE_COPY_FLOATS), torch.empty(PROBE_COPY_FLOATS)
+        probe["copy_gb_s"] = round(2 * source.nbytes / _best_time(lambda: target.copy_(source), repeats) / 1e9, 1)
     finally:
         torch.set_num_threads(threads)
-    return rates
+    return probe
 
 
-def rates_label(rates: dict | None) -> str:
-    """A worker's matmul rates for its progress line: "bf16 205 / fp32 105 (oneDNN), 90 (aten) GFLOP/s"."""
-    if not rates:
+def _best_time(call, repeats: int) -> float:
+    """The shortest of `repeats` timed calls after two untimed ones (set-up, caches): a neighbour's burst or a page
+    fault slows one call, never speeds it up."""
+    times = []
+    for i in range(repeats + 2):
+        started = time.perf_counter()
+        call()
+        if i >= 2:
+            times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def probe_label(probe: dict | None) -> str:
+    """A worker's probe for its progress line: "matmul bf16 205, fp32 105 (oneDNN), fp32 90 (aten) GFLOP/s, copy 12.5
+    GB/s a thread"."""
+    if not probe:
         return ""
-    parts = [f"bf16 {rates['bf16']:.0f}" if "bf16" in rates else None,
-             f"fp32 {rates['fp32_onednn']:.0f} (oneDNN)" if "fp32_onednn" in rates else None,
-             f"fp32 {rates['fp32_aten']:.0f} (aten)" if "fp32_aten" in rates else None]
-    return "matmul " + ", ".join(p for p in parts if p) + " GFLOP/s a thread"
+    matmuls = [f"bf16 {probe['bf16_gflops']:.0f}" if "bf16_gflops" in probe else None,
+               f"fp32 {probe['fp32_onednn_gflops']:.0f} (oneDNN)" if "fp32_onednn_gflops" in probe else None,
+               f"fp32 {probe['fp32_aten_gflops']:.0f} (aten)" if "fp32_aten_gflops" in probe else None]
+    copy = f", copy {probe['copy_gb_s']:.1f} GB/s" if "copy_gb_s" in probe else ""
+    return "matmul " + ", ".join(m for m in matmuls if m) + " GFLOP/s" + copy + " a thread"
 
 
-def rates_summary(all_rates: Iterable[dict | None]) -> dict:
-    """kernel -> min / median / max of the workers' matmul rates over a run: a wide range means the machine
-    changed state during the run (then compare ratios within one repetition)."""
-    all_rates = [r for r in all_rates if r]
-    return {name: {"min": min(r[name] for r in all_rates if name in r),
-                   "median": round(median(r[name] for r in all_rates if name in r), 1),
-                   "max": max(r[name] for r in all_rates if name in r)}
-            for name in dict.fromkeys(k for r in all_rates for k in r)}
+def probe_summary(probes: Iterable[dict | None]) -> dict:
+    """figure -> min / median / max of the workers' probes over a run: a wide range means the machine changed state
+    during the run (then compare ratios within one repetition)."""
+    probes = [p for p in probes if p]
+    return {name: {"min": min(p[name] for p in probes if name in p),
+                   "median": round(median(p[name] for p in probes if name in p), 1),
+                   "max": max(p[name] for p in probes if name in p)}
+            for name in dict.fromkeys(k for p in probes for k in p)}
 
 
-def rates_report_line(summary: dict) -> str:
+def probe_report_line(summary: dict) -> str:
     """The report's line on the machine's state over the run."""
     if not summary:
-        return "matmul rates: not measured"
-    return ("one thread's matmul rate over the runs, GFLOP/s (min / median / max; the machine's state, "
-            "docs/performance.md \"Method\"): " + "; ".join(
-                f"{name} {v['min']:.0f} / {v['median']:.0f} / {v['max']:.0f}" for name, v in summary.items()))
+        return "machine probe: not measured"
+    return ("machine probe over the runs, one thread (min / median / max; docs/performance.md \"Method\"): " +
+            "; ".join(f"{name} {v['min']:g} / {v['median']:g} / {v['max']:g}" for name, v in summary.items()))
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
                     "new_tokens": args.new_tokens, "iterations": args.iterations, "seed": args.seed,
                     "threads": args.threads}
             result = harness.run_worker(spec)
-            probes.append(result.get("matmul_gflops"))
-            print(f"  run {repeat + 1}: {library} process: {harness.rates_label(probes[-1])}", flush=True)
+            probes.append(result.get("machine_probe"))
+            print(f"  run {repeat + 1}: {library} process: {harness.probe_label(probes[-1])}", flush=True)
             base_in_process = result["modes"]["base"]
             for mode, measured in result["modes"].items():
                 if mode == "base" and library == "peft":
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
                         [[r["mode"], r["forward_ms"], r["forward_ratio"], r["forward_cpu_ratio"],
                           r["decode_ms_per_token"], r["decode_ratio"], r["decode_cpu_ratio"], r["load_average"]]
                          for r in rows]))
-    print(harness.rates_report_line(report["machine"]["matmul_gflops_per_thread"]))
+    print(harness.probe_report_line(report["machine"]["probe"]))
     harness.write_json(args.json, report)
     return 0
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                 results[(batch, seq)].append(result)
                 print(f"  run {repeat + 1}: batch {batch:3} x {seq:5}: {result['tokens_per_second']:8.1f} "
                       f"tokens/s  peak RSS {result['peak_rss_mb']:6.0f} MB  (load {result['load_before']:.1f})  "
-                      f"{harness.rates_label(result.get('matmul_gflops'))}", flush=True)
+                      f"{harness.probe_label(result.get('machine_probe'))}", flush=True)
     rows = []
     for sweep in ("length", "batch"):
         first = first_cpu = None
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     spread_cpu = {s: round(min(r["relative_cpu"] for r in rows if r["sweep"] == s) /
                            max(r["relative_cpu"] for r in rows if r["sweep"] == s), 3) for s in ("length", "batch")}
     report = {"benchmark": "scale", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": harness.machine(r.get("matmul_gflops") for measured in results.values() for r in measured),
+              "machine": harness.machine(r.get("machine_probe") for measured in results.values() for r in measured),
               "workload": {"model": args.model, "r": args.r, "alpha": args.alpha, "setting": args.setting,
                            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick},
               "rows": rows, "slowest_over_fastest": spread,
@@ -118,6 +118,6 @@ def run(args: argparse.Namespace) -> int:
                          for r in rows]))
     print(f"slowest / fastest point: lengths {spread['length']}, batches {spread['batch']} (per CPU second: "
           f"lengths {spread_cpu['length']}, batches {spread_cpu['batch']})")
-    print(harness.rates_report_line(report["machine"]["matmul_gflops_per_thread"]))
+    print(harness.probe_report_line(report["machine"]["probe"]))
     harness.write_json(args.json, report)
     return 0

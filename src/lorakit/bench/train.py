@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 results[(library, setting, variant)].append(result)
                 print(f"  run {repeat + 1}: {library:7} {setting:8} {variant:5} {result['tokens_per_second']:8.1f} "
                       f"tokens/s  peak RSS {result['peak_rss_mb']:7.0f} MB  (load {result['load_before']:.1f}"
-                      f"->{result['load_after']:.1f})  {harness.rates_label(result.get('matmul_gflops'))}", flush=True)
+                      f"->{result['load_after']:.1f})  {harness.probe_label(result.get('machine_probe'))}", flush=True)
     report = summarize(args, [key for key in runs if results[key]], results)
     report["failed_runs"] = failures
     print()
@@ -202,7 +202,7 @@ def summarize(args, runs, results) -> dict:
                                                        for r in measured),
                "load_average": harness.median(r["load_before"] for r in measured),
                "repeats": [{k: r.get(k) for k in ("tokens_per_second", "peak_rss_mb", "load_before", "load_after",
-                                                  "matmul_gflops")} for r in measured],
+                                                  "machine_probe")} for r in measured],
                "losses": measured[0]["losses"]}
         if "memory_split" in measured[0]:
             row["memory_split"] = measured[0]["memory_split"]
@@ -214,7 +214,7 @@ def summarize(args, runs, results) -> dict:
             row["speedup_vs_peft_same_setting"] = _ratio(row["tokens_per_second"], peft_row["tokens_per_second"])
             row["memory_ratio_vs_peft_same_setting"] = _ratio(row["peak_rss_mb"], peft_row["peak_rss_mb"])
     report = {"benchmark": "train", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": harness.machine(r.get("matmul_gflops") for key in runs for r in results[key]),
+              "machine": harness.machine(r.get("machine_probe") for key in runs for r in results[key]),
               "workload": {"model": args.model, "r": args.r, "alpha": args.alpha, "target_modules": "all-linear",
                            "optimizer": "AdamW, fused where PyTorch has the kernel", "lr": args.lr,
                            "batch": args.batch, "seq": args.seq,
@@ -302,7 +302,7 @@ def format_report(report: dict) -> str:
     if agreement.get("max_abs_diff_vs_peft_fp32"):
         diffs = ", ".join(f"{k} {v:.4f}" for k, v in agreement["max_abs_diff_vs_peft_fp32"].items())
         lines.append(f"largest loss difference from PEFT fp32 over the steps: {diffs}")
-    lines.append(harness.rates_report_line(report["machine"]["matmul_gflops_per_thread"]))
+    lines.append(harness.probe_report_line(report["machine"]["probe"]))
     return "\n".join(lines)
 
 

@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{result['tokens_per_cpu_second']:8.1f} tokens/CPU-s  start-up "
                       f"{result['startup_seconds']:5.1f} s"
                       f"  peak RSS {result['peak_rss_mb']:6.0f} MB  (load {result['load_before']:.1f}"
-                      f"->{result['load_after']:.1f})  {harness.rates_label(result.get('matmul_gflops'))}", flush=True)
+                      f"->{result['load_after']:.1f})  {harness.probe_label(result.get('machine_probe'))}", flush=True)
     report = summarize(args, results, counts, timed_inputs, timed_trained, padded, default_bf16)
     print()
     print(format_report(report))
@@ -371,7 +371,7 @@ def summarize(args, results, counts, timed_inputs, timed_trained, padded, defaul
     engine_losses = results["engine"][0]["losses"]
     logged = results["trainer"][0]["logged_losses"]
     return {"benchmark": "trainer", "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": harness.machine(r.get("matmul_gflops") for measured in results.values() for r in measured),
+            "machine": harness.machine(r.get("machine_probe") for measured in results.values() for r in measured),
             "workload": {"model": args.model, "r": args.r, "alpha": args.alpha, "target_modules": "all-linear",
                          "data": args.data, "cutoff_len": args.seq, "batch": args.batch,
                          "train_bf16": default_bf16, "engine_bf16": results["engine"][0]["bf16"],
@@ -426,5 +426,5 @@ def format_report(report: dict) -> str:
     if report["loss_max_abs_diff"] is not None:
         lines.append(f"largest difference between the trainer's logged losses and the engine's: "
                      f"{report['loss_max_abs_diff']:.2e} (the same model on the same batches)")
-    lines.append(harness.rates_report_line(report["machine"]["matmul_gflops_per_thread"]))
+    lines.append(harness.probe_report_line(report["machine"]["probe"]))
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 
-from lorakit.bench.harness import emit, load_average, matmul_rates, trains_as_lorakit
+from lorakit.bench.harness import emit, load_average, probe_machine, trains_as_lorakit
 from lorakit.train.runtime import allocator_name, tune_process
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     result.update(load_before=load_before, load_after=load_average(),
                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   process_seconds=round(time.perf_counter() - started, 1), malloc=allocator_name())
-    result["matmul_gflops"] = matmul_rates()  # after the measurement and its peak RSS: the machine's state
+    result["machine_probe"] = probe_machine()  # after the measurement and its peak RSS: the machine's state
     emit(result)
     return 0
 
