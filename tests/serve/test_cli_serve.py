@@ -105,3 +105,4 @@ def test_bench_serve_smoke(capsys, model_and_adapter, tmp_path):
     assert results["results"]["peft"]["tokens"] == 2 * 4
     assert results["ratios"]["mixed_over_base"] > 0 and results["ratios"]["mixed_over_peft_cpu"] > 0
     assert all(row["cpu_seconds"] > 0 for row in results["results"].values())
+    assert results["machine"]["probe"]["copy_gb_s"]["median"] > 0 and "machine probe over the runs" in out

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
           f"of {args.seq} tokens, decode of {args.new_tokens} tokens after {args.prompt_tokens}; {args.repeats} "
           f"repetition(s), each mode in a fresh process; load average {harness.load_average()}", flush=True)
     results: dict[str, list[dict]] = {m: [] for m in modes}
-    probes = []  # each worker's matmul rates: the machine's state
+    probes = []  # each worker's machine probe (harness.probe_machine): the machine's state
     # lorakit's modes share one process (interleaved, measure()); PEFT's modes another (PEFT's layers would
     # otherwise wrap the same base weights); the two processes take turns, repetition after repetition
     groups = [g for g in ([m for m in modes if not m.startswith("peft")], [m for m in modes if m.startswith("peft")])

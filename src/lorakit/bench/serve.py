@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib import resources
 
+from lorakit.bench import harness
+
 TARGET_BASE_RATIO, TARGET_PEFT_RATIO = 0.8, 4.0
 WAYS = ("mixed", "base", "peft", "http")
 FULL_DEFAULTS = {"requests": 64, "max_tokens": 64, "peft_requests": 16, "repeats": 3}
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         assigned = [names[random.randrange(len(names))] for _ in setup.prompts]
         arrivals = _arrivals(len(setup.prompts), args.rate)
         runs: dict[str, list[RunResult]] = {way: [] for way in ways}
+        probes = []  # the machine's state after each repeat (harness.probe_machine)
         for repeat in range(args.repeats):  # ways interleaved, so a change of machine load hits them alike
             for way in ways:
                 if way == "peft":
@@ -153,8 +156,11 @@ def run(args: argparse.Namespace) -> int:
                 runs[way].append(result)
                 print(f"  run {repeat + 1}, {way}: {result.tokens_per_second:.1f} tokens/s, "
                       f"{result.tokens_per_cpu_second:.1f} tokens/CPU-s (load {result.load:.2f})", flush=True)
+            probes.append(harness.probe_machine())
+            print(f"  run {repeat + 1}: {harness.probe_label(probes[-1])}", flush=True)
         results = {way: sorted(r, key=lambda r: r.tokens_per_second)[len(r) // 2] for way, r in runs.items()}
-    report = _report(results, runs)
+    report = {"machine": harness.machine(probes), **_report(results, runs)}
+    print(harness.probe_report_line(report["machine"]["probe"]))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             json.dump({"args": vars(args), **report}, fh, indent=2)
