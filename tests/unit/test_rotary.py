@@ -34,11 +34,13 @@ def _embed(apply, q_proj, k_proj, cos, sin, heads, kv_heads, seed=1):
     return (q_embed, k_embed, *torch.autograd.grad((q_embed, k_embed), (q_proj, k_proj), grads))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch, heads, kv_heads, length, dim, cos_batch",
-                         [(2, 9, 3, 40, 64, 2), (1, 4, 4, 7, 10, 1), (3, 2, 1, 5, 128, 1)])
+                         [(2, 9, 3, 40, 64, 2), (1, 4, 4, 7, 10, 1), (3, 2, 1, 5, 128, 1), (1, 2, 1, 3, 44, 1)])
 def test_kernel_gives_transformers_rotary_embedding_and_gradients_bit_for_bit(batch, heads, kv_heads, length, dim,
-                                                                              cos_batch):
-    q_proj, k_proj, cos, sin = _inputs(batch, heads, kv_heads, length, dim, cos_batch)
+                                                                              cos_batch, dtype):
+    # half widths 32, 5, 64 and 22: whole vectors, and tails of fewer and more than one fp32 vector
+    q_proj, k_proj, cos, sin = _inputs(batch, heads, kv_heads, length, dim, cos_batch, dtype)
     q = q_proj.view(batch, length, heads, dim).transpose(1, 2)
     if not rotary.kernel_runs(q, q, cos, sin):
         pytest.skip("lorakit's CPU kernels cannot be built here")
@@ -50,9 +52,10 @@ def test_kernel_gives_transformers_rotary_embedding_and_gradients_bit_for_bit(ba
 
 
 def test_outside_the_kernel_it_is_transformers_function():
-    q_proj, k_proj, cos, sin = _inputs(2, 4, 2, 6, 8, 2, dtype=torch.float32)
+    q_proj, k_proj, cos, sin = _inputs(2, 4, 2, 6, 8, 2, dtype=torch.float64)
     q = q_proj.view(2, 6, 4, 8).transpose(1, 2)
-    assert not rotary.kernel_runs(q, q, cos, sin)  # fp32
+    assert not rotary.kernel_runs(q, q, cos, sin)  # fp64
+    assert not rotary.kernel_runs(q.float(), q.float(), cos.bfloat16(), sin.bfloat16())  # mixed dtypes
     got = _embed(rotary.apply_rotary, q_proj, k_proj, cos, sin, 4, 2)
     expected = _embed(apply_rotary_pos_emb, q_proj, k_proj, cos, sin, 4, 2)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))

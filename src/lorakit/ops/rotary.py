@@ -4,10 +4,11 @@
 
 transformers computes `q * cos + rotate_half(q) * sin` (and the same for k) as ~14 operators (slices, a negation,
 a concatenation, products, sums), and autograd's backward as ~20 more: ~1 ms of every layer of a 4 x 256 bf16
-step on SmolLM2. On the CPU in bf16 (q, k, cos and sin bf16 CPU tensors, q and k with a contiguous last
-dimension: the transposed views of the projections' outputs), lorakit's kernel (ops/csrc/rotary.cpp) makes one
-pass each way with the composition's operations in its order: the same outputs and gradients bit for bit
-(tests/unit/test_rotary.py). Elsewhere, and when cos or sin needs a gradient, transformers' own function.
+step on SmolLM2, ~4 ms in fp32. On the CPU in bf16 or fp32 (q, k, cos and sin CPU tensors of one of those dtypes,
+q and k with a contiguous last dimension: the transposed views of the projections' outputs), lorakit's kernel
+(ops/csrc/rotary.cpp) makes one pass each way with the composition's operations in its order: the same outputs
+and gradients bit for bit (tests/unit/test_rotary.py). Elsewhere, and when cos or sin needs a gradient,
+transformers' own function.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lorakit.ops.cpu_extension import kernels_available
 
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
 
 class RotaryFunction(torch.autograd.Function):
-    """q, k: (B, heads, L, D) bf16 with a contiguous last dimension; cos, sin: (B or 1, L, D) bf16."""
+    """q, k: (B, heads, L, D) bf16 or fp32 with a contiguous last dimension; cos, sin: (B or 1, L, D), same dtype."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -38,7 +41,8 @@ class RotaryFunction(torch.autograd.Function):
 
 def kernel_runs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether lorakit's kernel computes the embedding for these tensors (see the module's docstring)."""
-    return (all(t.dtype == torch.bfloat16 and t.is_cpu and t.stride(-1) == 1 for t in (q, k, cos, sin))
+    return (q.dtype in KERNEL_DTYPES
+            and all(t.dtype == q.dtype and t.is_cpu and t.stride(-1) == 1 for t in (q, k, cos, sin))
             and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and not (cos.requires_grad or sin.requires_grad)
             and kernels_available())
 
