@@ -10,10 +10,11 @@
 // r() rounds to the tensors' dtype. Every value is computed with the operations of the composition in its order: in
 // bf16 a product of two bf16 values is exact in fp32 before its one rounding, and the sum rounds to fp32, then to
 // bf16, as PyTorch's add does; in fp32 each product and sum is one fp32 operation (never fused into one FMA:
-// FloatValues::rounded). So the results are the composition's bit for bit. q, k, dq, dk: (B, heads, L, D) with any strides but a contiguous last dimension (q and k are transposed
-// views of the projections' outputs); cos, sin: (B or 1, L, D) of the same dtype, contiguous last dimension. The
-// outputs keep the inputs' memory order (q's for the forward; (B, L, heads, D), the projections' order, for the
-// gradients). Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py.
+// FloatValues::rounded). So the results are the composition's bit for bit. q, k, dq, dk: (B, heads, L, D) with
+// any strides but a contiguous last dimension (q and k are transposed views of the projections' outputs); cos,
+// sin: (B or 1, L, D) of the same dtype, contiguous last dimension. The outputs keep the inputs' memory order (q's
+// for the forward; (B, L, heads, D), the projections' order, for the gradients). Built into lorakit_cpu.cpp by
+// lorakit/ops/cpu_extension.py.
 #include "cpu_capability.h"
 #include "bf16_rows.h"
 
