@@ -7,9 +7,9 @@ A decoded token's batch is a handful of rows, where the two rank-r products cost
 library's fixed cost per call is most of their time (~15-25 us a layer on MKL; oneDNN's is larger still):
 the kernel does both on one thread in one call. Used by the LoRA layer's fused function (methods/lora/fused.py)
 and by mixed-adapter batches without autograd (methods/lora/mixed.py) when `kernel_runs` / `gathered_kernel_runs`
-say so: contiguous fp32 CPU tensors, at most MAX_ROWS rows (per sequence for the gathered form), the "auto" matmul backend (under
-LORAKIT_MATMUL=aten or onednn the chosen library computes, e.g. to compare with another library bit for bit), and
-the kernels built. The sums run in another order than the libraries': equal to fp32 rounding
+say so: contiguous fp32 CPU tensors, at most MAX_ROWS rows (per sequence for the gathered form), the "auto" matmul
+backend (under LORAKIT_MATMUL=aten or onednn the chosen library computes, e.g. to compare with another library bit
+for bit), and the kernels built. The sums run in another order than the libraries': equal to fp32 rounding
 (tests/unit/test_lora_rows.py).
 """
 
