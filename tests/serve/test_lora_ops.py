@@ -59,14 +59,15 @@ def test_the_kernel_is_chosen_per_pass_and_segments_group_rows_by_adapter():
     batch.set([0, 0, 0], 1, torch.device("cpu"))
     assert batch.add_lora is None  # base rows only: no low-rank work at all
     batch.set([0, 2, 3, 2, 2, 0, 3], 7, torch.device("cpu"))
-    assert batch.add_lora.__name__ == "gathered_lora" and batch.segment_rows is None  # prefill
-    batch.set([0, 2, 3, 2, 2, 0, 3], 1, torch.device("cpu"))
+    assert batch.add_lora.__name__ == "gathered_lora" and batch.segments is None  # prefill
+    batch.set([0, 3, 2, 3, 3, 0, 2], 1, torch.device("cpu"))
     assert batch.add_lora.__name__ == "segmented_lora"  # decoding
-    assert batch.segment_slots.tolist() == [0, 2, 3] and batch.segment_size == 3
-    assert batch.segment_rows.tolist() == [0, 5, 0, 1, 3, 4, 2, 6, 2]  # short segments repeat their first row
-    assert batch.row_places.tolist() == [0, 3, 6, 4, 5, 1, 7]
+    segments = batch.segments
+    assert segments.slots.tolist() == [0, 2, 3] and segments.size == 3  # in slot order
+    assert segments.rows.tolist() == [0, 5, 0, 2, 6, 2, 1, 3, 4]  # short segments repeat their first row
+    assert segments.places.tolist() == [0, 6, 3, 7, 8, 1, 4]
     batch.clear()
-    assert batch.add_lora is None and batch.segment_size == 0
+    assert batch.add_lora is None and batch.segments is None
     with pytest.raises(ValueError, match="kernel must be one of"):
         BatchAdapters("fastest")
 

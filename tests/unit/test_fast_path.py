@@ -260,37 +260,64 @@ def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatc
     assert any(g.abs().sum() > 0 for n, g in got_grads.items() if ".other." in n)  # both adapters were reached
 
 
-@pytest.mark.parametrize("tokens,base_dtype,backend,per_adapter", [
-    (40, torch.float32, "auto", True),     # a prompt: each adapter's own matmuls on its rows, in place
-    (3, torch.float32, "aten", False),     # few rows, the decode kernel off: batched matmuls, in place
-    (40, torch.bfloat16, "auto", False),   # bf16 base weights, fp32 adapters: batched, in the adapters' dtype
+@pytest.mark.parametrize("tokens,base_dtype,adapter_dtype,backend,path", [
+    (40, torch.float32, torch.float32, "auto", "per adapter"),  # a prompt: each adapter's own matmuls, in place
+    (3, torch.float32, torch.float32, "auto", "kernel"),        # decoding: lorakit's fp32 kernel
+    (3, torch.float32, torch.float32, "aten", "segments"),      # the kernel off: one segment per adapter, in place
+    (3, torch.bfloat16, torch.bfloat16, "auto", "segments"),    # bf16 decoding
+    (40, torch.bfloat16, torch.float32, "auto", "segments"),    # bf16 base weights, fp32 adapters: adapters' dtype
 ])
-def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_dtype, backend, per_adapter):
+def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_dtype, adapter_dtype, backend, path):
     import lorakit.methods.lora.layer as layer_module
     import lorakit.methods.lora.mixed as mixed_module
 
     monkeypatch.setenv(BACKEND_ENV, backend)
-    taken, per_adapter_runs = [], []
-    original, original_per_adapter = layer_module.mixed_lora_forward, mixed_module.add_per_adapter_
+    taken, paths = [], []
+    original = layer_module.mixed_lora_forward
     monkeypatch.setattr(layer_module, "mixed_lora_forward",
                         lambda layer, x, base: (lambda out: taken.append((out is not None, out is base)) or out)(
                             original(layer, x, base)))
-    monkeypatch.setattr(mixed_module, "add_per_adapter_",
-                        lambda *a: (lambda done: per_adapter_runs.append(done) or done)(original_per_adapter(*a)))
+    for name, label in (("add_per_adapter_", "per adapter"), ("segmented_delta", "segments")):
+        monkeypatch.setattr(mixed_module, name, (lambda fn, label: lambda *a: (lambda r: paths.append(
+            (label, r is not False)) or r)(fn(*a)))(getattr(mixed_module, name), label))
+    kernel = mixed_module.lora_rows.lora_rows_gathered_
+    monkeypatch.setattr(mixed_module.lora_rows, "lora_rows_gathered_",
+                        lambda *a: paths.append(("kernel", True)) or kernel(*a))
     wrapped = _two_adapter_model().eval()
     for name, param in wrapped.named_parameters():
-        if "lora_" not in name:
-            param.data = param.data.to(base_dtype)
-    rows = ["other", "other", "__base__", "default", "other"]  # a run of two rows with one adapter
+        param.data = param.data.to(adapter_dtype if "lora_" in name else base_dtype)
+    rows = ["other", "default", "__base__", "default", "other", "other"]  # segments of 3, 2 and 1 rows
     x = torch.randn(len(rows), tokens, 12, dtype=base_dtype)
     with torch.no_grad():
         mixed = wrapped(x, adapter_names=rows)
         expected = rows_run_alone(wrapped, x, rows)
-    assert taken and all(ran for ran, _ in taken), "the gathered path did not run"
-    assert all(in_place == (base_dtype == torch.float32) for _, in_place in taken)  # in place where dtypes match
-    assert any(per_adapter_runs) == per_adapter
-    tolerance = {"rtol": 1e-5, "atol": 1e-6} if base_dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert taken and all(ran for ran, _ in taken), "the mixed-batch path did not run"
+    assert all(in_place == (base_dtype == adapter_dtype) for _, in_place in taken)  # in place where dtypes match
+    assert {label for label, ran in paths if ran} == {path}
+    exact = base_dtype == adapter_dtype == torch.float32
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if exact else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(mixed, expected, **tolerance)
+
+
+def test_mixed_bf16_decoding_keeps_no_copy_of_the_adapters_per_row(monkeypatch):
+    """A mixed batch decoded in bf16 reads each adapter from the stacks: what is kept for the batch is the stacks
+    and the segments, never a copy of every row's weights (19.6 MB a row for SmolLM2 at r=16)."""
+    import lorakit.methods.lora.layer as layer_module
+
+    kept = []
+    original = layer_module.mixed_lora_forward
+    monkeypatch.setattr(layer_module, "mixed_lora_forward",
+                        lambda layer, x, base: (lambda out: kept.append(dict(layer.routing.layer_state)) or out)(
+                            original(layer, x, base)))
+    wrapped = _two_adapter_model().eval().to(torch.bfloat16)
+    rows = ["default"] * 30 + ["other"] * 2
+    with torch.no_grad():
+        wrapped(torch.randn(len(rows), 1, 12, dtype=torch.bfloat16), adapter_names=rows)
+    assert kept, "the mixed-batch path did not run"
+    weights_kept = sum(t.numel() for value in kept[-1].values() if isinstance(value, tuple)  # every layer's
+                       for t in value if isinstance(t, torch.Tensor) and t.dim() == 3)
+    one_copy = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)  # every adapter, once
+    assert 0 < weights_kept <= 2 * one_copy  # the stacks, with the zero slot and rank padding (per-row: 14x)
 
 
 def test_mixed_batch_without_grad_reuses_the_gathered_weights_within_one_call_only():

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.ops.segments import Segments, segment_rows, segmented_delta
+
 BASE_SLOT = 0  # the all-zero slot: rows that use the base model alone
 
 
@@ -43,15 +45,10 @@ def gathered_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora
 
 def segmented_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                    batch: "BatchAdapters") -> torch.Tensor:
-    """The same sum with the rows sorted into one segment per adapter (Punica's SGMV): the G segments, padded
-    to the longest, go through one bmm pair that reads each adapter's weights once; each row then picks
-    its result back from its segment."""
-    groups, size, tokens = batch.segment_slots.shape[0], batch.segment_size, x.shape[1]
-    segments = x.index_select(0, batch.segment_rows).view(groups, size * tokens, x.shape[2])
-    a = lora_a.index_select(0, batch.segment_slots)  # (G, d_in, r)
-    b = lora_b.index_select(0, batch.segment_slots)  # (G, r, d_out)
-    delta = torch.bmm(torch.bmm(segments, a), b).view(groups * size, tokens, -1)
-    return out + delta.index_select(0, batch.row_places)
+    """The same sum with the rows sorted into one segment per adapter (Punica's SGMV, lorakit.ops.segments):
+    one bmm pair that reads each adapter's weights once."""
+    segments = batch.segments
+    return out + segmented_delta(x, segments.select(lora_a), segments.select(lora_b), segments)
 
 
 LORA_KERNELS = {"gathered": gathered_lora, "segmented": segmented_lora}
@@ -72,11 +69,7 @@ class BatchAdapters:
         self.kernel = kernel
         self.add_lora = None  # the kernel of this pass; None: no row uses an adapter
         self.row_slots: torch.Tensor | None = None  # (n,) slot of each row
-        # segmented: rows sorted by slot into G segments of m places (a short segment repeats its first row)
-        self.segment_slots: torch.Tensor | None = None  # (G,) the slot of each segment
-        self.segment_rows: torch.Tensor | None = None  # (G*m,) the row read into each place
-        self.row_places: torch.Tensor | None = None  # (n,) the place holding each row's result
-        self.segment_size = 0  # m
+        self.segments: Segments | None = None  # segmented: the rows grouped by slot
 
     def set(self, row_slots: list[int], tokens_per_row: int, device: torch.device) -> None:
         if all(slot == BASE_SLOT for slot in row_slots):
@@ -86,25 +79,10 @@ class BatchAdapters:
         self.add_lora = LORA_KERNELS[kernel]
         self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
         if kernel == "segmented":
-            self._segment(row_slots, device)
-
-    def _segment(self, row_slots: list[int], device: torch.device) -> None:
-        segments: dict[int, list[int]] = {}
-        for row, slot in enumerate(row_slots):  # base rows form a segment of the all-zero slot 0
-            segments.setdefault(slot, []).append(row)
-        size = max(len(rows) for rows in segments.values())
-        places, padded = [0] * len(row_slots), []
-        for g, members in enumerate(segments.values()):
-            for j, row in enumerate(members):
-                places[row] = g * size + j
-            padded += members + [members[0]] * (size - len(members))
-        self.segment_slots, self.segment_rows, self.row_places = (
-            torch.tensor(values, dtype=torch.long, device=device) for values in (list(segments), padded, places))
-        self.segment_size = size
+            self.segments = segment_rows(row_slots, device)  # base rows form a segment of the all-zero slot 0
 
     def clear(self) -> None:
-        self.add_lora = self.row_slots = self.segment_slots = self.segment_rows = self.row_places = None
-        self.segment_size = 0
+        self.add_lora = self.row_slots = self.segments = None
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:

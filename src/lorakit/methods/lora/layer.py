@@ -291,7 +291,7 @@ class LoraLinear(LoraLayer):
         return self.base_layer(x, *args, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """Rows with different adapters: two batched matmuls over per-row weights (mixed.py) where it applies."""
+        """Rows with different adapters: batched matmuls over the stacked adapters (mixed.py) where it applies."""
         if self.merged_adapters:
             return super()._mixed_batch_forward(x, base_out)  # which refuses
         fast = mixed_lora_forward(self, x, base_out)

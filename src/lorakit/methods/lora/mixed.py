@@ -1,28 +1,30 @@
-"""Mixed-adapter batches of LoRA linear layers as two batched matmuls over per-row adapter weights.
+"""Mixed-adapter batches of LoRA linear layers as batched matmuls over stacked adapter weights.
 
     y_i = base(x_i) + s_i (x_i A_i^T) B_i^T        row i of the batch uses adapter i (A_i: (r, d_in), B_i: (d_out, r))
 
 The general path (AdapterLayer._mixed_batch_forward) runs each adapter on its rows: per adapter and layer a
 gather of the rows, two matmuls, a scaling and a scatter-add of the full output, so a batch of 8 rows with 8
 adapters costs ~50 small operators per layer, which dominate a decoding step (every generated token runs them).
-Here the adapters' A and B are stacked once per mixed batch (zero-padded to the largest rank; a row without an
-adapter, "__base__", gets zeros), gathered per row, and every row's update is two batched matmuls, whatever
-the number of adapters: `bmm` for the rank-wide s_i x_i A_i^T (the scaling on r columns, not on the full-width
-output), then `baddbmm`, which adds the product with B_i^T to the base output in the matmul's output stage (in
-place without autograd): no full-width temporary. The approach of S-LoRA / Punica's batched gather matmul, in
-plain PyTorch.
+Here the adapters' A and B are stacked once per mixed batch (zero-padded to the largest rank; rows without an
+adapter, "__base__", use slot 0, all zeros), and every row's update is a fixed handful of operators whatever
+the number of adapters, with the scaling on the rank-wide s_i x_i A_i^T (r columns, not the full-width output).
+The approach of S-LoRA / Punica, in plain PyTorch.
 
 Zero padding adds exact zeros, so the result equals the general path to fp32 rounding (the matmuls sum over the
 padded rank). Used when every adapter routed through the layer is plain LoRA without active dropout, all in
 one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the general path.
-Without autograd:
+Without autograd (generation), each adapter's weights are read where they are, never copied per row:
 - a decoded token's fp32 rows on the CPU (at most 16 tokens per sequence, any number of sequences) take
-  lorakit's kernel instead of the batched matmuls (lorakit.ops.lora_rows: one call reading each sequence's
-  adapter from the stacks, no copy per row; the update added into the base output; equal to fp32 rounding);
+  lorakit's kernel (lorakit.ops.lora_rows: one call reading each sequence's adapter from the stacks; the update
+  added into the base output; equal to fp32 rounding);
 - a prompt's rows (more than 16 tokens each) take `add_per_adapter_`: each adapter's own A and B on its rows;
-- the stacks (and the per-row copies, where the batched matmuls read them) are kept for the duration of the
-  mixed batch (one `generate()` call decodes every token with them).
-With autograd they are rebuilt on every forward, so that gradients reach each adapter's own tensors.
+- anything else (bf16 decoding, CUDA, LORAKIT_MATMUL=aten) groups the rows into one segment per adapter
+  (lorakit.ops.segments, Punica's SGMV): one pair of batched matmuls that reads each adapter once;
+- the stacks and the segments are kept for the duration of the mixed batch (one `generate()` call decodes
+  every token with them).
+With autograd they are rebuilt on every forward, each row's A and B gathered from the stacks (`bmm`, then
+`baddbmm`, which adds the product with B_i^T in the matmul's output stage), so that gradients reach each
+adapter's own tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from lorakit.ops import lora_rows
 from lorakit.ops.matmul import linear
+from lorakit.ops.segments import segment_rows, segmented_delta
 
 
 def plain_factors(layer, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
@@ -125,29 +128,22 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
             routing.layer_state[key] = cached
     a_stack, bt_stack, scales, slots = cached
     rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_stack.dtype)             # (rows, tokens, d_in)
-    if not grad and lora_rows.gathered_kernel_runs(rows_x, base_out, a_stack):
-        lora_rows.lora_rows_gathered_(base_out, rows_x, a_stack, bt_stack, scales, slots)  # decoding: one call
-        return base_out
-    a_rows, bt_rows, s_rows = _per_row(routing, key, cached)
+    rows_shape = (batch, -1, base_out.shape[-1])
+    if not grad:
+        if lora_rows.gathered_kernel_runs(rows_x, base_out, a_stack):
+            lora_rows.lora_rows_gathered_(base_out, rows_x, a_stack, bt_stack, scales, slots)  # decoding: one call
+            return base_out
+        segments = routing.layer_state.get((*key, "segments"))
+        if segments is None:  # once per mixed batch, like the stacks
+            segments = routing.layer_state[(*key, "segments")] = segment_rows(slots.tolist(), x.device)
+        delta = segmented_delta(rows_x, segments.select(a_stack).transpose(1, 2), segments.select(bt_stack),
+                                segments, segments.select(scales))
+        if base_out.dtype == delta.dtype and base_out.is_contiguous():
+            base_out.view(rows_shape).add_(delta)  # into the fresh base output
+            return base_out
+        return base_out + delta.reshape(base_out.shape).to(base_out.dtype)
+    a_rows, bt_rows, s_rows = a_stack[slots], bt_stack[slots], scales[slots]  # each row's own, differentiable
     u = torch.bmm(rows_x, a_rows.transpose(1, 2)) * s_rows.view(-1, 1, 1)  # s_i x_i A_i^T: rank-wide
     if base_out.dtype != u.dtype:  # e.g. bf16 base weights, fp32 adapters: the update in the adapters' dtype
         return base_out + torch.bmm(u, bt_rows).reshape(base_out.shape).to(base_out.dtype)
-    rows_shape = (batch, -1, base_out.shape[-1])
-    if not grad and base_out.is_contiguous():  # inference: added into the fresh base output
-        base_out.view(rows_shape).baddbmm_(u, bt_rows)
-        return base_out
     return torch.baddbmm(base_out.reshape(rows_shape), u, bt_rows).view(base_out.shape)
-
-
-def _per_row(routing, key, stacked):
-    """Each row's own (A, B^T, s) gathered from the stacks for the batched matmuls: with autograd on every
-    forward; without, once per mixed batch (kept beside the stacks: a decoded token's batched matmuls read them
-    on every step)."""
-    a_stack, bt_stack, scales, slots = stacked
-    if torch.is_grad_enabled():
-        return a_stack[slots], bt_stack[slots], scales[slots]
-    rows_key = (*key, "rows")
-    per_row = routing.layer_state.get(rows_key)
-    if per_row is None:
-        per_row = routing.layer_state[rows_key] = (a_stack[slots], bt_stack[slots], scales[slots])
-    return per_row
