@@ -152,6 +152,28 @@ def test_a_decoding_step_of_the_layer_runs_the_kernel_and_gives_the_reference(mo
 
 
 @needs_kernels
+def test_decoding_on_a_bf16_base_runs_the_kernel_on_the_fp32_adapter(monkeypatch):
+    """bf16 rows, fp32 adapter (how an adapter on a bf16 base is loaded): the update is computed in fp32 by the
+    kernel and rounded into the bf16 output once, as PEFT computes it; with autograd the usual path runs."""
+    layer = _decoding_layer(8)
+    layer.base_layer.to(torch.bfloat16)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(6, 1, 24, dtype=torch.bfloat16)
+    calls = []
+    kernel = lora_rows.lora_rows_
+    monkeypatch.setattr(lora_rows, "lora_rows_", lambda *args: calls.append(args[0].dtype) or kernel(*args))
+    with torch.no_grad():
+        out = layer(x)
+        update = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
+        reference = (layer.base_layer(x).float() + update).to(torch.bfloat16)
+    assert calls == [torch.float32] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference, rtol=1e-2, atol=1e-2)  # one bf16 rounding step apart at most
+    assert (out.float() - reference.float()).abs().max() <= reference.float().abs().max() * 2 ** -7
+    layer(x)  # with autograd: the fused function, not this kernel
+    assert len(calls) == 1
+
+
+@needs_kernels
 def test_with_autograd_a_few_rows_give_the_same_output_and_the_reference_gradients(monkeypatch):
     layer = _decoding_layer(8).train()
     x = torch.randn(3, 2, 24, requires_grad=True)

@@ -10,7 +10,10 @@ and by mixed-adapter batches without autograd (methods/lora/mixed.py) when `kern
 say so: contiguous fp32 CPU tensors, at most MAX_ROWS rows (per sequence for the gathered form), the "auto" matmul
 backend (under LORAKIT_MATMUL=aten or onednn the chosen library computes, e.g. to compare with another library bit
 for bit), and the kernels built. The sums run in another order than the libraries': equal to fp32 rounding
-(tests/unit/test_lora_rows.py).
+(tests/unit/test_lora_rows.py). bf16 rows with fp32 factors (an adapter on a bf16 base) take the same kernel on
+an fp32 copy of the rows' output (`upcast_kernel_runs`, `lora_rows_upcast_`; the gathered form likewise): the
+update in fp32, rounded into the bf16 output once, instead of two bf16 matmul calls and two casts of the factors
+per layer and token.
 """
 
 from __future__ import annotations
@@ -38,6 +41,24 @@ def lora_rows_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     """u = x a^T, and out += scaling * u b^T in place, for x (..., d_in) and out (..., d_out) (contiguous, fp32);
     returns u (rows, r)."""
     return torch.ops.lorakit.lora_rows_.default(out, x, a, b, scaling)  # the overload: ~1.5 us less a call
+
+
+def upcast_kernel_runs(x: torch.Tensor, lora_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether lora_rows_upcast_ computes the update for bf16 rows x whose adapter factors a, b are fp32 (an
+    adapter on a bf16 base, as lorakit and PEFT load it): the conditions of kernel_runs otherwise."""
+    return (x.dtype == lora_x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * x.shape[-1] and x.is_cpu
+            and a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+            and requested_backend() == "auto" and kernels_available())
+
+
+def lora_rows_upcast_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+    """lora_rows_ for bf16 out and x with fp32 factors: the update computed in fp32 from the fp32 factors and
+    added to out in fp32, rounded to bf16 once (as PEFT computes an fp32 adapter on a bf16 base); returns u."""
+    out32 = out.float()
+    u = lora_rows_(out32, x.float(), a, b, scaling)
+    out.copy_(out32)
+    return u
 
 
 def gathered_kernel_runs(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor) -> bool:

@@ -15,7 +15,8 @@ computes the same quantities with fewer passes over full-width tensors:
   frozen, as in LoRA-FA) and u: no dropout or dtype-cast copies of x, no full-width intermediates;
 - the matmuls go to the fastest kernel (lorakit.ops.matmul: oneDNN or MKL, by CPU, dtype and size); for a few
   fp32 rows (a decoded token's batch) both adapter products run in one call of lorakit's kernel
-  (lorakit.ops.lora_rows), which sums in another order: equal to fp32 rounding.
+  (lorakit.ops.lora_rows), which sums in another order: equal to fp32 rounding; a few bf16 rows with fp32 factors
+  without autograd (decoding on a bf16 base) take it too, the update in fp32 rounded into the output once.
 
 Precision: the compute dtype is that of autocast when it is on, else the input's. With bf16 activations (bf16
 base weights, or autocast) the adapter computes in bf16 too, from its fp32 master weights, and its gradients
@@ -124,6 +125,9 @@ def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
     knows a recomputable activation by its identity)."""
     xc = _to(x, dtype)
     lx = xc if lora_x is None else _to(lora_x, dtype)
+    if base_out is None and lora_rows.upcast_kernel_runs(xc, lx, lora_a, lora_b):  # bf16 rows, fp32 adapter
+        out = linear(xc, _to(weight, dtype), _to(bias, dtype))
+        return out, lx, lora_rows.lora_rows_upcast_(out, lx, lora_a, lora_b, scaling)
     a, b = _to(lora_a, dtype), _to(lora_b, dtype)
     if base_out is None and lora_rows.kernel_runs(xc, lx, a, b):  # a few rows (a decoded token): one kernel call
         out = linear(xc, _to(weight, dtype), _to(bias, dtype))

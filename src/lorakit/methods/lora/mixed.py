@@ -16,9 +16,10 @@ one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the gen
 Without autograd (generation), each adapter's weights are read where they are, never copied per row:
 - a decoded token's fp32 rows on the CPU (at most 16 tokens per sequence, any number of sequences) take
   lorakit's kernel (lorakit.ops.lora_rows: one call reading each sequence's adapter from the stacks; the update
-  added into the base output; equal to fp32 rounding);
+  added into the base output; equal to fp32 rounding); on a bf16 base with fp32 adapters, into an fp32 copy of
+  the base output, rounded back once;
 - a prompt's rows (more than 16 tokens each) take `add_per_adapter_`: each adapter's own A and B on its rows;
-- anything else (bf16 decoding, CUDA, LORAKIT_MATMUL=aten) groups the rows into one segment per adapter
+- anything else (bf16 adapters, CUDA, LORAKIT_MATMUL=aten) groups the rows into one segment per adapter
   (lorakit.ops.segments, Punica's SGMV): one pair of batched matmuls that reads each adapter once;
 - the stacks and the segments are kept for the duration of the mixed batch (one `generate()` call decodes
   every token with them).
@@ -130,9 +131,12 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
     rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_stack.dtype)             # (rows, tokens, d_in)
     rows_shape = (batch, -1, base_out.shape[-1])
     if not grad:
-        if lora_rows.gathered_kernel_runs(rows_x, base_out, a_stack):
-            lora_rows.lora_rows_gathered_(base_out, rows_x, a_stack, bt_stack, scales, slots)  # decoding: one call
-            return base_out
+        upcast = (base_out.dtype == torch.bfloat16 and a_stack.dtype == torch.float32
+                  and rows_x.shape[1] <= lora_rows.MAX_ROWS)  # decoding on a bf16 base: the kernel on fp32 out
+        out = base_out.float() if upcast else base_out
+        if lora_rows.gathered_kernel_runs(rows_x, out, a_stack):
+            lora_rows.lora_rows_gathered_(out, rows_x, a_stack, bt_stack, scales, slots)  # decoding: one call
+            return base_out.copy_(out) if upcast else base_out
         segments = routing.layer_state.get((*key, "segments"))
         if segments is None:  # once per mixed batch, like the stacks
             segments = routing.layer_state[(*key, "segments")] = segment_rows(slots.tolist(), x.device)
