@@ -169,6 +169,10 @@ def test_decoding_on_a_bf16_base_runs_the_kernel_on_the_fp32_adapter(monkeypatch
     assert calls == [torch.float32] and out.dtype == torch.bfloat16
     torch.testing.assert_close(out, reference, rtol=1e-2, atol=1e-2)  # one bf16 rounding step apart at most
     assert (out.float() - reference.float()).abs().max() <= reference.float().abs().max() * 2 ** -7
+    strided = torch.stack([x, x], dim=-1)[..., 0]  # rows the kernel cannot read (not contiguous)
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(strided), reference, rtol=2e-2, atol=2e-2)  # the bf16 products
     layer(x)  # with autograd: the fused function, not this kernel
     assert len(calls) == 1
 

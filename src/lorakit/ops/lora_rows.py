@@ -47,6 +47,7 @@ def upcast_kernel_runs(x: torch.Tensor, lora_x: torch.Tensor, a: torch.Tensor, b
     """Whether lora_rows_upcast_ computes the update for bf16 rows x whose adapter factors a, b are fp32 (an
     adapter on a bf16 base, as lorakit and PEFT load it): the conditions of kernel_runs otherwise."""
     return (x.dtype == lora_x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * x.shape[-1] and x.is_cpu
+            and x.is_contiguous() and lora_x.is_contiguous()
             and a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
             and requested_backend() == "auto" and kernels_available())
 
