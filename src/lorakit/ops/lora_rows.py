@@ -28,11 +28,12 @@ from lorakit.ops.matmul import requested_backend
 MAX_ROWS = 16
 
 
-def kernel_runs(x: torch.Tensor, lora_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether lora_rows_ computes the update of the layer's output for input x (..., d_in) whose adapter reads
-    lora_x (x itself, or its dropout): see the module's docstring. Plain code, run for every layer of every
-    decoded token."""
-    return (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
+def kernel_runs(x: torch.Tensor, lora_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                rows_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether lora_rows_ computes the update of the layer's output for input x (..., d_in) of rows_dtype whose
+    adapter reads lora_x (x itself, or its dropout): see the module's docstring. Plain code, run for every layer
+    of every decoded token."""
+    return (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == rows_dtype and x.is_cpu and x.is_contiguous()
             and lora_x.is_contiguous() and a.dtype == b.dtype == torch.float32 and a.is_contiguous()
             and b.is_contiguous() and requested_backend() == "auto" and kernels_available())
 
@@ -46,10 +47,7 @@ def lora_rows_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
 def upcast_kernel_runs(x: torch.Tensor, lora_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether lora_rows_upcast_ computes the update for bf16 rows x whose adapter factors a, b are fp32 (an
     adapter on a bf16 base, as lorakit and PEFT load it): the conditions of kernel_runs otherwise."""
-    return (x.dtype == lora_x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * x.shape[-1] and x.is_cpu
-            and x.is_contiguous() and lora_x.is_contiguous()
-            and a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
-            and requested_backend() == "auto" and kernels_available())
+    return lora_x.dtype == torch.bfloat16 and kernel_runs(x, lora_x, a, b, rows_dtype=torch.bfloat16)
 
 
 def lora_rows_upcast_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
