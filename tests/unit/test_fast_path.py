@@ -266,7 +266,8 @@ def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatc
     (3, torch.float32, torch.float32, "aten", "segments"),      # the kernel off: one segment per adapter, in place
     (3, torch.bfloat16, torch.bfloat16, "auto", "segments"),    # bf16 decoding, bf16 adapters
     (3, torch.bfloat16, torch.float32, "auto", "kernel"),       # bf16 decoding, fp32 adapters: the fp32 kernel
-    (40, torch.bfloat16, torch.float32, "auto", "segments"),    # bf16 base weights, fp32 adapters: adapters' dtype
+    (40, torch.bfloat16, torch.float32, "auto", "per adapter"),  # a bf16 prompt, fp32 adapters: in bf16, as one
+    (40, torch.float16, torch.float32, "auto", "segments"),     # fp16 rows, fp32 adapters: in fp32 (range)
 ])
 def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_dtype, adapter_dtype, backend, path):
     import lorakit.methods.lora.layer as layer_module
@@ -293,7 +294,7 @@ def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_
         mixed = wrapped(x, adapter_names=rows)
         expected = rows_run_alone(wrapped, x, rows)
     assert taken and all(ran for ran, _ in taken), "the mixed-batch path did not run"
-    in_place = base_dtype == adapter_dtype or path == "kernel"  # in place where dtypes match, or via the kernel
+    in_place = path != "segments" or base_dtype == adapter_dtype  # segments add in place where the dtypes match
     assert all(done_in_place == in_place for _, done_in_place in taken)
     assert {label for label, ran in paths if ran} == {path}
     exact = base_dtype == adapter_dtype == torch.float32

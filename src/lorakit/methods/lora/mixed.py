@@ -18,7 +18,8 @@ Without autograd (generation), each adapter's weights are read where they are, n
   lorakit's kernel (lorakit.ops.lora_rows: one call reading each sequence's adapter from the stacks; the update
   added into the base output; equal to fp32 rounding); on a bf16 base with fp32 adapters, into an fp32 copy of
   the base output, rounded back once;
-- a prompt's rows (more than 16 tokens each) take `add_per_adapter_`: each adapter's own A and B on its rows;
+- a prompt's rows (more than 16 tokens each) take `add_per_adapter_`: each adapter's own A and B on its rows,
+  in the rows' dtype (fp32 adapters on a bf16 base compute in bf16, as a single adapter does);
 - anything else (bf16 adapters, CUDA, LORAKIT_MATMUL=aten) groups the rows into one segment per adapter
   (lorakit.ops.segments, Punica's SGMV): one pair of batched matmuls that reads each adapter once;
 - the stacks and the segments are kept for the duration of the mixed batch (one `generate()` call decodes
@@ -80,10 +81,15 @@ def add_per_adapter_(layer, names: list[str], factors: dict, x: torch.Tensor, ba
     """Without autograd, for rows of many tokens (a prompt): each run of consecutive rows with one adapter gets
     that adapter's update from its own A and B, two matmuls on 2-d views, added into base_out in place (the
     scaling and the sum in the second matmul's output stage). No per-row copies of the weights, which for a
-    batch of 8 rows would be ~8 adapters' worth of memory written per forward. False where it does not apply
-    (dtypes differ, base_out not contiguous): the batched matmuls run instead."""
+    batch of 8 rows would be ~8 adapters' worth of memory written per forward. The adapters compute in the rows'
+    dtype, as a single adapter does (fused.py): fp32 adapters on a bf16 base are cast to bf16 (r-wide, once per
+    adapter and forward), never the full-width rows and outputs to fp32. False where it does not apply (base_out
+    of another dtype or not contiguous; fp16 rows, whose fp32 adapters compute in fp32 for range): the batched
+    matmuls run instead."""
     dtype = x.dtype
-    if base_out.dtype != dtype or not base_out.is_contiguous() or next(iter(factors.values()))[0].dtype != dtype:
+    factor_dtype = next(iter(factors.values()))[0].dtype
+    if (base_out.dtype != dtype or not base_out.is_contiguous()
+            or (dtype == torch.float16 and factor_dtype != dtype)):
         return False
     batch = x.shape[0]
     x_rows = x.reshape(batch, -1, x.shape[-1])
@@ -93,7 +99,7 @@ def add_per_adapter_(layer, names: list[str], factors: dict, x: torch.Tensor, ba
         if stop < batch and names[stop] == names[start]:
             continue
         if names[start] in factors:
-            a, b = factors[names[start]]
+            a, b = (t if t.dtype == dtype else t.to(dtype) for t in factors[names[start]])
             u = linear(x_rows[start:stop].reshape(-1, a.shape[1]), a)  # (tokens, r)
             out_rows[start:stop].view(-1, b.shape[0]).addmm_(u, b.T, alpha=layer.scaling[names[start]])
         start = stop
