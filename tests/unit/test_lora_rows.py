@@ -1,4 +1,4 @@
-"""lorakit's kernels for a LoRA adapter's update of a few fp32 rows, one adapter or one per sequence (ops/lora_rows.py,
+"""lorakit's kernels for a LoRA adapter's update of a few fp32 or bf16 rows, one adapter or one per sequence (ops/lora_rows.py,
 csrc/lora_rows.cpp), where the layers use them, and the output head's contiguous input during generation
 (ops/lm_head.py)."""
 
@@ -56,9 +56,27 @@ def test_the_kernel_takes_leading_dimensions_as_rows():
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows, d_in, r, d_out", [(8, 576, 16, 1536), (16, 37, 7, 19), (5, 64, 80, 33)])
+def test_on_bf16_rows_the_kernel_adds_the_fp32_update_and_rounds_each_output_once(rows, d_in, r, d_out):
+    """bf16 out and x with fp32 factors (an fp32 adapter on a bf16 base): the same fp32 computation as on the rows
+    upcast to fp32, each output rounded to bf16 once: bit for bit that result rounded."""
+    x, a, b, out = _operands(rows, d_in, r, d_out)
+    x, out = x.bfloat16(), out.bfloat16()
+    upcast = out.float()
+    u_upcast = lora_rows.lora_rows_(upcast, x.float(), a, b, 2.0)
+    result = out.clone()
+    u = lora_rows.lora_rows_(result, x, a, b, 2.0)
+    assert result.dtype == torch.bfloat16 and u.dtype == torch.float32
+    assert torch.equal(u, u_upcast) and torch.equal(result, upcast.bfloat16())
+    assert not torch.equal(result, out)
+
+
+@needs_kernels
 @pytest.mark.parametrize("change, message", [
-    (lambda x, a, b, out: (x.double(), a, b, out), "x must be a contiguous fp32 CPU tensor"),
-    (lambda x, a, b, out: (x, a, b, out.T), "out must be a contiguous fp32 CPU tensor"),
+    (lambda x, a, b, out: (x.double(), a, b, out), "out and x must be contiguous CPU tensors, both fp32 or both bf16"),
+    (lambda x, a, b, out: (x, a, b, out.T), "out and x must be contiguous CPU tensors"),
+    (lambda x, a, b, out: (x.bfloat16(), a, b, out), "both fp32 or both bf16; got Float and BFloat16"),
+    (lambda x, a, b, out: (x.bfloat16(), a.bfloat16(), b, out.bfloat16()), "a must be a contiguous fp32 CPU tensor"),
     (lambda x, a, b, out: (x, a[:, :-1].contiguous(), b, out), "shapes do not match"),
     (lambda x, a, b, out: (x, a, b, out[:, :-1].contiguous()), "shapes do not match"),
 ])
@@ -74,7 +92,10 @@ def test_the_kernel_runs_for_a_few_contiguous_fp32_rows_on_the_default_backend(m
     assert lora_rows.kernel_runs(x, x, a, b)
     many = torch.randn(lora_rows.MAX_ROWS + 1, 24)
     assert not lora_rows.kernel_runs(many, many, a, b)  # a prompt's or a training step's rows: the matmul library
-    assert not lora_rows.kernel_runs(x.bfloat16(), x.bfloat16(), a.bfloat16(), b.bfloat16())
+    assert lora_rows.kernel_runs(x.bfloat16(), x.bfloat16(), a, b)  # an fp32 adapter on a bf16 base
+    assert not lora_rows.kernel_runs(x.bfloat16(), x.bfloat16(), a.bfloat16(), b.bfloat16())  # bf16 factors
+    assert not lora_rows.kernel_runs(x.half(), x.half(), a, b)
+    assert not lora_rows.kernel_runs(x.bfloat16(), x, a, b)  # the adapter's input in another dtype than the rows
     strided = torch.randn(24, lora_rows.MAX_ROWS).T
     assert not lora_rows.kernel_runs(strided, strided, a, b)
     for backend in ("aten", "onednn"):  # a library chosen by the user computes everything
@@ -84,9 +105,12 @@ def test_the_kernel_runs_for_a_few_contiguous_fp32_rows_on_the_default_backend(m
 
 @needs_kernels
 @pytest.mark.parametrize("n, tokens, d_in, r, d_out", [(8, 1, 576, 16, 1536), (3, 2, 37, 5, 70), (40, 1, 64, 16, 17)])
-def test_the_gathered_kernel_adds_each_sequences_own_adapter(n, tokens, d_in, r, d_out):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gathered_kernel_adds_each_sequences_own_adapter(n, tokens, d_in, r, d_out, dtype):
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(n, tokens, d_in, generator=g), torch.randn(n, tokens, d_out, generator=g)
+    if dtype == torch.bfloat16:  # the rows and outputs in bf16, the adapters fp32: the result is rounded once
+        x, out = x.bfloat16(), out.bfloat16()
     stacked = 4  # fewer adapters than sequences: sequences share slots; slot 0 is the zero slot
     a, b = torch.randn(stacked, r, d_in, generator=g), torch.randn(stacked, d_out, r, generator=g)
     scales = torch.rand(stacked, generator=g) + 0.5
@@ -97,7 +121,14 @@ def test_the_gathered_kernel_adds_each_sequences_own_adapter(n, tokens, d_in, r,
                                         b[slots].double().transpose(1, 2)) * scales[slots].double().view(-1, 1, 1)
     result = out.clone()
     lora_rows.lora_rows_gathered_(result, x, a, b.transpose(1, 2).contiguous(), scales, slots)
-    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-4)
+    if dtype == torch.float32:
+        torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-4)
+    else:  # within the one rounding to bf16
+        assert result.dtype == torch.bfloat16
+        torch.testing.assert_close(result.double(), expected, rtol=2 ** -8, atol=1e-4)
+        upcast = out.float()
+        lora_rows.lora_rows_gathered_(upcast, x.float(), a, b.transpose(1, 2).contiguous(), scales, slots)
+        assert torch.equal(result, upcast.bfloat16())  # bit for bit the fp32 computation, rounded
     assert torch.equal(result[1], out[1])
     with pytest.raises(RuntimeError, match="shapes do not match"):
         lora_rows.lora_rows_gathered_(result, x, a, b.contiguous(), scales, slots)  # B itself, not B^T
@@ -166,7 +197,7 @@ def test_decoding_on_a_bf16_base_runs_the_kernel_on_the_fp32_adapter(monkeypatch
         out = layer(x)
         update = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
         reference = (layer.base_layer(x).float() + update).to(torch.bfloat16)
-    assert calls == [torch.float32] and out.dtype == torch.bfloat16
+    assert calls == [torch.bfloat16] and out.dtype == torch.bfloat16  # the bf16 output itself, no fp32 copy
     torch.testing.assert_close(out, reference, rtol=1e-2, atol=1e-2)  # one bf16 rounding step apart at most
     assert (out.float() - reference.float()).abs().max() <= reference.float().abs().max() * 2 ** -7
     strided = torch.stack([x, x], dim=-1)[..., 0]  # rows the kernel cannot read (not contiguous)

@@ -125,13 +125,13 @@ def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
     knows a recomputable activation by its identity)."""
     xc = _to(x, dtype)
     lx = xc if lora_x is None else _to(lora_x, dtype)
-    if base_out is None and lora_rows.upcast_kernel_runs(xc, lx, lora_a, lora_b):  # bf16 rows, fp32 adapter
-        out = linear(xc, _to(weight, dtype), _to(bias, dtype))
-        return out, lx, lora_rows.lora_rows_upcast_(out, lx, lora_a, lora_b, scaling)
-    a, b = _to(lora_a, dtype), _to(lora_b, dtype)
-    if base_out is None and lora_rows.kernel_runs(xc, lx, a, b):  # a few rows (a decoded token): one kernel call
+    # a few rows (a decoded token): both adapter products in one kernel call, on fp32 factors; bf16 rows keep the
+    # adapter's own (fp32) ones, its update rounded into the output once
+    a, b = (lora_a, lora_b) if dtype == torch.bfloat16 else (_to(lora_a, dtype), _to(lora_b, dtype))
+    if base_out is None and lora_rows.kernel_runs(xc, lx, a, b):
         out = linear(xc, _to(weight, dtype), _to(bias, dtype))
         return out, lx, lora_rows.lora_rows_(out, lx, a, b, scaling)
+    a, b = _to(a, dtype), _to(b, dtype)
     x2 = _flat(xc)
     own_base = base_out is None  # computed here: the adapter's term may be added into it in place
     if own_base:

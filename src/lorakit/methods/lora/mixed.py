@@ -14,10 +14,9 @@ Zero padding adds exact zeros, so the result equals the general path to fp32 rou
 padded rank). Used when every adapter routed through the layer is plain LoRA without active dropout, all in
 one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the general path.
 Without autograd (generation), each adapter's weights are read where they are, never copied per row:
-- a decoded token's fp32 rows on the CPU (at most 16 tokens per sequence, any number of sequences) take
-  lorakit's kernel (lorakit.ops.lora_rows: one call reading each sequence's adapter from the stacks; the update
-  added into the base output; equal to fp32 rounding); on a bf16 base with fp32 adapters, into an fp32 copy of
-  the base output, rounded back once;
+- a decoded token's rows on the CPU (at most 16 tokens per sequence, any number of sequences; fp32, or bf16 on
+  fp32 adapters) take lorakit's kernel (lorakit.ops.lora_rows: one call reading each sequence's adapter from the
+  stacks; the update added into the base output in fp32; equal to fp32 rounding, bf16 outputs rounded once);
 - a prompt's rows (more than 16 tokens each) take `add_per_adapter_`: each adapter's own A and B on its rows,
   in the rows' dtype (fp32 adapters on a bf16 base compute in bf16, as a single adapter does);
 - anything else (bf16 adapters, CUDA, LORAKIT_MATMUL=aten) groups the rows into one segment per adapter
@@ -134,15 +133,13 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
         if not grad:
             routing.layer_state[key] = cached
     a_stack, bt_stack, scales, slots = cached
-    rows_x = x.reshape(batch, -1, x.shape[-1]).to(a_stack.dtype)             # (rows, tokens, d_in)
+    rows_x = x.reshape(batch, -1, x.shape[-1])             # (rows, tokens, d_in)
     rows_shape = (batch, -1, base_out.shape[-1])
+    if not grad and lora_rows.gathered_kernel_runs(rows_x, base_out, a_stack):  # decoding, fp32 or bf16 rows
+        lora_rows.lora_rows_gathered_(base_out, rows_x, a_stack, bt_stack, scales, slots)  # one call, in place
+        return base_out
+    rows_x = rows_x.to(a_stack.dtype)
     if not grad:
-        upcast = (base_out.dtype == torch.bfloat16 and a_stack.dtype == torch.float32
-                  and rows_x.shape[1] <= lora_rows.MAX_ROWS)  # decoding on a bf16 base: the kernel on fp32 out
-        out = base_out.float() if upcast else base_out
-        if lora_rows.gathered_kernel_runs(rows_x, out, a_stack):
-            lora_rows.lora_rows_gathered_(out, rows_x, a_stack, bt_stack, scales, slots)  # decoding: one call
-            return base_out.copy_(out) if upcast else base_out
         segments = routing.layer_state.get((*key, "segments"))
         if segments is None:  # once per mixed batch, like the stacks
             segments = routing.layer_state[(*key, "segments")] = segment_rows(slots.tolist(), x.device)

@@ -1,4 +1,4 @@
-// A LoRA adapter's update of a few rows (a decoded token's batch), fp32, on one thread, in one call:
+// A LoRA adapter's update of a few rows (a decoded token's batch), computed in fp32, on one thread, in one call:
 //
 //   lora_rows_(out, x, a, b, scale) -> u     u = x a^T (rows, r);  out += scale * (u b^T), in place
 //   lora_rows_gathered_(out, x, a, bt, scales, slots)   the same per sequence i with its own adapter (a
@@ -6,13 +6,16 @@
 //                                                a (S, r, d_in), bt (S, r, d_out) = B_k^T, scales (S), and the
 //                                                slot of each sequence, slots (n) int64
 //
-// out (..., d_out), x (..., d_in) (rows: the leading dimensions), a (r, d_in), b (d_out, r): contiguous fp32 CPU
-// tensors. For a handful of rows the two rank-r products are tiny (8 x 576 x 16 multiply-accumulates, 8 x 16 x
-// 1,536), and the matmul library's fixed cost per call (threading, dispatch, a copy of out for addmm) is much of
-// their time: mm + addmm take 11-22 us a layer on MKL, 210 layers a decoded token on SmolLM2. Here both run in one
-// call, 6-13 us with the call itself: the rows' dot products with a for u, then for each block of output columns
-// the matching tile of b transposed in registers and every row's update accumulated from it. The sums run in
-// another order than MKL's or oneDNN's: equal to fp32 rounding (docs/performance.md, optimisation 28).
+// out (..., d_out), x (..., d_in) (rows: the leading dimensions), a (r, d_in), b (d_out, r): contiguous CPU
+// tensors, a and b fp32; out and x both fp32, or both bf16 (an fp32 adapter on a bf16 base: the rows are read
+// into fp32 scratch, the update added there, and each output rounded to bf16 once, PEFT's arithmetic for that
+// case, with no casts around the call). For a handful of rows the two rank-r products are tiny (8 x 576 x 16
+// multiply-accumulates, 8 x 16 x 1,536), and the matmul library's fixed cost per call (threading, dispatch, a copy
+// of out for addmm) is much of their time: mm + addmm take 11-22 us a layer on MKL, 210 layers a decoded token on
+// SmolLM2. Here both run in one call, 6-13 us with the call itself: the rows' dot products with a for u, then for
+// each block of output columns the matching tile of b transposed in registers and every row's update accumulated
+// from it. The sums run in another order than MKL's or oneDNN's: equal to fp32 rounding (docs/performance.md,
+// optimisation 28).
 // The gathered form reads each sequence's own adapter from the stacks (0.65 MB a layer of SmolLM2 at r=16), with
 // no copy per sequence: sequences that share an adapter read the same weights. Its sequences are split over the
 // threads. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
@@ -40,6 +43,27 @@ void check(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
               " must be a contiguous fp32 CPU tensor");
 }
+
+// out and x: contiguous CPU tensors, both fp32 or both bf16
+void check_rows(const Tensor& out, const Tensor& x, const char* op) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu() && out.is_contiguous() && x.is_contiguous() &&
+              out.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16), op,
+              ": out and x must be contiguous CPU tensors, both fp32 or both bf16; got ", out.scalar_type(), " and ",
+              dtype);
+}
+
+// bf16 rows in and out of fp32 scratch
+void to_float(const at::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) {
+    Vec v;
+    at::vec::load_to_float(src + i, v);
+    v.store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+void to_bf16(const float* src, at::BFloat16* dst, int64_t n) { at::vec::convert(src, dst, n); }
 
 float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, v);
@@ -92,25 +116,11 @@ void update_rows(const float* u, const float* tile, float* out, int64_t i0, int6
   }
 }
 
-Tensor lora_rows_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& b, double scale) {
-  check(out, "out");
-  check(x, "x");
-  check(a, "a");
-  check(b, "b");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && x.dim() >= 1 && out.dim() == x.dim(), "lora_rows_: a and b must be ",
-              "matrices, x and out of the same number of dimensions");
-  const int64_t d_in = x.size(-1), r = a.size(0), d_out = b.size(0), rows = d_in ? x.numel() / d_in : 0;
-  TORCH_CHECK(a.size(1) == d_in && b.size(1) == r && out.size(-1) == d_out && out.numel() == rows * d_out,
-              "lora_rows_: shapes do not match: out ", out.sizes(), ", x ", x.sizes(), ", a ", a.sizes(), ", b ",
-              b.sizes());
-  Tensor u = at::empty({rows, r}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  float* up = u.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// the fp32 work of lora_rows_: u = x a^T, then out += scale * u b^T block of output columns by block
+void lora_rows_fp32(float* op, const float* xp, const float* ap, const float* bp, float* up, int64_t rows,
+                    int64_t d_in, int64_t r, int64_t d_out, float scale) {
   products_with_a(xp, ap, up, rows, d_in, r);
-  const Vec s(static_cast<float>(scale));
+  const Vec s(scale);
   float tile_on_stack[kMaxStackRank * kV] = {};  // zeros in the lanes a last, narrower block never fills
   std::vector<float> tile_on_heap(r > kMaxStackRank ? r * kV : 0);
   float* tile = r > kMaxStackRank ? tile_on_heap.data() : tile_on_stack;
@@ -122,6 +132,33 @@ Tensor lora_rows_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& b
     for (; i0 + kRowBlock <= rows; i0 += kRowBlock) update_rows<kRowBlock>(up, tile, op, i0, j0, m, r, d_out, s);
     for (; i0 < rows; ++i0) update_rows<1>(up, tile, op, i0, j0, m, r, d_out, s);
   }
+}
+
+Tensor lora_rows_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& b, double scale) {
+  check_rows(out, x, "lora_rows_");
+  check(a, "a");
+  check(b, "b");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && x.dim() >= 1 && out.dim() == x.dim(), "lora_rows_: a and b must be ",
+              "matrices, x and out of the same number of dimensions");
+  const int64_t d_in = x.size(-1), r = a.size(0), d_out = b.size(0), rows = d_in ? x.numel() / d_in : 0;
+  TORCH_CHECK(a.size(1) == d_in && b.size(1) == r && out.size(-1) == d_out && out.numel() == rows * d_out,
+              "lora_rows_: shapes do not match: out ", out.sizes(), ", x ", x.sizes(), ", a ", a.sizes(), ", b ",
+              b.sizes());
+  Tensor u = at::empty({rows, r}, a.options());  // fp32: the backward's A x
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* up = u.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  if (x.scalar_type() == at::kFloat) {
+    lora_rows_fp32(out.data_ptr<float>(), x.data_ptr<float>(), ap, bp, up, rows, d_in, r, d_out, s);
+    return u;
+  }
+  std::vector<float> x32(rows * d_in), out32(rows * d_out);  // the bf16 rows in fp32 (at most a few rows)
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  to_float(x.data_ptr<at::BFloat16>(), x32.data(), rows * d_in);
+  to_float(op, out32.data(), rows * d_out);
+  lora_rows_fp32(out32.data(), x32.data(), ap, bp, up, rows, d_in, r, d_out, s);
+  to_bf16(out32.data(), op, rows * d_out);
   return u;
 }
 
@@ -162,8 +199,7 @@ void add_products_with_bt(const float* u, const float* bt, float* out, int64_t T
 //   out (n, T, d_out) += scales[k] * (x_i a_k^T) bt_k, k = slots[i]   x (n, T, d_in), a (S, r, d_in), bt (S, r, d_out)
 void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Tensor& bt, const Tensor& scales,
                          const Tensor& slots) {
-  check(out, "out");
-  check(x, "x");
+  check_rows(out, x, "lora_rows_gathered_");
   check(a, "a");
   check(bt, "bt");
   check(scales, "scales");
@@ -181,20 +217,29 @@ void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Te
     TORCH_CHECK(kp[i] >= 0 && kp[i] < S, "lora_rows_gathered_: slot ", kp[i], " of sequence ", i,
                 " is outside the ", S, " stacked adapters");
   }
-  const float* xp = x.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   const float* ap = a.data_ptr<float>();
   const float* bp = bt.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   // the sequences over the threads: each reads its adapter's weights (~0.65 MB a layer of SmolLM2 at r=16), from
   // memory the first time, and one core alone draws less bandwidth than all
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u(T * r);
+    std::vector<float> x32(bf16 ? T * d_in : 0), out32(bf16 ? T * d_out : 0);  // a bf16 sequence in fp32
     for (int64_t i = begin; i < end; ++i) {
       const int64_t k = kp[i];
       if (sp[k] == 0.0f) continue;  // no adapter in this layer (the zero slot)
-      products_with_a(xp + i * T * d_in, ap + k * r * d_in, u.data(), T, d_in, r);
-      add_products_with_bt(u.data(), bp + k * r * d_out, op + i * T * d_out, T, r, d_out, sp[k]);
+      if (!bf16) {
+        products_with_a(x.data_ptr<float>() + i * T * d_in, ap + k * r * d_in, u.data(), T, d_in, r);
+        add_products_with_bt(u.data(), bp + k * r * d_out, out.data_ptr<float>() + i * T * d_out, T, r, d_out, sp[k]);
+        continue;
+      }
+      at::BFloat16* oi = out.data_ptr<at::BFloat16>() + i * T * d_out;
+      to_float(x.data_ptr<at::BFloat16>() + i * T * d_in, x32.data(), T * d_in);
+      to_float(oi, out32.data(), T * d_out);
+      products_with_a(x32.data(), ap + k * r * d_in, u.data(), T, d_in, r);
+      add_products_with_bt(u.data(), bp + k * r * d_out, out32.data(), T, r, d_out, sp[k]);
+      to_bf16(out32.data(), oi, T * d_out);
     }
   });
 }
