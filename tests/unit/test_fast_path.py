@@ -261,12 +261,13 @@ def test_mixed_batch_gathered_path_equals_per_row_runs_with_gradients(monkeypatc
 
 
 @pytest.mark.parametrize("tokens,base_dtype,adapter_dtype,backend,path", [
-    (40, torch.float32, torch.float32, "auto", "per adapter"),  # a prompt: each adapter's own matmuls, in place
+    (40, torch.float32, torch.float32, "auto", "gathered"),     # a prompt: each row's adapter gathered, in place
     (3, torch.float32, torch.float32, "auto", "kernel"),        # decoding: lorakit's fp32 kernel
     (3, torch.float32, torch.float32, "aten", "segments"),      # the kernel off: one segment per adapter, in place
     (3, torch.bfloat16, torch.bfloat16, "auto", "segments"),    # bf16 decoding, bf16 adapters
     (3, torch.bfloat16, torch.float32, "auto", "kernel"),       # bf16 decoding, fp32 adapters: the fp32 kernel
-    (40, torch.bfloat16, torch.float32, "auto", "per adapter"),  # a bf16 prompt, fp32 adapters: in bf16, as one
+    (40, torch.bfloat16, torch.float32, "auto", "gathered"),    # a bf16 prompt, fp32 adapters: in bf16, as one
+    (40, torch.bfloat16, torch.bfloat16, "aten", "gathered"),   # the same on bf16 adapters, under aten
     (40, torch.float16, torch.float32, "auto", "segments"),     # fp16 rows, fp32 adapters: in fp32 (range)
 ])
 def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_dtype, adapter_dtype, backend, path):
@@ -279,7 +280,7 @@ def test_mixed_batch_without_grad_equals_per_row_runs(monkeypatch, tokens, base_
     monkeypatch.setattr(layer_module, "mixed_lora_forward",
                         lambda layer, x, base: (lambda out: taken.append((out is not None, out is base)) or out)(
                             original(layer, x, base)))
-    for name, label in (("add_per_adapter_", "per adapter"), ("segmented_delta", "segments")):
+    for name, label in (("add_gathered_", "gathered"), ("segmented_delta", "segments")):
         monkeypatch.setattr(mixed_module, name, (lambda fn, label: lambda *a: (lambda r: paths.append(
             (label, r is not False)) or r)(fn(*a)))(getattr(mixed_module, name), label))
     kernel = mixed_module.lora_rows.lora_rows_gathered_

@@ -13,14 +13,16 @@ The approach of S-LoRA / Punica, in plain PyTorch.
 Zero padding adds exact zeros, so the result equals the general path to fp32 rounding (the matmuls sum over the
 padded rank). Used when every adapter routed through the layer is plain LoRA without active dropout, all in
 one dtype; anything else (DoRA, dropout in training, mixed dtypes) takes the general path.
-Without autograd (generation), each adapter's weights are read where they are, never copied per row:
+Without autograd (generation), nothing is kept per row beyond one layer's call:
 - a decoded token's rows on the CPU (at most 16 tokens per sequence, any number of sequences; fp32, or bf16 on
   fp32 adapters) take lorakit's kernel (lorakit.ops.lora_rows: one call reading each sequence's adapter from the
   stacks; the update added into the base output in fp32; equal to fp32 rounding, bf16 outputs rounded once);
-- a prompt's rows (more than 16 tokens each) take `add_per_adapter_`: each adapter's own A and B on its rows,
+- a prompt's rows (more than 16 tokens each) take `add_gathered_`: each row's adapter gathered from the stacks
+  (a transient copy per row and layer, over the row's many tokens), one bmm and one baddbmm_ into the base output,
   in the rows' dtype (fp32 adapters on a bf16 base compute in bf16, as a single adapter does);
-- anything else (bf16 adapters, CUDA, LORAKIT_MATMUL=aten) groups the rows into one segment per adapter
-  (lorakit.ops.segments, Punica's SGMV): one pair of batched matmuls that reads each adapter once;
+- anything else (a decoded token with bf16 adapters, on CUDA, under LORAKIT_MATMUL=aten) groups the rows into one
+  segment per adapter (lorakit.ops.segments, Punica's SGMV): one pair of batched matmuls that reads each adapter
+  once, with no copy per row;
 - the stacks and the segments are kept for the duration of the mixed batch (one `generate()` call decodes
   every token with them).
 With autograd they are rebuilt on every forward, each row's A and B gathered from the stacks (`bmm`, then
@@ -33,7 +35,6 @@ from __future__ import annotations
 import torch
 
 from lorakit.ops import lora_rows
-from lorakit.ops.matmul import linear
 from lorakit.ops.segments import segment_rows, segmented_delta
 
 
@@ -56,52 +57,35 @@ def stacked_weights(layer, names: list[str], factors: dict, device: torch.device
     dtype = next(iter(factors.values()))[0].dtype
     r_max = max(a.shape[0] for a, _ in factors.values())
     d_out, d_in = layer.out_features, layer.in_features
-    scales = torch.zeros(len(held) + 1, dtype=dtype, device=device)
-    if torch.is_grad_enabled():  # differentiable stacking: each slot is its adapter's tensor
-        a_stack = torch.stack([torch.zeros(r_max, d_in, dtype=dtype, device=device)]
-                              + [_pad_rows(factors[n][0], r_max) for n in held])
-        b_stack = torch.stack([torch.zeros(r_max, d_out, dtype=dtype, device=device)]
-                              + [_pad_cols(factors[n][1], r_max).T for n in held])  # B^T: rows of r_max x d_out
-    else:
-        a_stack = torch.zeros(len(held) + 1, r_max, d_in, dtype=dtype, device=device)
-        b_stack = torch.zeros(len(held) + 1, r_max, d_out, dtype=dtype, device=device)
-        for slot, name in enumerate(held, start=1):
-            a, b = factors[name]
-            a_stack[slot, :a.shape[0]] = a
-            b_stack[slot, :b.shape[1]] = b.T
-    for slot, name in enumerate(held, start=1):
-        scales[slot] = layer.scaling[name]
+    # one stack call each (with autograd, each slot is its adapter's tensor): a copy per layer, not one per slot
+    a_stack = torch.stack([torch.zeros(r_max, d_in, dtype=dtype, device=device)]
+                          + [_pad_rows(factors[n][0], r_max) for n in held])
+    b_stack = torch.stack([torch.zeros(r_max, d_out, dtype=dtype, device=device)]
+                          + [_pad_cols(factors[n][1], r_max).T for n in held])  # B^T: rows of r_max x d_out
+    scales = torch.tensor([0.0] + [layer.scaling[n] for n in held], dtype=dtype, device=device)
     slot_of = {name: slot for slot, name in enumerate(held, start=1)}
     slots = torch.tensor([slot_of.get(n, 0) for n in names], device=device)
     return a_stack, b_stack, scales, slots
 
 
-def add_per_adapter_(layer, names: list[str], factors: dict, x: torch.Tensor, base_out: torch.Tensor) -> bool:
-    """Without autograd, for rows of many tokens (a prompt): each run of consecutive rows with one adapter gets
-    that adapter's update from its own A and B, two matmuls on 2-d views, added into base_out in place (the
-    scaling and the sum in the second matmul's output stage). No per-row copies of the weights, which for a
-    batch of 8 rows would be ~8 adapters' worth of memory written per forward. The adapters compute in the rows'
-    dtype, as a single adapter does (fused.py): fp32 adapters on a bf16 base are cast to bf16 (r-wide, once per
-    adapter and forward), never the full-width rows and outputs to fp32. False where it does not apply (base_out
-    of another dtype or not contiguous; fp16 rows, whose fp32 adapters compute in fp32 for range): the batched
-    matmuls run instead."""
+def add_gathered_(x: torch.Tensor, base_out: torch.Tensor, a_stack: torch.Tensor, bt_stack: torch.Tensor,
+                  scales: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Without autograd, for rows of many tokens (a prompt), x (rows, tokens, d_in): each row's adapter gathered
+    from the stacks (its r-wide A and B copied once per row and layer, for all of the row's tokens), s_i x_i A_i^T
+    for every row in one bmm, and its product with B_i^T added into base_out in place, in baddbmm_'s output stage:
+    two matmul calls a layer whatever the adapters. In the rows' dtype, as a single adapter computes (fused.py): fp32
+    adapters on a bf16 base are cast to bf16 after the gather, never the full-width rows and outputs to fp32. False
+    where it does not apply (base_out of another dtype or not contiguous; fp16 rows on fp32 adapters, which compute
+    in fp32 for range): the segments run instead."""
     dtype = x.dtype
-    factor_dtype = next(iter(factors.values()))[0].dtype
     if (base_out.dtype != dtype or not base_out.is_contiguous()
-            or (dtype == torch.float16 and factor_dtype != dtype)):
+            or (dtype == torch.float16 and a_stack.dtype != dtype)):
         return False
-    batch = x.shape[0]
-    x_rows = x.reshape(batch, -1, x.shape[-1])
-    out_rows = base_out.view(batch, -1, base_out.shape[-1])
-    start = 0
-    for stop in range(1, batch + 1):
-        if stop < batch and names[stop] == names[start]:
-            continue
-        if names[start] in factors:
-            a, b = (t if t.dtype == dtype else t.to(dtype) for t in factors[names[start]])
-            u = linear(x_rows[start:stop].reshape(-1, a.shape[1]), a)  # (tokens, r)
-            out_rows[start:stop].view(-1, b.shape[0]).addmm_(u, b.T, alpha=layer.scaling[names[start]])
-        start = stop
+    a_rows = a_stack.index_select(0, slots).to(dtype)
+    bt_rows = bt_stack.index_select(0, slots).to(dtype)
+    u = torch.bmm(x, a_rows.transpose(1, 2))
+    u.mul_(scales.index_select(0, slots).view(-1, 1, 1))  # rank-wide; multiplied in the scales' fp32, rounded once
+    base_out.view(x.shape[0], -1, base_out.shape[-1]).baddbmm_(u, bt_rows)
     return True
 
 
@@ -126,9 +110,6 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
         factors = plain_factors(layer, names)
         if factors is None:
             return None
-        if not grad and x.numel() > batch * lora_rows.MAX_ROWS * x.shape[-1] and add_per_adapter_(
-                layer, names, factors, x, base_out):  # a prompt's rows
-            return base_out
         cached = stacked_weights(layer, names, factors, x.device)
         if not grad:
             routing.layer_state[key] = cached
@@ -137,6 +118,9 @@ def mixed_lora_forward(layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.
     rows_shape = (batch, -1, base_out.shape[-1])
     if not grad and lora_rows.gathered_kernel_runs(rows_x, base_out, a_stack):  # decoding, fp32 or bf16 rows
         lora_rows.lora_rows_gathered_(base_out, rows_x, a_stack, bt_stack, scales, slots)  # one call, in place
+        return base_out
+    if not grad and rows_x.shape[1] > lora_rows.MAX_ROWS and add_gathered_(
+            rows_x, base_out, a_stack, bt_stack, scales, slots):  # a prompt's rows
         return base_out
     rows_x = rows_x.to(a_stack.dtype)
     if not grad:
