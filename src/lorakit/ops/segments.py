@@ -11,7 +11,8 @@ takes its result from its place. Punica (Chen et al. 2023, https://arxiv.org/abs
 one CUDA kernel without the padding.
 
 Used by the server's decoding passes (serve/lora_ops.py) and by the library's mixed batches without autograd
-where lorakit's fp32 CPU kernel does not run (methods/lora/mixed.py: bf16, CUDA, LORAKIT_MATMUL=aten).
+where a decoded token does not take lorakit's CPU kernel (methods/lora/mixed.py: bf16 adapters, CUDA,
+LORAKIT_MATMUL=aten; also fp16 rows on fp32 adapters).
 """
 
 from __future__ import annotations
