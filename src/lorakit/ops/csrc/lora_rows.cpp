@@ -218,6 +218,10 @@ void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Te
                 " is outside the ", S, " stacked adapters");
   }
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const float* xp = bf16 ? nullptr : x.data_ptr<float>();
+  float* op = bf16 ? nullptr : out.data_ptr<float>();
+  const at::BFloat16* xb = bf16 ? x.data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
   const float* ap = a.data_ptr<float>();
   const float* bp = bt.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
@@ -230,16 +234,15 @@ void lora_rows_gathered_(Tensor& out, const Tensor& x, const Tensor& a, const Te
       const int64_t k = kp[i];
       if (sp[k] == 0.0f) continue;  // no adapter in this layer (the zero slot)
       if (!bf16) {
-        products_with_a(x.data_ptr<float>() + i * T * d_in, ap + k * r * d_in, u.data(), T, d_in, r);
-        add_products_with_bt(u.data(), bp + k * r * d_out, out.data_ptr<float>() + i * T * d_out, T, r, d_out, sp[k]);
+        products_with_a(xp + i * T * d_in, ap + k * r * d_in, u.data(), T, d_in, r);
+        add_products_with_bt(u.data(), bp + k * r * d_out, op + i * T * d_out, T, r, d_out, sp[k]);
         continue;
       }
-      at::BFloat16* oi = out.data_ptr<at::BFloat16>() + i * T * d_out;
-      to_float(x.data_ptr<at::BFloat16>() + i * T * d_in, x32.data(), T * d_in);
-      to_float(oi, out32.data(), T * d_out);
+      to_float(xb + i * T * d_in, x32.data(), T * d_in);
+      to_float(ob + i * T * d_out, out32.data(), T * d_out);
       products_with_a(x32.data(), ap + k * r * d_in, u.data(), T, d_in, r);
       add_products_with_bt(u.data(), bp + k * r * d_out, out32.data(), T, r, d_out, sp[k]);
-      to_bf16(out32.data(), oi, T * d_out);
+      to_bf16(out32.data(), ob + i * T * d_out, T * d_out);
     }
   });
 }
