@@ -61,7 +61,8 @@ def test_the_kernel_is_chosen_per_pass_and_segments_group_rows_by_adapter():
     batch.set([0, 2, 3, 2, 2, 0, 3], 7, torch.device("cpu"))
     assert batch.add_lora.__name__ == "gathered_lora" and batch.segments is None  # prefill
     batch.set([0, 3, 2, 3, 3, 0, 2], 1, torch.device("cpu"))
-    assert batch.add_lora.__name__ == "segmented_lora"  # decoding
+    assert batch.add_lora.__name__ == "rows_kernel_lora"  # decoding: lorakit's kernel, the segments where it cannot
+    assert batch.slot_scales(4).tolist() == [0.0, 1.0, 1.0, 1.0]  # the base slot skipped, s folded into B
     segments = batch.segments
     assert segments.slots.tolist() == [0, 2, 3] and segments.size == 3  # in slot order
     assert segments.rows.tolist() == [0, 5, 0, 2, 6, 2, 1, 3, 4]  # short segments repeat their first row
@@ -70,6 +71,37 @@ def test_the_kernel_is_chosen_per_pass_and_segments_group_rows_by_adapter():
     assert batch.add_lora is None and batch.segments is None
     with pytest.raises(ValueError, match="kernel must be one of"):
         BatchAdapters("fastest")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_takes_lorakits_kernel_on_fp32_stacks_and_the_segments_elsewhere(monkeypatch, dtype):
+    from lorakit.ops import lora_rows
+    from lorakit.ops.cpu_extension import kernels_available
+
+    if not kernels_available():
+        pytest.skip("lorakit's CPU kernels cannot be built here")
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20).to(dtype)
+    reference = lora_layer(base, SPECS)
+    calls = []
+    kernel = lora_rows.lora_rows_gathered_
+    monkeypatch.setattr(lora_rows, "lora_rows_gathered_", lambda *args: calls.append(1) or kernel(*args))
+    outputs = {}
+    for choice in ("rows", "segmented"):
+        batch = BatchAdapters(choice)
+        serving = ServingLoraLinear(base, num_slots=4, batch=batch)
+        load_into(serving, reference, {"r2": 1, "rs16": 2, "r8": 3})
+        x = torch.randn(6, 1, 12, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        batch.set([3, 0, 1, 2, 3, 0], 1, x.device)
+        with torch.no_grad():
+            outputs[choice] = serving(x)
+    assert calls == ([1] if dtype == torch.float32 else [])  # bf16 stacks: the segments compute
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(outputs["rows"], outputs["segmented"], **tolerance)
+    with torch.no_grad():
+        base_out = base(x)
+    assert not torch.equal(outputs["rows"][0], base_out[0])  # an adapter's row changed; a base row did not
+    assert torch.equal(outputs["rows"][1], base_out[1]) and torch.equal(outputs["rows"][5], base_out[5])
 
 
 def test_ranks_grow_in_place_and_a_slot_is_cleared_when_rewritten():
@@ -90,7 +122,7 @@ def test_ranks_grow_in_place_and_a_slot_is_cleared_when_rewritten():
                     base(x[1]) + reference.adapter_output("big", x[1], base(x[1]))]
     torch.testing.assert_close(serving(x), torch.stack(expected))
     load_into(serving, reference, {"small": 2})  # "big" evicted from slot 2: its extra rank columns must go
-    assert torch.count_nonzero(serving.lora_A[2, :, 2:]) == 0 and torch.count_nonzero(serving.lora_B[2, 2:]) == 0
+    assert torch.count_nonzero(serving.lora_A[2, 2:]) == 0 and torch.count_nonzero(serving.lora_B[2, 2:]) == 0
     serving.write_slot(1, None, None)
     assert torch.count_nonzero(serving.lora_A[1]) == 0
 

@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body; larger gets 413 (default 1000000)")
     limits.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                         help="prompt tokens per sequence per step; longer prompts are split (default 256)")
-    limits.add_argument("--kernel", choices=("auto", "segmented", "gathered"), default="auto",
-                        help="batched LoRA kernel (default auto: segmented to decode, gathered to prefill)")
+    limits.add_argument("--kernel", choices=("auto", "rows", "segmented", "gathered"), default="auto",
+                        help="batched LoRA kernel (default auto: rows to decode, gathered to prefill)")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

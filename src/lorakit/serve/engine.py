@@ -56,7 +56,7 @@ class EngineSettings:
     # Compute slots for adapters (S-LoRA's GPU budget) and host copies (its CPU budget).
     max_loras: int = 8
     max_cpu_loras: int = 64
-    # The batched LoRA kernel (lora_ops.py): "auto" (per pass), "segmented" or "gathered".
+    # The batched LoRA kernel (lora_ops.py): "auto" (per pass), "rows", "segmented" or "gathered".
     kernel: str = "auto"
 
     def __post_init__(self) -> None:

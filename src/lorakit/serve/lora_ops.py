@@ -4,7 +4,7 @@ S-LoRA (Sheng et al. 2023, https://arxiv.org/abs/2311.03285) and Punica (Chen et
 https://arxiv.org/abs/2310.18547). Every targeted linear layer of the base model is replaced by a
 `ServingLoraLinear` that keeps the adapters resident in compute memory stacked along a slot axis:
 
-    lora_A: (S, d_in, r_max)     slot i holds A_i^T, zero-padded from rank r_i to r_max
+    lora_A: (S, r_max, d_in)     slot i holds A_i, zero-padded from rank r_i to r_max
     lora_B: (S, r_max, d_out)    slot i holds (s_i B_i)^T: the scaling s_i = alpha/r (or alpha/sqrt(r),
                                  rsLoRA, per module with rank/alpha patterns) is folded in once, at load
 
@@ -15,12 +15,15 @@ Slot 0 is all zeros: the base model. For a batch x: (n, T, d_in) whose row b use
 Zero padding makes adapters of different ranks compute side by side: the padded columns of A and rows of
 B contribute exactly 0. Nothing is ever merged into W0, so a batch may mix any resident adapters.
 
-Two kernels add the low-rank part (`LORA_KERNELS`), each with a fixed number of ops per layer whatever the
+Three kernels add the low-rank part (`LORA_KERNELS`), each with a fixed number of ops per layer whatever the
 adapters in the batch: "gathered" copies each row's (A, B) out of the stacks and runs two batched matmuls;
 "segmented" sorts the rows into one segment per adapter (padded to the longest), reads each adapter's
 weights once and runs one batched matmul pair over the segments (Punica's SGMV, without a custom
-kernel). By default ("auto") decoding passes use "segmented" and prefill passes "gathered", which was
-fastest for each on CPU (docs/serving.md); `lorakit bench serve --kernel` compares them.
+kernel); "rows" is lorakit's CPU kernel for a few tokens per row (lorakit.ops.lora_rows, as the library's
+mixed batches decode): one call that reads each row's adapter from the stacks, for fp32 stacks on the CPU, and
+"segmented" wherever it does not run (bf16 stacks, CUDA). By default ("auto") decoding passes use "rows" and
+prefill passes "gathered", which was fastest for each on CPU (docs/serving.md); `lorakit bench serve --kernel`
+compares them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.ops import lora_rows
 from lorakit.ops.segments import Segments, segment_rows, segmented_delta
 
 BASE_SLOT = 0  # the all-zero slot: rows that use the base model alone
@@ -38,9 +42,9 @@ def gathered_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora
                   batch: "BatchAdapters") -> torch.Tensor:
     """out (n, T, d_out) + x (n, T, d_in) A_k^T (sB_k)^T, each row's A and B gathered from the stacks: a copy
     of r (d_in + d_out) weights per row, then two bmm (the second fused with the addition)."""
-    a = lora_a.index_select(0, batch.row_slots)  # (n, d_in, r)
+    a = lora_a.index_select(0, batch.row_slots)  # (n, r, d_in)
     b = lora_b.index_select(0, batch.row_slots)  # (n, r, d_out)
-    return torch.baddbmm(out, torch.bmm(x, a), b)
+    return torch.baddbmm(out, torch.bmm(x, a.transpose(1, 2)), b)
 
 
 def segmented_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -48,10 +52,20 @@ def segmented_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lor
     """The same sum with the rows sorted into one segment per adapter (Punica's SGMV, lorakit.ops.segments):
     one bmm pair that reads each adapter's weights once."""
     segments = batch.segments
-    return out + segmented_delta(x, segments.select(lora_a), segments.select(lora_b), segments)
+    return out + segmented_delta(x, segments.select(lora_a).transpose(1, 2), segments.select(lora_b), segments)
 
 
-LORA_KERNELS = {"gathered": gathered_lora, "segmented": segmented_lora}
+def rows_kernel_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     batch: "BatchAdapters") -> torch.Tensor:
+    """The same sum added into out in place by lorakit's CPU kernel (lorakit.ops.lora_rows: a few tokens per row,
+    fp32 stacks, each row's adapter read from them in one call); segmented_lora where the kernel does not run."""
+    if not lora_rows.gathered_kernel_runs(x, out, lora_a):
+        return segmented_lora(x, out, lora_a, lora_b, batch)
+    lora_rows.lora_rows_gathered_(out, x, lora_a, lora_b, batch.slot_scales(lora_a.shape[0]), batch.row_slots)
+    return out
+
+
+LORA_KERNELS = {"gathered": gathered_lora, "segmented": segmented_lora, "rows": rows_kernel_lora}
 KERNEL_CHOICES = ("auto", *LORA_KERNELS)
 
 
@@ -59,9 +73,9 @@ class BatchAdapters:
     """Which adapter slot each row of the current forward pass uses, and the kernel that adds the low-rank
     part; shared by every serving layer, set once per pass by the engine (not once per layer).
 
-    kernel "auto" picks per pass: "segmented" for decoding passes (one token per row: copying every row's
-    weights would cost more than the row's own matmuls) and "gathered" for prefill passes (many tokens per
-    row share one copy of its weights, and no row is gathered or padded)."""
+    kernel "auto" picks per pass: "rows" for decoding passes (one token per row: copying every row's weights
+    would cost more than the row's own matmuls; "segmented" where lorakit's kernel does not run) and "gathered"
+    for prefill passes (many tokens per row share one copy of its weights, and no row is gathered or padded)."""
 
     def __init__(self, kernel: str = "auto") -> None:
         if kernel not in KERNEL_CHOICES:
@@ -69,17 +83,27 @@ class BatchAdapters:
         self.kernel = kernel
         self.add_lora = None  # the kernel of this pass; None: no row uses an adapter
         self.row_slots: torch.Tensor | None = None  # (n,) slot of each row
-        self.segments: Segments | None = None  # segmented: the rows grouped by slot
+        self.segments: Segments | None = None  # segmented (and rows, for its fallback): the rows grouped by slot
+        self._slot_scales: dict[int, torch.Tensor] = {}  # slots -> the rows kernel's scalings: 0 for the base slot
 
     def set(self, row_slots: list[int], tokens_per_row: int, device: torch.device) -> None:
         if all(slot == BASE_SLOT for slot in row_slots):
             self.clear()
             return
-        kernel = self.kernel if self.kernel != "auto" else "segmented" if tokens_per_row == 1 else "gathered"
+        kernel = self.kernel if self.kernel != "auto" else "rows" if tokens_per_row == 1 else "gathered"
         self.add_lora = LORA_KERNELS[kernel]
         self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
-        if kernel == "segmented":
+        if kernel in ("segmented", "rows"):
             self.segments = segment_rows(row_slots, device)  # base rows form a segment of the all-zero slot 0
+
+    def slot_scales(self, num_slots: int) -> torch.Tensor:
+        """(num_slots,) fp32: 1 for every slot (s is folded into B), 0 for the base slot, which the rows kernel
+        skips."""
+        scales = self._slot_scales.get(num_slots)
+        if scales is None:
+            scales = self._slot_scales[num_slots] = torch.ones(num_slots)
+            scales[BASE_SLOT] = 0.0
+        return scales
 
     def clear(self) -> None:
         self.add_lora = self.row_slots = self.segments = None
@@ -106,12 +130,12 @@ class ServingLoraLinear(nn.Module):
         self.batch = batch
         weight = base_layer.weight
         # rank 0 until an adapter arrives: buffers, so they follow .to() with the model and are never trained
-        self.register_buffer("lora_A", weight.new_zeros(num_slots, self.in_features, 0), persistent=False)
+        self.register_buffer("lora_A", weight.new_zeros(num_slots, 0, self.in_features), persistent=False)
         self.register_buffer("lora_B", weight.new_zeros(num_slots, 0, self.out_features), persistent=False)
 
     @property
     def max_rank(self) -> int:
-        return self.lora_A.shape[-1]
+        return self.lora_A.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -125,9 +149,9 @@ class ServingLoraLinear(nn.Module):
         if rank <= self.max_rank:
             return
         slots, old = self.lora_A.shape[0], self.max_rank
-        lora_a = self.lora_A.new_zeros(slots, self.in_features, rank)
+        lora_a = self.lora_A.new_zeros(slots, rank, self.in_features)
         lora_b = self.lora_B.new_zeros(slots, rank, self.out_features)
-        lora_a[..., :old] = self.lora_A
+        lora_a[:, :old] = self.lora_A
         lora_b[:, :old] = self.lora_B
         self.lora_A, self.lora_B = lora_a, lora_b
 
@@ -142,7 +166,7 @@ class ServingLoraLinear(nn.Module):
         self.grow_rank(rank)
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
-        self.lora_A[slot, :, :rank] = lora_a.T.to(self.lora_A.dtype)
+        self.lora_A[slot, :rank] = lora_a.to(self.lora_A.dtype)
         self.lora_B[slot, :rank] = scaled_b.T.to(self.lora_B.dtype)
 
 
