@@ -5,11 +5,12 @@
 
 A decoded token's batch is a handful of rows, where the two rank-r products cost little arithmetic and the matmul
 library's fixed cost per call is most of their time (~15-25 us a layer on MKL; oneDNN's is larger still):
-the kernel does both on one thread in one call. Used by the LoRA layer's fused function (methods/lora/fused.py)
-and by mixed-adapter batches without autograd (methods/lora/mixed.py) when `kernel_runs` / `gathered_kernel_runs`
-say so: contiguous CPU rows, fp32 or bf16, with fp32 factors, at most MAX_ROWS rows (per sequence for the gathered
-form), the "auto" matmul backend (under LORAKIT_MATMUL=aten or onednn the chosen library computes, e.g. to compare
-with another library bit for bit), and the kernels built. The sums run in another order than the libraries':
+the kernel does both on one thread in one call. Used by the LoRA layer's fused function (methods/lora/fused.py),
+by mixed-adapter batches without autograd (methods/lora/mixed.py) and by the server's decoding passes
+(serve/lora_ops.py) when `kernel_runs` / `gathered_kernel_runs` say so: contiguous CPU rows, fp32 or bf16, with
+fp32 factors, at most MAX_ROWS rows (per sequence for the gathered form), the "auto" matmul backend (under
+LORAKIT_MATMUL=aten or onednn the chosen library computes, e.g. to compare with another library bit for bit),
+and the kernels built. The sums run in another order than the libraries':
 equal to fp32 rounding (tests/unit/test_lora_rows.py). bf16 rows (an fp32 adapter on a bf16 base, as lorakit and
 PEFT load it) are read into fp32 inside the kernel: the update is computed from the fp32 factors and added in
 fp32, each output rounded to bf16 once, instead of two bf16 matmul calls and two casts of the factors per layer

@@ -19,7 +19,7 @@
 // The gathered form reads each sequence's own adapter from the stacks (0.65 MB a layer of SmolLM2 at r=16), with
 // no copy per sequence: sequences that share an adapter read the same weights. Its sequences are split over the
 // threads. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
-// lorakit/methods/lora/fused.py (_forward) and mixed.py through lorakit/ops/lora_rows.py.
+// lorakit/methods/lora/fused.py (_forward), mixed.py and lorakit/serve/lora_ops.py through lorakit/ops/lora_rows.py.
 #include "cpu_capability.h"
 
 #include <ATen/ATen.h>
