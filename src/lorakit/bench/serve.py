@@ -40,6 +40,7 @@ from functools import partial
 from importlib import resources
 
 from lorakit.bench import harness
+from lorakit.serve.lora_ops import KERNEL_CHOICES
 
 TARGET_BASE_RATIO, TARGET_PEFT_RATIO = 0.8, 4.0
 WAYS = ("mixed", "base", "peft", "http")
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=0.0, metavar="R",
                         help="Poisson arrivals per second; 0 = all at once (default 0)")
     parser.add_argument("--max-batch", type=int, default=32, metavar="N", help="engine batch rows (default 32)")
-    parser.add_argument("--kernel", choices=("auto", "rows", "segmented", "gathered"), default="auto",
+    parser.add_argument("--kernel", choices=KERNEL_CHOICES, default="auto",
                         help="batched LoRA kernel (default auto: rows to decode, gathered to prefill)")
     parser.add_argument("--peft-requests", type=int, default=None, metavar="N",
                         help="requests served one at a time for the peft baseline (default 16; --quick 4)")

@@ -26,6 +26,7 @@ import sys
 
 from lorakit.cli.common import check_positive_option
 from lorakit.models.loading import DTYPES
+from lorakit.serve.lora_ops import KERNEL_CHOICES
 from lorakit.train.templates import TEMPLATES
 
 DEFAULT_MODEL = "smollm2"
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body; larger gets 413 (default 1000000)")
     limits.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                         help="prompt tokens per sequence per step; longer prompts are split (default 256)")
-    limits.add_argument("--kernel", choices=("auto", "rows", "segmented", "gathered"), default="auto",
+    limits.add_argument("--kernel", choices=KERNEL_CHOICES, default="auto",
                         help="batched LoRA kernel (default auto: rows to decode, gathered to prefill)")
 
 
