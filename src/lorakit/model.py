@@ -26,7 +26,7 @@ from lorakit.integrations.hub import push_adapter
 from lorakit.integrations.model_card import training_info_from_run
 from lorakit.integrations.signature import forward_with_model_signature
 from lorakit.modules_to_save import ModulesToSaveWrapper
-from lorakit.ops.lm_head import head_reads_contiguous_input
+from lorakit.ops.lm_head import head_on_lorakit_matmul
 from lorakit.registry import method_for_config
 from lorakit.state import adapter_holders, detached_copies
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
@@ -111,7 +111,7 @@ class PeftModel(nn.Module):
         for tuner in self._running_tuners():
             kwargs = tuner.transform_inputs(kwargs)
         model = self.get_base_model()
-        with self._mixed_batch(adapter_names, args, kwargs), head_reads_contiguous_input(model):
+        with self._mixed_batch(adapter_names, args, kwargs), head_on_lorakit_matmul(model):
             return model.generate(*args, **kwargs)
 
     def _running_tuners(self) -> list[Tuner]:

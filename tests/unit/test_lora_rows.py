@@ -1,6 +1,6 @@
-"""lorakit's kernels for a LoRA adapter's update of a few fp32 or bf16 rows, one adapter or one per sequence (ops/lora_rows.py,
-csrc/lora_rows.cpp), where the layers use them, and the output head's contiguous input during generation
-(ops/lm_head.py)."""
+"""lorakit's kernels for a LoRA adapter's update of a few fp32 or bf16 rows, one adapter or one per sequence
+(ops/lora_rows.py, csrc/lora_rows.cpp), where the layers use them, and the output head during generation (its
+contiguous input, lorakit's matmul: ops/lm_head.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.ops import lora_rows
+from lorakit.ops import lm_head, lora_rows
 from lorakit.ops.cpu_extension import kernels_available
-from lorakit.ops.lm_head import contiguous_head_input
+from lorakit.ops.lm_head import head_to_lorakit_matmul
 from lorakit.ops.matmul import BACKEND_ENV
 from tests.mixed_batch import rows_run_alone
 from tests.tiny import tiny_llama
@@ -22,7 +22,8 @@ needs_kernels = pytest.mark.skipif(not kernels_available(), reason="lorakit's CP
 def _operands(rows: int, d_in: int, r: int, d_out: int, seed: int = 0, lead: tuple[int, ...] = ()):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, rows, d_in, generator=g)
-    return x, torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), torch.randn(*lead, rows, d_out, generator=g)
+    a, b = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+    return x, a, b, torch.randn(*lead, rows, d_out, generator=g)
 
 
 @needs_kernels
@@ -236,31 +237,42 @@ def _frozen_tiny_llama():
     return wrapped.eval()
 
 
-def test_generation_hands_the_head_a_contiguous_input_and_leaves_no_hook():
+def test_generation_hands_the_head_a_contiguous_input_and_puts_its_forward_back():
     wrapped = _frozen_tiny_llama()
     head = wrapped.get_base_model().get_output_embeddings()
     assert not head.weight.requires_grad  # frozen: PyTorch's matmul would run a strided input as a batched matmul
     seen = []
     spy = head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
+    inner = []
+    real_linear = lm_head.linear
+    lm_head.linear = lambda x, w, b: inner.append(x.is_contiguous()) or real_linear(x, w, b)
     ids = torch.randint(5, 200, (3, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        tokens = wrapped.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                                  do_sample=False, pad_token_id=0)
+    try:
+        with torch.no_grad():
+            tokens = wrapped.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                      do_sample=False, pad_token_id=0)
+    finally:
+        lm_head.linear = real_linear
     spy.remove()
-    assert seen and all(seen)  # the prompt's last positions too
-    assert not head._forward_pre_hooks  # the hook lasted the call only
+    assert len(inner) == len(seen) == 3 and all(inner)  # the prompt's last positions, then each decoded token
+    assert "forward" not in head.__dict__  # the head's own forward again after the call
     with torch.no_grad():  # the same tokens as the model's own generate
         plain = wrapped.get_base_model().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                                   max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens, plain)
 
 
-def test_the_contiguous_head_hook_keeps_values_and_ignores_models_without_a_linear_head():
+def test_the_head_on_lorakit_matmul_keeps_values_and_ignores_models_without_a_linear_head():
     model = tiny_llama()
-    handle = contiguous_head_input(model)
-    hidden = torch.randn(3, 5, 32)[:, -1:, :]
     head = model.get_output_embeddings()
+    hidden = torch.randn(3, 5, 32)[:, -1:, :]
     with torch.no_grad():
-        assert torch.equal(head(hidden), head(hidden.contiguous()))
+        own = head(hidden.contiguous())
+    handle = head_to_lorakit_matmul(model)
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden), own, rtol=1e-5, atol=1e-6)  # to fp32 rounding
+    training_input = hidden.detach().clone().requires_grad_()
+    assert torch.equal(head(training_input), nn.functional.linear(training_input, head.weight, head.bias))
     handle.remove()
-    assert contiguous_head_input(nn.Sequential(nn.Linear(4, 4))) is None
+    assert "forward" not in head.__dict__
+    assert head_to_lorakit_matmul(nn.Sequential(nn.Linear(4, 4))) is None

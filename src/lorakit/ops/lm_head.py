@@ -5,7 +5,7 @@
     with head_returns_its_input(head):
         hidden = model(**inputs).logits      # (batch, length, hidden size): what the head would have read
 
-    with head_reads_contiguous_input(model):   # generation: the prompt's last position, read without bmm
+    with head_on_lorakit_matmul(model):        # generation: the head multiplies on lorakit.ops.matmul.linear
         model.generate(...)
 
 The model is still called as a whole (through any DDP wrapper, hooks and adapters); only the head's forward is
@@ -21,6 +21,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from lorakit.ops.matmul import linear
 
 _PLAIN_FLAG = "_lorakit_returns_logits_as_is"
 
@@ -83,32 +85,55 @@ def _logits(outputs):
     return outputs.logits if hasattr(outputs, "logits") else outputs[0]
 
 
-def contiguous_head_input(model: nn.Module):
-    """Make the output head's input contiguous before the head reads it; returns the hook's handle (None when the
-    model has no nn.Linear head). Generation asks for the last position's logits only, and transformers passes the
-    head `hidden[:, -1:, :]`: a strided view of the prompt's states. With the head's weight frozen, PyTorch's
-    matmul does not copy such an input into one matrix (it would, to spare the weight's gradient, if the weight
-    required one) but runs a batched matmul over the weight expanded per row: the 49k-row head of SmolLM2 is then
-    read once per prompt, 2x the time at 8 prompts and 6x at 32 (docs/performance.md, optimisation 28). The copy
-    of the rows' last states costs nothing next to that; the values are the same."""
+class HeadOnLorakitMatmul:
+    """While installed, the output head computes without autograd through lorakit.ops.matmul.linear on a
+    contiguous copy of its input (with autograd, its own forward). Two things, both for generation:
+
+    - A decoded token's batch is a few rows, which `linear` gives to lorakit's few-rows kernel: PyTorch's own
+      call rearranges the whole head (49k x 576 for SmolLM2, read once a token) on every call (8 rows: bf16 3.96 ->
+      2.25 ms, fp32 15.5 -> 6.2 ms a token; docs/performance.md, optimisation 39).
+    - transformers passes the head `hidden[:, -1:, :]`, a strided view of the prompt's states. With the head's
+      weight frozen, PyTorch's matmul does not copy such an input into one matrix (it would, to spare the weight's
+      gradient, if the weight required one) but runs a batched matmul over the weight expanded per row: the head
+      read once per prompt, 2x the time at 8 prompts and 6x at 32 (optimisation 28). The copy of the rows' last
+      states costs nothing next to that.
+
+    The values are those of the head's own forward to fp32 rounding (the kernels sum in another order).
+    remove() puts the head's forward back."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        self.head = head
+        self._previous = head.__dict__.get("forward")  # an instance forward already set (none, usually)
+        head.forward = self._forward
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        if torch.is_grad_enabled():
+            return nn.Linear.forward(head, hidden)
+        return linear(hidden.contiguous(), head.weight, head.bias)
+
+    def remove(self) -> None:
+        if self.head.__dict__.get("forward") == self._forward:
+            if self._previous is None:
+                del self.head.forward
+            else:
+                self.head.forward = self._previous
+
+
+def head_to_lorakit_matmul(model: nn.Module) -> HeadOnLorakitMatmul | None:
+    """Install HeadOnLorakitMatmul on the model's output head (None when the model has no nn.Linear head); the
+    serving engine keeps it for its model's life."""
     get_head = getattr(_unwrapped(model), "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Linear) else None
+    return HeadOnLorakitMatmul(head) if isinstance(head, nn.Linear) else None
 
 
 @contextlib.contextmanager
-def head_reads_contiguous_input(model: nn.Module):
-    """contiguous_head_input for the duration of the block."""
-    handle = contiguous_head_input(model)
+def head_on_lorakit_matmul(model: nn.Module):
+    """head_to_lorakit_matmul for the duration of the block."""
+    handle = head_to_lorakit_matmul(model)
     try:
         yield
     finally:
         if handle is not None:
             handle.remove()
-
-
-def _contiguous_input(module: nn.Module, args: tuple):
-    hidden = args[0] if args else None
-    if isinstance(hidden, torch.Tensor) and hidden.dim() > 2 and not hidden.is_contiguous():
-        return (hidden.contiguous(), *args[1:])
-    return None

@@ -10,11 +10,14 @@ differ only in the order of the additions, so results agree to fp32 rounding, no
     linear(x, w)               x @ w.T (+ bias)           x: (..., d_in), w: (d_out, d_in) (any strides)
     linear_add(x, w, other, a) other + a * (x @ w.T)      added in the matmul's output stage (in place on request)
 
-Backend, chosen per call: "onednn" for CPU tensors of one dtype when PyTorch has oneDNN (bf16 always; fp32 on
-CPUs other than Intel's, from FP32_ONEDNN_MIN_MACS multiply-accumulates up: below, oneDNN's fixed cost per call
-outweighs its faster kernel, as for a decoded token's products), else "aten" (F.linear: cuBLAS on CUDA, MKL on
-CPU). `LORAKIT_MATMUL=aten` forces the aten kernels, e.g. to compare with another library bit for bit;
-`LORAKIT_MATMUL=onednn` sends fp32 to oneDNN on Intel CPUs too, and small fp32 products everywhere. These
+Backend, chosen per call: lorakit's few-rows kernel (ops/csrc/linear_rows.cpp) for a decoded token's batch (at
+most LINEAR_ROWS_MAX contiguous rows, bf16 where the CPU has AVX512-BF16, fp32 where "auto" sends fp32 to oneDNN:
+the libraries rearrange the whole weight on every call, and at a few rows that is most of the call); else
+"onednn" for CPU tensors of one dtype when PyTorch has oneDNN (bf16 always; fp32 on CPUs other than Intel's, from
+FP32_ONEDNN_MIN_MACS multiply-accumulates up: below, oneDNN's fixed cost per call outweighs its faster kernel),
+else "aten" (F.linear: cuBLAS on CUDA, MKL on CPU). `LORAKIT_MATMUL=aten` forces the aten kernels, e.g. to compare
+with another library bit for bit; `LORAKIT_MATMUL=onednn` forces oneDNN (fp32 on Intel CPUs too, and small fp32
+products everywhere); either keeps lorakit's kernel off. These
 functions do not record autograd history: call them inside a torch.autograd.Function (methods/lora/fused.py,
 cross_entropy.py) or without autograd (inference).
 """
@@ -114,8 +117,45 @@ def kernels() -> dict:
     return found
 
 
+# rows up to which lorakit's kernel (ops/csrc/linear_rows.cpp) multiplies a few rows by a plain weight faster than
+# the libraries, which rearrange the weight on every call (SmolLM2's projections, 2 threads, us a call on average
+# against oneDNN: bf16 8 rows 53 vs 114, 16 rows 78 vs 134, 32 rows 131 vs 179; fp32 8 rows 118 vs 151, 16 rows 183
+# vs 196, 32 rows 304 vs 281; docs/performance.md, optimisation 39)
+LINEAR_ROWS_MAX = {torch.bfloat16: 32, torch.float32: 16}
+# filled on first use: the kernel's operator and the dtypes it takes here: bf16 where the CPU has AVX512-BF16; fp32
+# where "auto" sends fp32 to oneDNN (not on Intel CPUs, whose MKL has its fast fp32 path: not measured against it)
+_LINEAR_ROWS: list = []
+
+
+def _load_linear_rows() -> None:
+    from lorakit.ops.cpu_extension import kernels_available  # lazily: the kernels build on first use
+    dtypes = ()
+    if kernels_available():
+        built = torch.ops.lorakit.linear_rows_dtypes()
+        dtypes = tuple(d for d in LINEAR_ROWS_MAX if str(d).removeprefix("torch.") in built and d in _AUTO_DTYPES)
+    _LINEAR_ROWS[:] = [torch.ops.lorakit.linear_rows.default if dtypes else None, dtypes]
+
+
+def linear_rows_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """True when lorakit's few-rows kernel computes `x @ weight.T (+ bias)`: at most LINEAR_ROWS_MAX contiguous CPU
+    rows (a decoded token's batch) of a dtype it takes here, a contiguous weight (and bias) of that dtype, the
+    "auto" backend. Plain code, run for every layer of every decoded token."""
+    dtype = x.dtype
+    limit = LINEAR_ROWS_MAX.get(dtype)
+    if limit is None or not (weight.dtype == dtype and 0 < x.numel() <= limit * x.shape[-1] and x.is_cpu
+                             and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()
+                             and (bias is None or (bias.dtype == dtype and bias.is_cpu and bias.is_contiguous()))
+                             and requested_backend() == "auto"):
+        return False
+    if not _LINEAR_ROWS:
+        _load_linear_rows()
+    return dtype in _LINEAR_ROWS[1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), in x's dtype (all operands must share it)."""
+    if linear_rows_runs(x, weight, bias):
+        return _LINEAR_ROWS[0](x, weight, bias)
     if use_onednn(x, weight, bias):
         return _ONEDNN(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

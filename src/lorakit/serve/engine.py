@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.eval.generation import stop_token_ids
-from lorakit.ops.lm_head import contiguous_head_input
+from lorakit.ops.lm_head import head_to_lorakit_matmul
 from lorakit.serve.adapter_cache import AdapterCache
 from lorakit.serve.adapter_weights import ModelLayers, ServingAdapter
 from lorakit.serve.kv_cache import RowWork, SlotKVCache, build_layout
@@ -109,7 +109,7 @@ class Engine:
                  metrics: Metrics | None = None) -> None:
         _check_model(model)
         self.model = model.eval().requires_grad_(False)
-        contiguous_head_input(model)  # a prefill's last positions: one matmul, not one per prompt (ops/lm_head.py)
+        head_to_lorakit_matmul(model)  # the last positions: one contiguous matmul on lorakit's kernels (ops/lm_head.py)
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.stop_ids = set(stop_token_ids(model, tokenizer))

@@ -33,6 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.ops import lora_rows
+from lorakit.ops.matmul import linear
 from lorakit.ops.segments import Segments, segment_rows, segmented_delta
 
 BASE_SLOT = 0  # the all-zero slot: rows that use the base model alone
@@ -138,7 +139,11 @@ class ServingLoraLinear(nn.Module):
         return self.lora_A.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        base = self.base_layer
+        if type(base) is nn.Linear and not torch.is_grad_enabled():
+            out = linear(x, base.weight, base.bias)  # lorakit's kernels: a decoding pass's rows on the few-rows kernel
+        else:
+            out = base(x)
         if self.batch.add_lora is None or self.max_rank == 0:
             return out
         return self.batch.add_lora(x, out, self.lora_A, self.lora_B, self.batch)  # stacks in the base's dtype

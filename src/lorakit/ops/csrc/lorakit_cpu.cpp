@@ -7,3 +7,4 @@
 #include "dora_scale.cpp"
 #include "rotary.cpp"
 #include "lora_rows.cpp"
+#include "linear_rows.cpp"
