@@ -14,8 +14,9 @@ compiler call.
 
 Callers fall back to PyTorch's kernels when this raises (no compiler, no Python headers needed: only torch's):
 `kernels_available` does that bookkeeping, with one warning per process. lorakit's kernels (causal_attention.cpp,
-rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp, lora_rows.cpp) build as one library from lorakit_cpu.cpp, which includes them: one compiler
-call parses torch's headers once (~13 s, against ~12 s per kernel built on its own).
+rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp, lora_rows.cpp, linear_rows.cpp) build as one library
+from lorakit_cpu.cpp, which includes them: one compiler call parses torch's headers once (~13 s, against ~12 s per
+kernel built on its own).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def kernels_available() -> bool:
     except KernelBuildError as error:
         _FAILED[KERNELS] = str(error)
         logger.warning("lorakit's CPU kernels are not available; attention stays on PyTorch's SDPA and RMSNorm, "
-                       "the rotary embedding, the LM head's loss, DoRA's scaling and a decoded token's LoRA products on PyTorch's operators (slower; the results equal to "
-                       "rounding): %s", error)
+                       "the rotary embedding, the LM head's loss, DoRA's scaling and a decoded token's LoRA and dense "
+                       "products on PyTorch's operators (slower; the results equal to rounding): %s", error)
         return False
     return True
 
@@ -145,8 +146,8 @@ def _build(source: Path, library: Path, compiler: str, arguments: list[str]) -> 
     handle, temporary = tempfile.mkstemp(prefix=f".{library.stem}-", suffix=".so", dir=library.parent)
     os.close(handle)
     try:
-        result = subprocess.run([compiler, str(source), "-o", temporary, *arguments], capture_output=True, text=True, check=False,
-                                timeout=BUILD_TIMEOUT_S)
+        result = subprocess.run([compiler, str(source), "-o", temporary, *arguments], capture_output=True, text=True,
+                                check=False, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
             raise KernelBuildError(f"{compiler} could not build {source.name}: " + " | ".join(errors[-3:])[-600:])
