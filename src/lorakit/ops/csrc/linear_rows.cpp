@@ -2,7 +2,8 @@
 //
 //   linear_rows(x, weight, bias) -> x weight^T + bias     x (..., d_in), weight (d_out, d_in), bias (d_out) or None:
 //                                                         contiguous CPU tensors of one dtype, fp32 or bf16
-//   linear_rows_dtypes() -> ["float32", "bfloat16"]       the dtypes built here (bf16 needs AVX512-BF16)
+//   linear_rows_dtypes() -> ["float32", "bfloat16"]       the dtypes it runs fast here (fp32: AVX2 or AVX-512;
+//                                                         bf16: AVX512-BF16)
 //
 // For a handful of rows a matmul library spends much of a call rearranging the weight, not multiplying it: oneDNN
 // copies each weight into its blocked layout on every call (bf16: 114 us a call on average over SmolLM2's 210
@@ -162,9 +163,14 @@ void run(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out,
   });
 }
 
-// which dtypes the kernel multiplies here: "float32", and "bfloat16" where the CPU has AVX512-BF16
+// which dtypes the kernel multiplies fast here: "float32" where at::vec has x86 vector code (AVX2 or AVX-512;
+// elsewhere its loops are scalar, and linear_rows computes fp32 correctly but slowly), "bfloat16" where the CPU
+// has AVX512-BF16
 std::vector<std::string> linear_rows_dtypes() {
-  std::vector<std::string> dtypes{"float32"};
+  std::vector<std::string> dtypes;
+#if defined(CPU_CAPABILITY)
+  dtypes.push_back("float32");
+#endif
   if (kBf16Built) dtypes.push_back("bfloat16");
   return dtypes;
 }
