@@ -276,3 +276,6 @@ def test_the_head_on_lorakit_matmul_keeps_values_and_ignores_models_without_a_li
     handle.remove()
     assert "forward" not in head.__dict__
     assert head_to_lorakit_matmul(nn.Sequential(nn.Linear(4, 4))) is None
+    wrapped_forward = head.forward  # a forward already replaced (accelerate's hooks do that) is left alone
+    head.forward = lambda x: wrapped_forward(x)
+    assert head_to_lorakit_matmul(model) is None and "forward" in head.__dict__

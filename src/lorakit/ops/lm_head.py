@@ -103,8 +103,7 @@ class HeadOnLorakitMatmul:
 
     def __init__(self, head: nn.Linear) -> None:
         self.head = head
-        self._previous = head.__dict__.get("forward")  # an instance forward already set (none, usually)
-        head.forward = self._forward
+        head.forward = self._forward  # an instance attribute shadows the class method
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.head
@@ -114,18 +113,18 @@ class HeadOnLorakitMatmul:
 
     def remove(self) -> None:
         if self.head.__dict__.get("forward") == self._forward:
-            if self._previous is None:
-                del self.head.forward
-            else:
-                self.head.forward = self._previous
+            del self.head.forward
 
 
 def head_to_lorakit_matmul(model: nn.Module) -> HeadOnLorakitMatmul | None:
-    """Install HeadOnLorakitMatmul on the model's output head (None when the model has no nn.Linear head); the
-    serving engine keeps it for its model's life."""
+    """Install HeadOnLorakitMatmul on the model's output head; the serving engine keeps it for its model's life.
+    None, the head left as it is, when the model has no nn.Linear head or when something already replaced the
+    head's forward (accelerate's device hooks, for weights offloaded or on another device, wrap it that way)."""
     get_head = getattr(_unwrapped(model), "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return HeadOnLorakitMatmul(head) if isinstance(head, nn.Linear) else None
+    if not isinstance(head, nn.Linear) or "forward" in head.__dict__:
+        return None
+    return HeadOnLorakitMatmul(head)
 
 
 @contextlib.contextmanager
