@@ -116,8 +116,10 @@ class SlotKVCache(Cache):
 
     # ---- what attention layers call ----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values (n, H, T, D) of this pass; return the rows' keys/values (n, H, kv_len, D)."""
+               cache_kwargs: dict | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (n, H, T, D) of this pass; return the rows' keys/values (n, H, kv_len, D).
+        The attention's extra arguments (`cache_kwargs` up to transformers 5.23, `kwargs=` from 5.24: rotary
+        tables, positions) are not needed: the pass's layout says where each token goes."""
         layout = self.layout
         out = []
         for store, states in ((self.keys, key_states), (self.values, value_states)):
