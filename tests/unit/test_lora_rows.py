@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.ops import lm_head, lora_rows
+from lorakit.ops import lora_rows, matmul
 from lorakit.ops.cpu_extension import kernels_available
 from lorakit.ops.lm_head import head_to_lorakit_matmul
 from lorakit.ops.matmul import BACKEND_ENV
@@ -244,15 +244,15 @@ def test_generation_hands_the_head_a_contiguous_input_and_puts_its_forward_back(
     seen = []
     spy = head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
     inner = []
-    real_linear = lm_head.linear
-    lm_head.linear = lambda x, w, b: inner.append(x.is_contiguous()) or real_linear(x, w, b)
+    real_linear = matmul.linear  # what the head's forward multiplies with during generation
+    matmul.linear = lambda x, w, b: inner.append(x.is_contiguous()) or real_linear(x, w, b)
     ids = torch.randint(5, 200, (3, 7), generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
             tokens = wrapped.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
                                       do_sample=False, pad_token_id=0)
     finally:
-        lm_head.linear = real_linear
+        matmul.linear = real_linear
     spy.remove()
     assert len(inner) == len(seen) == 3 and all(inner)  # the prompt's last positions, then each decoded token
     assert "forward" not in head.__dict__  # the head's own forward again after the call

@@ -22,7 +22,7 @@ import contextlib
 import torch
 from torch import nn
 
-from lorakit.ops.matmul import linear
+from lorakit.ops.matmul import linear_layer
 
 _PLAIN_FLAG = "_lorakit_returns_logits_as_is"
 
@@ -106,10 +106,7 @@ class HeadOnLorakitMatmul:
         head.forward = self._forward  # an instance attribute shadows the class method
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.head
-        if torch.is_grad_enabled():
-            return nn.Linear.forward(head, hidden)
-        return linear(hidden.contiguous(), head.weight, head.bias)
+        return linear_layer(self.head, hidden if torch.is_grad_enabled() else hidden.contiguous())
 
     def remove(self) -> None:
         if self.head.__dict__.get("forward") == self._forward:

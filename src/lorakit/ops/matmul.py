@@ -161,6 +161,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_layer(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A dense nn.Linear's output for x: without autograd on `linear` (the kernel choice above), with autograd the
+    layer's own forward (its gradients). For frozen layers that lorakit calls itself: the serving layer's base
+    product, the output head during generation."""
+    if torch.is_grad_enabled():
+        return torch.nn.Linear.forward(layer, x)
+    return linear(x, layer.weight, layer.bias)
+
+
 def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor, alpha: float = 1.0,
                overwrite: bool = False) -> torch.Tensor:
     """other + alpha * (x @ weight.T); `other` has the result's shape. The sum is made in the matmul's output

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.ops import lora_rows
-from lorakit.ops.matmul import linear
+from lorakit.ops.matmul import linear_layer
 from lorakit.ops.segments import Segments, segment_rows, segmented_delta
 
 BASE_SLOT = 0  # the all-zero slot: rows that use the base model alone
@@ -84,7 +84,10 @@ class BatchAdapters:
         self.kernel = kernel
         self.add_lora = None  # the kernel of this pass; None: no row uses an adapter
         self.row_slots: torch.Tensor | None = None  # (n,) slot of each row
-        self.segments: Segments | None = None  # segmented (and rows, for its fallback): the rows grouped by slot
+        # segmented (and rows, for its fallback): the rows grouped by slot, built on first use: the rows kernel
+        # rarely needs them (bf16 stacks, CUDA), and a pass that does not costs nothing
+        self._grouping: tuple[list[int], torch.device] | None = None
+        self._segments: Segments | None = None
         self._slot_scales: dict[int, torch.Tensor] = {}  # slots -> the rows kernel's scalings: 0 for the base slot
 
     def set(self, row_slots: list[int], tokens_per_row: int, device: torch.device) -> None:
@@ -94,8 +97,16 @@ class BatchAdapters:
         kernel = self.kernel if self.kernel != "auto" else "rows" if tokens_per_row == 1 else "gathered"
         self.add_lora = LORA_KERNELS[kernel]
         self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
-        if kernel in ("segmented", "rows"):
-            self.segments = segment_rows(row_slots, device)  # base rows form a segment of the all-zero slot 0
+        self._grouping = (row_slots, device) if kernel in ("segmented", "rows") else None
+        self._segments = None
+
+    @property
+    def segments(self) -> Segments | None:
+        """The pass's rows grouped by slot (segmented and rows passes; None for the others): base rows form a
+        segment of the all-zero slot 0."""
+        if self._segments is None and self._grouping is not None:
+            self._segments = segment_rows(*self._grouping)
+        return self._segments
 
     def slot_scales(self, num_slots: int) -> torch.Tensor:
         """(num_slots,) fp32: 1 for every slot (s is folded into B), 0 for the base slot, which the rows kernel
@@ -107,7 +118,7 @@ class BatchAdapters:
         return scales
 
     def clear(self) -> None:
-        self.add_lora = self.row_slots = self.segments = None
+        self.add_lora = self.row_slots = self._grouping = self._segments = None
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
@@ -139,11 +150,8 @@ class ServingLoraLinear(nn.Module):
         return self.lora_A.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if type(base) is nn.Linear and not torch.is_grad_enabled():
-            out = linear(x, base.weight, base.bias)  # lorakit's kernels: a decoding pass's rows on the few-rows kernel
-        else:
-            out = base(x)
+        base = self.base_layer  # a dense layer on lorakit's matmul: a decoding pass's rows on the few-rows kernel
+        out = linear_layer(base, x) if type(base) is nn.Linear else base(x)
         if self.batch.add_lora is None or self.max_rank == 0:
             return out
         return self.batch.add_lora(x, out, self.lora_A, self.lora_B, self.batch)  # stacks in the base's dtype
