@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.eval.metrics import summed_token_loss
+from lorakit.ops import fused_modules
 from lorakit.ops.fused_modules import restore_modules, use_fused_modules
 from lorakit.ops.recompute import recompute_saved_tensors
 from lorakit.ops.rms_norm import rms_norm
@@ -167,6 +168,37 @@ def test_modules_that_compute_something_else_keep_their_own_forward():
     assert "model.layers.1.mlp" in swapped
     assert use_fused_modules(tiny_gpt2()) == []  # LayerNorm and a GELU MLP: nothing to swap
 
+
+
+def _greedy(model, ids):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.scores)
+
+
+def test_a_swapped_llama_attention_decodes_through_the_kv_cache_as_its_own_forward():
+    model = tiny_llama()
+    ids = torch.randint(5, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    expected_tokens, expected_scores = _greedy(model, ids)
+    swapped = use_fused_modules(model)
+    assert len([n for n in swapped if n.endswith("self_attn")]) == model.config.num_hidden_layers
+    tokens, scores = _greedy(model, ids)
+    assert torch.equal(tokens, expected_tokens)
+    assert torch.equal(scores, expected_scores)  # every decoded token's logits, bit for bit
+
+
+def test_an_attention_forward_that_misses_the_kv_cache_fails_the_probe(monkeypatch):
+    def without_cache(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        kwargs.pop("cache", None), kwargs.pop("past_key_values", None)  # decodes from an empty cache
+        return fused_modules._fused_attention_forward(self, hidden_states, position_embeddings, attention_mask,
+                                                      **kwargs)
+
+    candidates = tuple((matches, without_cache if fused is fused_modules._fused_attention_forward else fused, *rest)
+                       for matches, fused, *rest in fused_modules.CANDIDATES)
+    monkeypatch.setattr(fused_modules, "CANDIDATES", candidates)
+    swapped = use_fused_modules(tiny_llama())
+    assert not any(n.endswith("self_attn") for n in swapped)
+    assert any(n.endswith("mlp") for n in swapped)  # the other candidates are still swapped
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_swapped_model_gives_the_same_loss_and_nearly_the_same_gradients(bf16):

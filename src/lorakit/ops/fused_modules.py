@@ -13,7 +13,8 @@ Phi-3, SmolLM and most decoder models write it), and any module with `gate_proj`
 differs in ways a short probe cannot see, such as sliding windows). Each candidate is probed before it is
 swapped: its own forward and the fused one run on the same random input (drawn from a private generator: the
 run's random state is untouched; eval mode: no dropout), in fp32 and bf16, and the swap happens only when the
-outputs are equal bit for bit. A norm written
+outputs are equal bit for bit; an attention module is also probed on a decoding step through a KV cache (a forward
+that missed the installed transformers' cache argument would decode from an empty cache). A norm written
 differently (Gemma's `1 + weight`, a norm with an offset) or another activation fails the probe and keeps its own
 forward; nothing is swapped on a model with none of them. The swap sets the module's `forward` attribute
 (the class is untouched); `restore_modules(model)` takes it back.
@@ -21,10 +22,13 @@ forward; nothing is swapped on a model with none of them. The swap sets the modu
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
@@ -45,8 +49,10 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                             past_key_values=None, **kwargs):
-    """LlamaAttention.forward with the rotary embedding in lorakit's kernel (ops/rotary.py)."""
+                             cache=None, past_key_values=None, **kwargs):
+    """LlamaAttention.forward with the rotary embedding in lorakit's kernel (ops/rotary.py). The KV cache comes as
+    `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+    cache = past_key_values if cache is None else cache
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -54,8 +60,8 @@ def _fused_attention_forward(self, hidden_states: torch.Tensor, position_embeddi
     value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query_states, key_states = apply_rotary(query_states, key_states, cos, sin)
-    if past_key_values is not None:
-        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+    if cache is not None:
+        key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                 eager_attention_forward)
     attn_output, attn_weights = attention_interface(
@@ -69,11 +75,22 @@ def _is_llama_attention(module: nn.Module) -> bool:
     return isinstance(module, LlamaAttention) and type(module).forward is LlamaAttention.forward
 
 
-def _attention_inputs(module: nn.Module, x: torch.Tensor) -> tuple:
-    """The probe's call of an attention module: hidden states x and random rotary cos / sin of x's dtype."""
+def _attention_calls(module: nn.Module, x: torch.Tensor) -> list:
+    """The probe's calls of an attention module on hidden states x, with random rotary cos / sin of x's dtype: the
+    whole sequence, and a decoding step (the last token, after the others went into a KV cache), whose output
+    differs unless the forward writes and reads the cache as the module's own does."""
     generator = torch.Generator().manual_seed(1)
     angles = torch.rand(*x.shape[:-1], module.head_dim, generator=generator).to(x.device) * 6.3
-    return x, (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    parameters = inspect.signature(type(module).forward).parameters
+    cache_argument = "cache" if "cache" in parameters else "past_key_values"  # transformers >= 5.24: "cache"
+
+    def decoding_step(forward):
+        cache = DynamicCache()
+        forward(x[:, :-1], (cos[:, :-1], sin[:, :-1]), None, **{cache_argument: cache})
+        return forward(x[:, -1:], (cos[:, -1:], sin[:, -1:]), None, **{cache_argument: cache})
+
+    return [lambda forward: forward(x, (cos, sin)), decoding_step]
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -87,10 +104,10 @@ def _is_gated_mlp(module: nn.Module) -> bool:
                for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-# (which modules, the fused forward, the probe input's width, the probe's call arguments from its input)
+# (which modules, the fused forward, the probe input's width, the probe's calls on its input)
 CANDIDATES = ((_is_norm, _fused_norm_forward, lambda m: m.weight.shape[0], None),
               (_is_gated_mlp, _fused_mlp_forward, lambda m: _in_features(m.gate_proj), None),
-              (_is_llama_attention, _fused_attention_forward, lambda m: m.config.hidden_size, _attention_inputs))
+              (_is_llama_attention, _fused_attention_forward, lambda m: m.config.hidden_size, _attention_calls))
 
 
 def _in_features(layer: nn.Module) -> int | None:
@@ -99,9 +116,10 @@ def _in_features(layer: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def _probe(module: nn.Module, fused, width: int, inputs=None) -> bool:
-    """True when the fused forward gives the module's own output, bit for bit, in fp32 and bf16. `inputs` makes
-    the call's arguments from the random input (default: the input alone); a tuple output compares its first."""
+def _probe(module: nn.Module, fused, width: int, calls=None) -> bool:
+    """True when the fused forward gives the module's own output, bit for bit, in fp32 and bf16. `calls` makes the
+    calls from the random input, each a function of the forward to call (default: one call on the input alone);
+    a tuple output compares its first."""
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
@@ -110,14 +128,14 @@ def _probe(module: nn.Module, fused, width: int, inputs=None) -> bool:
     try:
         for dtype in _PROBE_DTYPES:
             x = torch.randn(2, 3, width, generator=generator).to(device=device, dtype=dtype)
-            arguments = (x,) if inputs is None else inputs(module, x)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                expected, got = module(*arguments), fused(module, *arguments)
-            if isinstance(expected, tuple) and isinstance(got, tuple):
-                expected, got = expected[0], got[0]
-            if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype \
-                    or not torch.equal(expected, got):
-                return False
+            for call in (calls(module, x) if calls else [lambda forward: forward(x)]):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    expected, got = call(module), call(functools.partial(fused, module))
+                if isinstance(expected, tuple) and isinstance(got, tuple):
+                    expected, got = expected[0], got[0]
+                if not isinstance(expected, torch.Tensor) or expected.shape != got.shape \
+                        or expected.dtype != got.dtype or not torch.equal(expected, got):
+                    return False
     except Exception:  # noqa: BLE001 - a module the probe cannot run is simply not swapped
         return False
     finally:
@@ -131,11 +149,11 @@ def use_fused_modules(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if hasattr(module, _ORIGINAL):
             continue
-        for matches, fused, width_of, inputs in CANDIDATES:
+        for matches, fused, width_of, calls in CANDIDATES:
             if not matches(module):
                 continue
             width = width_of(module)
-            if width and _probe(module, fused, width, inputs):
+            if width and _probe(module, fused, width, calls):
                 setattr(module, _ORIGINAL, module.forward)
                 module.forward = types.MethodType(fused, module)
                 swapped.append(name)
