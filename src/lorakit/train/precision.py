@@ -33,6 +33,7 @@ import contextlib
 import torch
 from torch import nn
 
+from lorakit.file_pages import FileMappings, release_file_pages
 from lorakit.state import adapter_holders
 
 BF16_CHOICES = ("auto", True, False)
@@ -71,12 +72,14 @@ def autocast(device: torch.device, bf16: bool):
 def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset()) -> dict[str, torch.dtype]:
     """Cast every frozen parameter of `model` wider than bf16 (fp32) to bf16 in place, except those named in
     `keep` (and any sharing storage with a trainable one). Returns {name: dtype before} of those cast, for
-    restore_stored_dtypes (a tied parameter appears once: it is one object)."""
+    restore_stored_dtypes (a tied parameter appears once: it is one object). The pages of a weight that was a view
+    of the memory-mapped checkpoint are given back as it is cast (file_pages.py), so that the run does not
+    hold the whole file beside the bf16 copies."""
     trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
     # adapter tensors stay as they are, frozen ones too (LoRA-FA's A is saved in the adapter file in fp32)
     adapter_tensors = {id(p) for _, holder in adapter_holders(model)
                        for name, p in holder.named_parameters() if not name.startswith("base_layer.")}
-    stored = {}
+    stored, mappings = {}, FileMappings.read()
     for name, param in model.named_parameters(remove_duplicate=False):
         # only wider types gain (fp32: half the memory); fp16 weights keep their finer mantissa in the same bytes
         if param.requires_grad or name in keep or id(param) in adapter_tensors or not param.is_floating_point() \
@@ -85,7 +88,9 @@ def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset())
         if param.untyped_storage().data_ptr() in trainable:
             continue
         stored[name] = param.dtype
-        param.data = param.data.to(torch.bfloat16)  # tied parameters are one object: cast once, seen by both
+        loaded = param.data
+        param.data = loaded.to(torch.bfloat16)  # tied parameters are one object: cast once, seen by both
+        release_file_pages(loaded, mappings)  # a weight read from the mapped checkpoint: its pages go now
     return stored
 
 

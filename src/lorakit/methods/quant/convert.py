@@ -18,6 +18,7 @@ from lorakit.adapter_layer import AdapterHolder
 from lorakit.config import suggest
 from lorakit.inject import name_matches, output_head_names
 from lorakit.methods.quant.foreign import foreign_layer_problem
+from lorakit.file_pages import FileMappings, release_file_pages
 from lorakit.methods.quant.linear import NF4Linear
 from lorakit.methods.quant.nf4 import DEFAULT_BLOCKSIZE, check_blocksize
 
@@ -67,7 +68,7 @@ def quantize_model(model: nn.Module, quantization: str = "nf4", *, blocksize: in
     if any(isinstance(m, AdapterHolder) for m in model.modules()):
         raise ValueError("quantize_model: this model already holds adapters; quantize the base model first, then "
                          "add adapters (get_peft_model)")
-    kept = kept_dense(model, skip_modules)
+    kept, mappings = kept_dense(model, skip_modules), FileMappings.read()
     for name, module in list(model.named_modules()):
         problem = foreign_layer_problem(module)
         if problem:
@@ -75,6 +76,7 @@ def quantize_model(model: nn.Module, quantization: str = "nf4", *, blocksize: in
         if isinstance(module, nn.Linear):
             if not any(name == k or name.startswith(f"{k}.") for k in kept):
                 model.set_submodule(name, build(module, blocksize, double_quant, dtype))
+                release_file_pages(module.weight.data, mappings)  # read from a mapped checkpoint: its pages go
     if not quantized_layers(model):
         raise ValueError(f"quantize_model found no nn.Linear layer to quantize in {type(model).__name__} (the output "
                          "head and skip_modules stay dense; GPT-2 style Conv1D layers are not quantized)")
