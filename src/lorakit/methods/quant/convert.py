@@ -16,9 +16,9 @@ from torch import nn
 
 from lorakit.adapter_layer import AdapterHolder
 from lorakit.config import suggest
+from lorakit.file_pages import FileMappings, release_file_pages
 from lorakit.inject import name_matches, output_head_names
 from lorakit.methods.quant.foreign import foreign_layer_problem
-from lorakit.file_pages import FileMappings, release_file_pages
 from lorakit.methods.quant.linear import NF4Linear
 from lorakit.methods.quant.nf4 import DEFAULT_BLOCKSIZE, check_blocksize
 
