@@ -12,6 +12,7 @@ vocabulary size). The architectures' configurations are those their model cards 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def write_shape_model(shape: str, out: Path, seed: int = 0) -> int:
     """Writes the model (fp32 safetensors, config) and the embedded tokenizer to `out`; returns the parameter
-    count. Refuses an `out` that exists, so nothing is overwritten."""
+    count. Refuses an `out` that exists, so nothing is overwritten; the directory appears whole or not at all."""
+    from lorakit.atomic import disk_full_says, remove_path, replace_directory
     from lorakit.models.embedded import resolve_model_path
 
     if out.exists():
@@ -47,15 +49,20 @@ def write_shape_model(shape: str, out: Path, seed: int = 0) -> int:
     config = AutoConfig.for_model(options.pop("model_type"), **options)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    source = Path(resolve_model_path("smollm2"))
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, partial / name)
-    partial.rename(out)
-    return sum(p.numel() for p in model.parameters())
+    count = sum(p.numel() for p in model.parameters())
+    temp = f"{out}.tmp-{os.getpid()}"
+    with disk_full_says(f"the {shape} model", str(out.parent), needed_bytes=4 * count, cleanup=[temp]):
+        try:
+            model.save_pretrained(temp)
+            source = Path(resolve_model_path("smollm2"))
+            for name in TOKENIZER_FILES:
+                if (source / name).exists():
+                    shutil.copy(source / name, Path(temp) / name)
+            replace_directory(temp, str(out))
+        except BaseException:
+            remove_path(temp)
+            raise
+    return count
 
 
 def main() -> None:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import os
+import mmap
 from dataclasses import dataclass, field
 
 import torch
 
 MADV_PAGEOUT = 21  # linux/mman.h; Python's mmap module does not name it
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _PROC_MAPS = "/proc/self/maps"
 
 
@@ -88,7 +87,8 @@ def release_file_pages(tensor: torch.Tensor, mappings: FileMappings) -> int:
         return 0
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # the pages wholly inside the tensor
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # the pages wholly inside the tensor
     if last <= first or not mappings.covers(first, last):
         return 0
     if _MADVISE(first, last - first, MADV_PAGEOUT) != 0:
