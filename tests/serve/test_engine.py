@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import warnings
 
 import pytest
 import torch
@@ -191,3 +192,15 @@ def test_models_the_engine_cannot_serve_are_refused():
     model.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match="full-attention models only"):
         Engine(model, tiny_tokenizer())
+
+
+def test_the_cache_goes_in_under_the_models_own_argument(engine_factory, references):
+    """transformers 5.24 renamed `past_key_values` to `cache` and warns on the old name (removed in 5.40): the
+    engine passes the name the model's forward takes, so serving raises no deprecation warning."""
+    engine = engine_factory()
+    prompt = raw_ids(tiny_tokenizer(), "hello")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens, _, _ = collect(submit(engine, prompt, None))
+    assert tokens == references.ids(None, prompt, GREEDY.max_tokens)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

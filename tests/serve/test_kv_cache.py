@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorakit.cache_argument import cache_argument
 from lorakit.serve.kv_cache import RowWork, SlotKVCache, build_layout
 from tests.serve.support import tiny_model
 
@@ -43,7 +44,8 @@ def run(model, cache, work):
     cache.layout = layout
     with torch.inference_mode():
         out = model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
-                    position_ids=layout.position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    position_ids=layout.position_ids, use_cache=True, logits_to_keep=1,
+                    **{cache_argument(model.forward): cache})
     cache.layout = None
     return out.logits[:, -1]
 

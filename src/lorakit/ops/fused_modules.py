@@ -23,7 +23,6 @@ forward; nothing is swapped on a model with none of them. The swap sets the modu
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 
 import torch
@@ -32,6 +31,7 @@ from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
+from lorakit.cache_argument import cache_argument
 from lorakit.ops.rms_norm import rms_norm
 from lorakit.ops.rotary import apply_rotary
 from lorakit.ops.swiglu import silu_mul
@@ -82,13 +82,12 @@ def _attention_calls(module: nn.Module, x: torch.Tensor) -> list:
     generator = torch.Generator().manual_seed(1)
     angles = torch.rand(*x.shape[:-1], module.head_dim, generator=generator).to(x.device) * 6.3
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    parameters = inspect.signature(type(module).forward).parameters
-    cache_argument = "cache" if "cache" in parameters else "past_key_values"  # transformers >= 5.24: "cache"
+    cache_keyword = cache_argument(type(module).forward)
 
     def decoding_step(forward):
         cache = DynamicCache()
-        forward(x[:, :-1], (cos[:, :-1], sin[:, :-1]), None, **{cache_argument: cache})
-        return forward(x[:, -1:], (cos[:, -1:], sin[:, -1:]), None, **{cache_argument: cache})
+        forward(x[:, :-1], (cos[:, :-1], sin[:, :-1]), None, **{cache_keyword: cache})
+        return forward(x[:, -1:], (cos[:, -1:], sin[:, -1:]), None, **{cache_keyword: cache})
 
     return [lambda forward: forward(x, (cos, sin)), decoding_step]
 

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lorakit.cache_argument import cache_argument
 from lorakit.eval.generation import stop_token_ids
 from lorakit.ops.lm_head import head_to_lorakit_matmul
 from lorakit.serve.adapter_cache import AdapterCache
@@ -122,6 +123,7 @@ class Engine:
         self.batch = BatchAdapters(settings.kernel)
         self.serving_layers: dict[str, ServingLoraLinear] = {}
         self.kv = SlotKVCache(settings.max_batch, settings.max_model_len)
+        self._cache_keyword = cache_argument(model.forward)  # "cache" from transformers 5.24 (cache_argument.py)
         self._free_rows = list(range(settings.max_batch))
         self._incoming: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
@@ -279,7 +281,7 @@ class Engine:
         self.batch.set(slots, layout.input_ids.shape[1], self.device)
         try:
             out = self.model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
-                             position_ids=layout.position_ids, past_key_values=self.kv, use_cache=True,
+                             position_ids=layout.position_ids, use_cache=True, **{self._cache_keyword: self.kv},
                              logits_to_keep=1)
         finally:
             self.kv.layout = None
