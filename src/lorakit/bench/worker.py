@@ -6,11 +6,11 @@ The spec's "kind" names the measurement (train, infer, trainer); the result is p
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
 from lorakit.bench.harness import emit, load_average, probe_machine, trains_as_lorakit
+from lorakit.train.run_log import peak_rss_mb
 from lorakit.train.runtime import allocator_name, tune_process
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"unknown measurement kind {spec['kind']!r}")
     result = measure(spec)
     result.update(load_before=load_before, load_after=load_average(),
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  peak_rss_mb=round(peak_rss_mb(), 1),
                   process_seconds=round(time.perf_counter() - started, 1), malloc=allocator_name())
     result["machine_probe"] = probe_machine()  # after the measurement and its peak RSS: the machine's state
     emit(result)

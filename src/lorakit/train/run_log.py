@@ -68,6 +68,16 @@ def plot_loss_curve(records: list[dict], path: str) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process in MiB: Linux's VmHWM (this program's own), else ru_maxrss (KiB on
+    Linux, bytes on macOS). ru_maxrss is not enough on Linux: a process keeps it across exec, and one a parent
+    starts with vfork (Python's subprocess) begins with the parent's peak, so a child started by a program that
+    once held 3 GB would report 3 GB whatever it used."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
