@@ -156,7 +156,7 @@ def test_only_rank_0_prints(workspace, capsys, tmp_path, monkeypatch):
 
     _, config = workspace
     finished = SimpleNamespace(interrupted=False, steps=1)
-    monkeypatch.setattr(loop, "run_training", lambda cfg, overwrite=False, show_progress=True: finished)
+    monkeypatch.setattr(loop, "run_training", lambda cfg, overwrite=False, show_progress=True, return_model=True: finished)
     monkeypatch.setenv("RANK", "1")
     code, stdout, stderr = run_cli(capsys, "train", config, f"output_dir={tmp_path / 'run'}")
     assert (code, stdout, stderr) == (0, "", "")

@@ -83,7 +83,7 @@ def test_the_setting_is_given_back_on_exit():
 
 
 def _record_threads(seen):
-    def fake_train(cfg, ctx, overwrite, loaded, show_progress):
+    def fake_train(cfg, ctx, overwrite, loaded, show_progress, return_model):
         seen.append(torch.get_num_threads())
         return "result"
     return fake_train

@@ -243,25 +243,24 @@ def _run_engine(spec: dict, clock: StepClock) -> dict:
     import torch
 
     from lorakit.eval.metrics import summed_token_loss
-    from lorakit.models.loading import default_device, load_model_and_tokenizer
+    from lorakit.models.loading import default_device
     from lorakit.ops.recompute import recompute_saved_tensors
     from lorakit.train import precision
     from lorakit.train.config import build_run_config
     from lorakit.train.hooks import RunContext
     from lorakit.train.loop import set_seed
     from lorakit.train.optim import build_optimizer, build_scheduler
-    from lorakit.train.setup import prepare_training_model
+    from lorakit.train.setup import load_training_model, prepare_training_model
 
     with open(spec["config_path"], encoding="utf-8") as fh:
         cfg = build_run_config(yaml.safe_load(fh))
     args, device, total_steps = cfg.train, default_device(), cfg.train.max_steps
     set_seed(args.seed)
-    base, _ = load_model_and_tokenizer(cfg.model, cfg.task_type, dtype=cfg.dtype, device=device,
-                                       **cfg.quantization_kwargs)
+    base, _, loaded_dtype = load_training_model(cfg, device)
     if cfg.uses_adapter:  # as the trainer: fields the run decides (AdaLoRA's total_step)
         cfg = dataclasses.replace(cfg, adapter=cfg.adapter.fill_from_run(total_steps))
     set_seed(args.seed)
-    prepared = prepare_training_model(base, cfg, device, RunContext(device=device))
+    prepared = prepare_training_model(base, cfg, device, RunContext(device=device), loaded_dtype)
     model, hooks, bf16 = prepared.model, prepared.hooks, prepared.bf16
     optimizer = build_optimizer(model, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -36,11 +36,12 @@ def lora_options(r: int, alpha: int, variant: str = "lora") -> dict:
     return dict(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", use_dora=variant == "dora")
 
 
-def load_base(model_name: str, dtype: str | None, variant: str = "lora"):
+def load_base(model_name: str, dtype: str | None, variant: str = "lora", bf16_as_stored: bool = False):
     from lorakit.models.loading import load_model_and_tokenizer
 
     quantization = {"quantization": "nf4"} if variant == "qlora" else {}
-    model, _ = load_model_and_tokenizer(model_name, dtype=dtype, device="cpu", **quantization)
+    model, _ = load_model_and_tokenizer(model_name, dtype=dtype, device="cpu", bf16_as_stored=bf16_as_stored,
+                                        **quantization)
     return model
 
 
@@ -102,7 +103,14 @@ class TrainingStep:
         if variant not in VARIANTS or (variant == "qlora" and library != "lorakit"):
             raise ValueError(f"no variant {variant!r} for {library}; variants: {VARIANTS} (qlora: lorakit only)")
         self.library, self.setting, self.variant = library, setting, variant
-        model = load_base(model_name, "bfloat16" if setting == "bf16" else None, variant)
+        as_stored = False  # the default setting loads as `lorakit train` does (train/setup.py, load_training_model)
+        if setting == "default":
+            from lorakit.train.config import TrainArgs
+            from lorakit.train.setup import loads_bf16_as_stored
+
+            quantization = "nf4" if variant == "qlora" else None
+            as_stored = loads_bf16_as_stored(None, quantization, True, TrainArgs(), torch.device("cpu"))
+        model = load_base(model_name, "bfloat16" if setting == "bf16" else None, variant, as_stored)
         self.model = wrap(library, model, r, alpha, variant).train()
         if init_path:
             load_initial_adapter(self.model, init_path)
@@ -111,10 +119,10 @@ class TrainingStep:
             self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         elif setting == "default":  # the trainer's own precision step with its default options, whatever they are
             from lorakit.train import precision
-            from lorakit.train.config import TrainArgs
-            from lorakit.train.setup import apply_training_precision
+            from lorakit.train.setup import apply_training_precision, stored_bf16_loaded_dtype
 
-            bf16, _ = apply_training_precision(self.model, TrainArgs(), torch.device("cpu"))
+            bf16, _ = apply_training_precision(self.model, TrainArgs(), torch.device("cpu"),
+                                               loaded_dtype=stored_bf16_loaded_dtype(model, as_stored))
             self.autocast = precision.autocast(torch.device("cpu"), bf16)
         if library == "lorakit" and setting != "default":  # as `lorakit train` does (train.fused_modules, default on)
             from lorakit.ops.fused_modules import use_fused_modules

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if main:
         print(f"training {cfg.model} ({cfg.finetuning_type}) on {cfg.data.path} -> {cfg.output_dir} "
               f"(malloc: {allocator_name()})", flush=True)  # chosen at startup (cli/startup.py)
-    result = run_training(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
+    result = run_training(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, return_model=False)
     if not main:
         return 130 if result.interrupted else 0
     if result.interrupted:

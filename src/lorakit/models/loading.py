@@ -31,6 +31,7 @@ from transformers import (
 from lorakit.adapter_files import RUN_MODEL_SUBDIR
 from lorakit.methods.quant import check_quantization, quantize_model, resolve_compute_dtype
 from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, record_embedded_copy, resolve_model_path
+from lorakit.models.stored_bf16 import load_stored_bf16
 
 # PEFT's task type names -> the transformers Auto class that builds the matching head.
 TASK_AUTO_CLASSES = {
@@ -67,6 +68,7 @@ def load_model_and_tokenizer(
     quantization: str | None = None,
     double_quant: bool = True,
     compute_dtype: str | torch.dtype | None = None,
+    bf16_as_stored: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)`, with a pad token set, on `device` (default: `default_device()`).
 
@@ -80,6 +82,9 @@ def load_model_and_tokenizer(
         (QLoRA; lorakit.methods.quant), quantized on the CPU before the move to `device`.
     double_quant / compute_dtype: NF4 options (quantize_model): 8-bit scales (4.127 instead of 4.5 bits per
         weight); the matmul dtype (default bfloat16).
+    bf16_as_stored: with the default fp32 and no quantization, a checkpoint whose weights are all bf16 loads them
+        as stored, in bf16 (views of the mapped file, no fp32 copies; models/stored_bf16.py), for a caller that
+        stores its frozen weights in bf16 anyway and gives the others fp32 (the trainer's bf16 adapter runs).
     """
     task_type = _check_task_type(task_type)
     auto_class = TASK_AUTO_CLASSES[task_type]
@@ -95,7 +100,11 @@ def load_model_and_tokenizer(
 
     config = _load_config(name_or_path, source, source_kwargs)
     try:
-        model = auto_class.from_pretrained(source, dtype=torch_dtype, **source_kwargs, **head_kwargs)
+        model = None
+        if bf16_as_stored and torch_dtype == torch.float32 and quantization is None:
+            model = load_stored_bf16(auto_class, source, source_kwargs, head_kwargs)
+        if model is None:
+            model = auto_class.from_pretrained(source, dtype=torch_dtype, **source_kwargs, **head_kwargs)
     except ValueError as err:  # transformers' "Unrecognized configuration class ..." and friends
         raise ValueError(
             f"cannot load '{name_or_path}' (model_type '{config.model_type}') with task_type="

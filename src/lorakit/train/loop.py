@@ -31,7 +31,6 @@ from lorakit.eval.metrics import summed_token_loss
 from lorakit.integrations.model_card import write_run_card
 from lorakit.label_names import write_label_names
 from lorakit.model import parameter_counts
-from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.ops.attention import restore_attention
 from lorakit.ops.fused_modules import restore_modules
 from lorakit.ops.recompute import recompute_saved_tensors
@@ -51,7 +50,7 @@ from lorakit.train.output_dir import claim_output_dir, drop_previous_run, set_as
 from lorakit.train.resume import resume_run, run_fingerprint, weights_hash
 from lorakit.train.run_log import MetricsLog, peak_rss_mb, plot_loss_curve
 from lorakit.train.setup import (
-    RunError, named_tensors, prepare_training_model, trainable_tensors, transformer_blocks,
+    RunError, load_training_model, named_tensors, prepare_training_model, trainable_tensors, transformer_blocks,
 )
 from lorakit.train.threads import ThreadSetting
 
@@ -69,8 +68,9 @@ class Position:
 class TrainResult:
     output_dir: str
     # the trained model: a PeftModel for adapter runs, the merged model when training hooks changed base weights;
-    # in the dtype it was loaded in, its frozen weights holding the bf16 values a bf16 run trained against
-    model: torch.nn.Module
+    # in the dtype it was loaded in, its frozen weights holding the bf16 values a bf16 run trained against;
+    # None when run_training was called with return_model=False
+    model: torch.nn.Module | None
     tokenizer: object
     steps: int
     train_seconds: float
@@ -85,15 +85,19 @@ class TrainResult:
         return 100 * self.trainable_params / self.total_params
 
 
-def run_training(cfg: RunConfig, overwrite: bool = False, loaded=None, show_progress: bool = True) -> TrainResult:
-    """Train as `cfg` says. `loaded` = (model, tokenizer) already in memory (e.g. the demo's)."""
+def run_training(cfg: RunConfig, overwrite: bool = False, loaded=None, show_progress: bool = True,
+                 return_model: bool = True) -> TrainResult:
+    """Train as `cfg` says. `loaded` = (model, tokenizer) already in memory (e.g. the demo's). return_model=False:
+    the caller does not use result.model (None then; `lorakit train`), so the run does not give the frozen weights
+    their loaded dtype back at the end: for a bf16 checkpoint loaded as stored that would build the fp32 model
+    (a 1.2B model: 4.9 GB, above its training step's peak)."""
     ctx = init_distributed()
     try:
         # locked output directory (refused at once if it holds a run); the CPU threads, restored on return
         with claim_output_dir(cfg, overwrite, ctx.is_main), ThreadSetting(cfg.train.threads, ctx.device) as threads:
             if threads.reason and ctx.is_main:
                 print(f"threads: {threads.threads} per process ({threads.reason})", flush=True)
-            return _train(cfg, ctx, overwrite, loaded, show_progress)
+            return _train(cfg, ctx, overwrite, loaded, show_progress, return_model)
     finally:
         shutdown_distributed(ctx)
 
@@ -104,15 +108,16 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progress: bool) -> TrainResult:
+def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progress: bool,
+           return_model: bool) -> TrainResult:
     args, out = cfg.train, cfg.output_dir
     set_seed(args.seed)
+    loaded_dtype = None  # torch.float32 when a bf16 checkpoint's weights were kept as stored (setup.py)
     if loaded is None:
         labels = load_splits(cfg.data).label_names if cfg.task_type == "SEQ_CLS" else None
-        loaded = load_model_and_tokenizer(cfg.model, cfg.task_type, label_names=labels, dtype=cfg.dtype,
-                                          device=ctx.device, **cfg.quantization_kwargs)
+        *loaded, loaded_dtype = load_training_model(cfg, ctx.device, labels)
     base_model, tokenizer = loaded
-    model_weights = weights_hash(base_model)  # before the adapter goes in: the base model, by content
+    model_weights = weights_hash(base_model, loaded_dtype)  # before the adapter goes in: the base model, by content
     train_rows, val_rows, info = build_datasets(cfg.data, tokenizer, cfg.task_type)
     collate = make_collator(cfg.data, tokenizer)
 
@@ -129,7 +134,7 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     # the adapter, activation checkpointing, the hooks set up, then precision: frozen weights in bf16 until the run
     # ends (after the adapter's init: PiSSA's residual is computed in fp32; those hooks rewrite stay fp32) and the
     # fused modules (setup.py)
-    prepared = prepare_training_model(base_model, cfg, ctx.device, run)
+    prepared = prepare_training_model(base_model, cfg, ctx.device, run, loaded_dtype)
     model, hooks, state_names = prepared.model, prepared.hooks, prepared.state_names
     bf16, stored_in_bf16 = prepared.bf16, prepared.stored_in_bf16
     merge_result = cfg.uses_adapter and any(hook.changed_base_parameters() for hook in hooks)
@@ -209,16 +214,21 @@ def _train(cfg: RunConfig, ctx: DistContext, overwrite: bool, loaded, show_progr
     # The returned model holds its frozen weights in the dtype they were loaded in (with the bf16 values trained
     # against): usable without autocast, merged in fp32 and saved in one dtype (precision.py). The final
     # evaluation of an adapter still runs on the bf16 copies (no cast per use).
-    if interrupted or merge_result:
+    if merge_result or (interrupted and return_model):
         precision.restore_stored_dtypes(model, stored_in_bf16)
     if interrupted:
+        if not return_model:
+            result.model = None
         return result
     # saved before the final evaluation, so a failing evaluation never costs the trained weights
     result.model = _save_final_model(result.model, cfg, tokenizer, ctx, merge_result, info.label_names)
     if val_rows:
         result.metrics = _log_eval(result.model, tokenizer, val_rows, collate, cfg, ctx, log, position.step,
                                    autocast, final=True)
-    precision.restore_stored_dtypes(model, stored_in_bf16)  # nothing left to do when restored above
+    if return_model:
+        precision.restore_stored_dtypes(model, stored_in_bf16)  # nothing left to do when restored above
+    else:
+        result.model = None
     if ctx.is_main:
         _write_final(result, cfg, log, merge_result)
     ctx.barrier()

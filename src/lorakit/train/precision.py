@@ -12,14 +12,18 @@
 
 When and what is stored in bf16 (adapter runs):
 1. The model is loaded as the run says (fp32 by default) and the adapter injected: an init that rewrites the base
-   (PiSSA, OLoRA) computes the residual W0 - s B A from the fp32 weights, in fp32.
+   (PiSSA, OLoRA) computes the residual W0 - s B A from the fp32 weights, in fp32. A bf16 checkpoint's weights,
+   whose fp32 copies step 2 would round back to the same values, are loaded as stored instead (views of the
+   mapped file; models/stored_bf16.py, train/setup.py load_training_model): step 2 then counts the frozen ones as
+   stored and gives fp32 to the others; adapters and inits compute in fp32 from the same values either way.
 2. Then the frozen weights, residuals included, are cast to bf16 (store_frozen_weights_in_bf16): the run trains
    against bf16(W0) or bf16(W0 - s B A). Checkpoints and the saved adapter hold only fp32 trained tensors, so a
    resume casts the same fp32 values the same way (bit-exact), and a reload (`lorakit eval/generate/merge`,
    PeftModel.from_pretrained) on the fp32 base re-derives the fp32 residual: the trained model's outputs to within
    bf16 rounding of the frozen weights.
 3. When the run ends (finished, interrupted, or before merging the adapter into a model that training hooks
-   changed), the frozen weights get their loaded dtype back (restore_stored_dtypes), holding the bf16 values the
+   changed), the frozen weights get their loaded dtype back (restore_stored_dtypes; not at the end of a run whose
+   caller takes no model back, `lorakit train`: run_training(return_model=False)), holding the bf16 values the
    run trained against (exactly representable). The model a run returns is therefore an ordinary model in the
    dtype it was loaded in: it runs without autocast, merges in fp32 and saves in one dtype, as an fp32 run's.
 
@@ -69,23 +73,37 @@ def autocast(device: torch.device, bf16: bool):
 
 
 @torch.no_grad()
-def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset()) -> dict[str, torch.dtype]:
+def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset(),
+                                 loaded_dtype: torch.dtype | None = None) -> dict[str, torch.dtype]:
     """Cast every frozen parameter of `model` wider than bf16 (fp32) to bf16 in place, except those named in
     `keep` (and any sharing storage with a trainable one). Returns {name: dtype before} of those cast, for
     restore_stored_dtypes (a tied parameter appears once: it is one object). The pages of a weight that was a view
     of the memory-mapped checkpoint are given back as it is cast (file_pages.py), so that the run does not
-    hold the whole file beside the bf16 copies."""
+    hold the whole file beside the bf16 copies.
+
+    loaded_dtype (fp32) says that the model's bf16 parameters are a bf16 checkpoint's weights as stored
+    (models/stored_bf16.py) standing for the `loaded_dtype` model the run asked for: a frozen one is already what
+    the cast would give (recorded as {name: loaded_dtype}), and every other one (trained, kept, sharing a trained
+    one's storage) gets `loaded_dtype` now, as the run's load would have given it (bf16 values are exact in it)."""
     trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
     # adapter tensors stay as they are, frozen ones too (LoRA-FA's A is saved in the adapter file in fp32)
     adapter_tensors = {id(p) for _, holder in adapter_holders(model)
                        for name, p in holder.named_parameters() if not name.startswith("base_layer.")}
-    stored, mappings = {}, FileMappings.read()
+    stored, mappings, seen = {}, FileMappings.read(), set()
     for name, param in model.named_parameters(remove_duplicate=False):
-        # only wider types gain (fp32: half the memory); fp16 weights keep their finer mantissa in the same bytes
-        if param.requires_grad or name in keep or id(param) in adapter_tensors or not param.is_floating_point() \
-                or param.element_size() <= 2:
+        if id(param) in seen:  # a tied parameter: one object, cast (or recorded) once
             continue
-        if param.untyped_storage().data_ptr() in trainable:
+        seen.add(id(param))
+        stays = (param.requires_grad or name in keep or id(param) in adapter_tensors or not param.is_floating_point()
+                 or param.untyped_storage().data_ptr() in trainable)
+        if loaded_dtype is not None and param.dtype == torch.bfloat16:
+            if stays:
+                param.data = param.data.to(loaded_dtype)
+            else:
+                stored[name] = loaded_dtype
+            continue
+        # only wider types gain (fp32: half the memory); fp16 weights keep their finer mantissa in the same bytes
+        if stays or param.element_size() <= 2:
             continue
         stored[name] = param.dtype
         loaded = param.data
@@ -100,9 +118,11 @@ def restore_stored_dtypes(model: nn.Module, stored: dict[str, torch.dtype]) -> N
     then). The values stay the bf16 ones the run trained against (every bf16 value is exact in fp32: only the
     storage changes). Entries are removed from `stored` as they are restored, so a second call does nothing.
     Sharded parameters (FSDP) stay bf16: their storage belongs to the sharding."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params, mappings = dict(model.named_parameters(remove_duplicate=False)), FileMappings.read()
     for name in list(stored):
         param = params.get(name)
         if param is not None and not hasattr(param, "full_tensor"):
-            param.data = param.data.to(stored[name])
+            bf16 = param.data
+            param.data = bf16.to(stored[name])
+            release_file_pages(bf16, mappings)  # a weight kept as stored in a bf16 checkpoint (stored_bf16.py)
         del stored[name]

@@ -48,13 +48,16 @@ _MISSING = object()
 
 
 # ---- fingerprint ---------------------------------------------------------------------------------
-def weights_hash(model: torch.nn.Module) -> str:
-    """Content hash of a model's tensors: names, shapes, dtypes and SAMPLED_VALUES evenly spaced values each."""
+def weights_hash(model: torch.nn.Module, loaded_dtype: torch.dtype | None = None) -> str:
+    """Content hash of a model's tensors: names, shapes, dtypes and SAMPLED_VALUES evenly spaced values each.
+    loaded_dtype: the dtype the model's bf16 tensors stand for (a bf16 checkpoint's weights kept as stored,
+    train/setup.py): hashed as that dtype, so the hash is the one of the model loaded in it."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)][:SAMPLED_VALUES].float().cpu().numpy()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        dtype = loaded_dtype if loaded_dtype is not None and tensor.dtype == torch.bfloat16 else tensor.dtype
+        digest.update(f"{name}|{tuple(tensor.shape)}|{dtype}|".encode())
         digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
 

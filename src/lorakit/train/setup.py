@@ -1,5 +1,6 @@
-"""Preparing a run: the model for each finetuning_type, and the one sequence that makes a loaded model ready for
-its optimizer (prepare_training_model; the trainer and `lorakit bench trainer` both call it). (The output
+"""Preparing a run: loading its base model (load_training_model), the model for each finetuning_type, and the one
+sequence that makes a loaded model ready for its optimizer (prepare_training_model; the trainer and `lorakit bench
+trainer` both call them). (The output
 directory: output_dir.py; the fingerprint a resume checks: resume.py.)"""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from lorakit.methods.quant import quantize_model
 from lorakit.model import get_peft_model
+from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.ops.attention import use_cpu_attention
 from lorakit.ops.fused_modules import use_fused_modules
 from lorakit.tasks import SEQ_CLS_HEAD_NAMES
@@ -38,7 +40,29 @@ class TrainingModel:
     stored_in_bf16: dict[str, torch.dtype]
 
 
-def prepare_training_model(base: nn.Module, cfg: RunConfig, device: torch.device, run: RunContext) -> TrainingModel:
+def load_training_model(cfg: RunConfig, device: torch.device, label_names=None):
+    """(model, tokenizer, loaded_dtype): the run's base model, as cfg says. A bf16 adapter run with the default
+    dtype (fp32) stores its frozen weights in bf16, so a bf16 checkpoint's weights load as stored, without fp32
+    copies (models/stored_bf16.py); loaded_dtype is then torch.float32, the dtype those bf16 weights stand for,
+    which prepare_training_model gives every parameter it does not store in bf16. Otherwise loaded_dtype is None."""
+    as_stored = loads_bf16_as_stored(cfg.dtype, cfg.quantization, cfg.uses_adapter, cfg.train, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.task_type, label_names=label_names, dtype=cfg.dtype,
+                                                device=device, bf16_as_stored=as_stored, **cfg.quantization_kwargs)
+    return model, tokenizer, stored_bf16_loaded_dtype(model, as_stored)
+
+
+def loads_bf16_as_stored(dtype, quantization, uses_adapter: bool, args: TrainArgs, device: torch.device) -> bool:
+    """Whether a run loads a bf16 checkpoint's weights as stored (load_training_model)."""
+    return dtype is None and quantization is None and uses_adapter and precision.resolve_bf16(args.bf16, device)
+
+
+def stored_bf16_loaded_dtype(model: nn.Module, as_stored: bool) -> torch.dtype | None:
+    """torch.float32 when a load asked for bf16_as_stored got bf16 weights (a bf16 checkpoint), else None."""
+    return torch.float32 if as_stored and any(p.dtype == torch.bfloat16 for p in model.parameters()) else None
+
+
+def prepare_training_model(base: nn.Module, cfg: RunConfig, device: torch.device, run: RunContext,
+                           loaded_dtype: torch.dtype | None = None) -> TrainingModel:
     """From the loaded base model to a model ready for build_optimizer, in this order (each step needs the one
     before it):
     1. finetuning_type applied (prepare_model: the adapter injected and initialised from the RNG as the caller
@@ -48,7 +72,7 @@ def prepare_training_model(base: nn.Module, cfg: RunConfig, device: torch.device
        may restructure the model (LoRA-drop) or pick base weights to rewrite (ReLoRA, Delta-LoRA);
     4. state_names, from the model as the hooks left it;
     5. apply_training_precision, keeping the state_names (hook-rewritten base weights stay fp32) out of bf16.
-    `base` is changed in place (the adapter goes into it)."""
+    `base` is changed in place (the adapter goes into it). loaded_dtype: load_training_model's."""
     args = cfg.train
     model = prepare_model(base, cfg).to(device)
     if args.gradient_checkpointing:
@@ -58,20 +82,25 @@ def prepare_training_model(base: nn.Module, cfg: RunConfig, device: torch.device
         hook.setup(model)
     state_names = run_state_names(model, hooks)
     bf16, stored_in_bf16 = apply_training_precision(model, args, device, keep=set(state_names),
-                                                    store_frozen_in_bf16=cfg.uses_adapter)
+                                                    store_frozen_in_bf16=cfg.uses_adapter, loaded_dtype=loaded_dtype)
     return TrainingModel(model, hooks, state_names, bf16, stored_in_bf16)
 
 
 def apply_training_precision(model: nn.Module, args: TrainArgs, device: torch.device, keep: set[str] = frozenset(),
-                             store_frozen_in_bf16: bool = True) -> tuple[bool, dict[str, torch.dtype]]:
+                             store_frozen_in_bf16: bool = True,
+                             loaded_dtype: torch.dtype | None = None) -> tuple[bool, dict[str, torch.dtype]]:
     """train.bf16, train.fused_modules and train.cpu_attention on a model whose adapters are in and initialised
     (a residual the init computes must be computed in fp32 first). With bf16 (resolved for `device`) the frozen
     weights are stored in bf16 (precision.py), except those named in `keep` and all of them when not
     `store_frozen_in_bf16` (full and freeze runs: LISA unfreezes blocks as it goes); then the fused modules go in,
     and on the CPU in bf16 lorakit's attention kernel (ops/attention.py). Returns (bf16, {name: dtype before} of
-    the weights stored in bf16, for precision.restore_stored_dtypes)."""
+    the weights stored in bf16, for precision.restore_stored_dtypes). loaded_dtype: load_training_model's (a bf16
+    checkpoint's weights as stored, standing for fp32)."""
     bf16 = precision.resolve_bf16(args.bf16, device)
-    stored_in_bf16 = precision.store_frozen_weights_in_bf16(model, keep=keep) if bf16 and store_frozen_in_bf16 else {}
+    if loaded_dtype is not None and not (bf16 and store_frozen_in_bf16):
+        raise ValueError("a model loaded with its bf16 weights as stored needs a bf16 adapter run to store them")
+    stored_in_bf16 = (precision.store_frozen_weights_in_bf16(model, keep=keep, loaded_dtype=loaded_dtype)
+                      if bf16 and store_frozen_in_bf16 else {})
     if args.fused_modules:
         use_fused_modules(model)
     if bf16 and args.cpu_attention and device.type == "cpu":

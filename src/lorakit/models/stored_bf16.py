@@ -1,0 +1,84 @@
+"""Load a bf16 checkpoint's weights as stored, for a run that keeps its frozen weights in bf16 anyway.
+
+The published checkpoints of most models users fine-tune (Qwen2.5, Llama 3.2, ...) are bf16. A training run
+loads its model in fp32 (the default), then stores the frozen weights in bf16 (train/precision.py). On a bf16
+checkpoint that first builds an fp32 copy of every weight beside the mapped file, then casts it back to the
+bf16 values the file held: 3x the file's size at the peak (7.4 GB for a 1.2B model, whose training step needs
+3.9 GB), for weights that end up what they were.
+
+    model = load_stored_bf16(AutoModelForCausalLM, source, {})   # None: load as usual
+
+loads such a checkpoint with dtype=bfloat16 instead: transformers then makes each weight a view of the mapped
+file (no copy, no page read until used). It returns None, having loaded nothing, unless every floating tensor
+of the checkpoint's safetensors files is bf16; and it drops what it loaded and returns None unless the result
+is what the fp32 load would give, in bf16: no weight missing from the checkpoint (initialised, not loaded), no
+bf16 parameter that is not a view of the file (a cast), no buffer below fp32 (computed in bf16 at
+initialisation). The caller then gives fp32 back to every parameter that is not stored in bf16 for training
+(precision.store_frozen_weights_in_bf16 with loaded_dtype=float32): every bf16 value is exact in fp32, so the run
+is the fp32-loaded run, bit for bit (tests/unit/test_stored_bf16.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+
+from lorakit.file_pages import FileMappings
+
+
+def checkpoint_dtypes(source: str, source_kwargs: dict) -> set[str]:
+    """The dtypes ("BF16", "F32", ...) of the floating tensors in the checkpoint's safetensors files; empty when
+    there are none to read (a GGUF file, .bin weights, a Hub id that is not in the local cache)."""
+    if source_kwargs.get("gguf_file"):
+        return set()
+    directory = source if os.path.isdir(source) else _cached_hub_snapshot(source)
+    dtypes = set()
+    for path in sorted(glob.glob(os.path.join(directory or "", "*.safetensors"))):
+        with safe_open(path, framework="pt") as tensors:
+            for name in tensors.keys():
+                dtype = tensors.get_slice(name).get_dtype()
+                if dtype.startswith(("F", "BF")):
+                    dtypes.add(dtype)
+    return dtypes
+
+
+def _cached_hub_snapshot(repo_id: str) -> str | None:
+    """The local snapshot directory of a Hub model whose safetensors files are already downloaded."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=["*.safetensors"], local_files_only=True)
+    except Exception:  # not cached, no such repository, an offline machine: load as usual
+        return None
+
+
+def load_stored_bf16(auto_class, source: str, source_kwargs: dict, head_kwargs: dict | None = None):
+    """The model with its weights as stored in a bf16 checkpoint (views of the mapped file), or None; see the
+    module docstring."""
+    if checkpoint_dtypes(source, source_kwargs) != {"BF16"}:
+        return None
+    model, info = auto_class.from_pretrained(source, dtype=torch.bfloat16, output_loading_info=True,
+                                             **source_kwargs, **(head_kwargs or {}))
+    if _as_stored(model, info):
+        return model
+    del model
+    gc.collect()
+    return None
+
+
+def _as_stored(model: torch.nn.Module, info: dict) -> bool:
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        return False
+    mappings = FileMappings.read()
+    for param in model.parameters():
+        if param.dtype == torch.bfloat16:
+            start = param.data_ptr()
+            if not param.is_contiguous() or not mappings.covers(start, start + param.numel() * param.element_size()):
+                return False
+        elif param.is_floating_point() and param.dtype != torch.float32:
+            return False
+    return all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())

@@ -1,0 +1,142 @@
+"""A bf16 checkpoint's weights loaded as stored (models/stored_bf16.py) for a bf16 adapter run: views of the
+mapped file instead of fp32 copies, and a run that is the fp32-loaded run bit for bit, for every kind of
+parameter the run treats differently (trained, frozen in bf16, kept fp32 by a training hook, tied, rewritten by
+an init)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.file_pages import FileMappings
+from lorakit.models.loading import load_model_and_tokenizer
+from lorakit.models.stored_bf16 import checkpoint_dtypes
+from lorakit.train.config import load_run_config
+from lorakit.train import loop
+from lorakit.train.loop import run_training
+from lorakit.train.setup import load_training_model
+from lorakit.train.resume import weights_hash
+from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.train_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+    assert_same_tensors,
+    base_run_dict,
+    default_run_is_bf16,
+    one_torch_thread,
+    train_losses,
+    trained_weights,
+)
+
+
+def save_bf16_llama(directory) -> str:
+    directory = str(directory)
+    tiny_llama().to(torch.bfloat16).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def in_mapped_file(tensor: torch.Tensor, mappings: FileMappings) -> bool:
+    start = tensor.data_ptr()
+    return mappings.covers(start, start + tensor.numel() * tensor.element_size())
+
+
+def test_a_bf16_checkpoint_loads_as_views_of_the_file_with_the_fp32_loads_values(tmp_path):
+    directory = save_bf16_llama(tmp_path / "model")
+    assert checkpoint_dtypes(directory, {}) == {"BF16"}
+    stored, _ = load_model_and_tokenizer(directory, device="cpu", bf16_as_stored=True)
+    usual, _ = load_model_and_tokenizer(directory, device="cpu")
+    mappings = FileMappings.read()
+    assert {p.dtype for p in usual.parameters()} == {torch.float32}
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+    assert all(in_mapped_file(p, mappings) for p in stored.parameters())  # no copy was made
+    for (name, a), (_, b) in zip(stored.state_dict().items(), usual.state_dict().items()):
+        assert a.dtype == b.dtype or a.float().equal(b), name
+        assert torch.equal(a.to(b.dtype), b), name
+    assert weights_hash(stored, torch.float32) == weights_hash(usual)
+
+
+def test_anything_else_loads_as_usual(tmp_path):
+    fp32 = str(tmp_path / "fp32")
+    tiny_llama().save_pretrained(fp32)
+    tiny_tokenizer().save_pretrained(fp32)
+    assert checkpoint_dtypes(fp32, {}) == {"F32"}
+    model, _ = load_model_and_tokenizer(fp32, device="cpu", bf16_as_stored=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+    # a weight missing from the checkpoint would be initialised, in bf16, not loaded: the fp32 load instead
+    incomplete = save_bf16_llama(tmp_path / "incomplete")
+    weights = load_file(os.path.join(incomplete, "model.safetensors"))
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, os.path.join(incomplete, "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_model_and_tokenizer(incomplete, device="cpu", bf16_as_stored=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+    # an explicit dtype, or quantization, is what the caller gets
+    bf16 = save_bf16_llama(tmp_path / "bf16")
+    model, _ = load_model_and_tokenizer(bf16, dtype="float32", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+RUNS = {
+    "lora": ((), {}),
+    "dora": ((), {"adapter": {"use_dora": True}}),
+    "pissa": ((), {"adapter": {"init_lora_weights": "pissa"}}),  # rewrites the base weights at init
+    "bias and a saved module": ((), {"adapter": {"bias": "all", "modules_to_save": ["lm_head"]}}),
+    "lora-fa": (("train.lora_fa=true",), {}),
+    "vera": ((), {"adapter": {"method": "vera", "r": 8, "target_modules": ["q_proj", "v_proj"]}}),
+    "adalora": ((), {"adapter": {"method": "adalora", "init_r": 6, "target_r": 4, "target_modules": ["q_proj"]}}),
+    "relora": (("train.relora_steps=2",), {}),  # merges into base weights kept in fp32
+    "delta-lora": (("train.delta_lora_lambda=0.5",), {}),
+}
+
+
+@pytest.mark.skipif(not default_run_is_bf16(), reason="the default run is fp32 on this CPU: nothing loads as stored")
+@pytest.mark.parametrize("kind", sorted(RUNS))
+def test_a_run_on_the_weights_as_stored_is_the_fp32_loaded_run(tmp_path, monkeypatch, kind):
+    """The default run (dtype unset: fp32, bf16 where fast) loads the bf16 checkpoint as stored; the same run
+    with model dtype float32 loads fp32 copies. Same losses, same trained tensors, and the same returned model
+    (fp32, the frozen weights holding the bf16 values), bit for bit."""
+    overrides, base = RUNS[kind]
+    model_dir = save_bf16_llama(tmp_path / "model")
+    results, loaded_dtypes = {}, []
+
+    def spy(*args):
+        loaded = load_training_model(*args)
+        loaded_dtypes.append(loaded[2])
+        return loaded
+
+    monkeypatch.setattr(loop, "load_training_model", spy)
+    for name, dtype in (("as stored", None), ("fp32 copies", "float32")):
+        raw = base_run_dict(tmp_path, model=model_dir, output=name.replace(" ", "_"))
+        adapter = base.get("adapter", {})
+        raw["adapter"] = adapter if "method" in adapter else {**raw["adapter"], **adapter}  # another method: its own
+        if dtype:
+            raw["dtype"] = dtype
+        results[name] = run_training(load_run_config(None, list(overrides), base=raw), show_progress=False)
+    assert loaded_dtypes == [torch.float32, None]  # the first run's weights were the checkpoint's, as stored
+    stored, copies = results["as stored"], results["fp32 copies"]
+    assert train_losses(stored.output_dir) == train_losses(copies.output_dir)
+    assert_same_tensors(trained_weights(stored.model), trained_weights(copies.model))
+    a, b = stored.model.state_dict(), copies.model.state_dict()
+    assert {n: t.dtype for n, t in a.items()} == {n: t.dtype for n, t in b.items()}
+    assert_same_tensors(a, b)
+
+
+@pytest.mark.skipif(not default_run_is_bf16(), reason="the default run is fp32 on this CPU: nothing loads as stored")
+def test_a_run_that_returns_no_model_saves_the_same_adapter_without_building_the_fp32_model(tmp_path, monkeypatch):
+    """`lorakit train` takes no model back (return_model=False): the frozen weights stay as stored at the end."""
+    model_dir = save_bf16_llama(tmp_path / "model")
+    restored = []
+    monkeypatch.setattr(loop.precision, "restore_stored_dtypes", lambda model, stored: restored.append(len(stored)))
+    results = {}
+    for return_model in (False, True):
+        raw = base_run_dict(tmp_path, model=model_dir, output=f"returned_{return_model}")
+        results[return_model] = run_training(load_run_config(None, [], base=raw), show_progress=False,
+                                             return_model=return_model)
+    assert results[False].model is None and results[True].model is not None
+    assert len(restored) == 1 and restored[0] > 0  # only the run returning its model gave fp32 back
+    saved = {flag: load_file(os.path.join(result.output_dir, "adapter", "adapter_model.safetensors"))
+             for flag, result in results.items()}
+    assert_same_tensors(saved[False], saved[True])
