@@ -6,7 +6,8 @@
 A training step's speed and memory depend on the model's shapes (widths, layers, heads, vocabulary, biases), not
 on its weights' values, so a random model of the right configuration measures what the real one would, without
 the Hub. The tokenizer is the embedded SmolLM2's (the benchmarks draw random token ids below the model's own
-vocabulary size). The architectures' configurations are those their model cards publish.
+vocabulary size). The architectures' configurations are those their model cards publish. `--dtype bfloat16`
+writes the checkpoint in bf16, as those models are published (a run's loading differs: models/stored_bf16.py).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ SHAPES = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def write_shape_model(shape: str, out: Path, seed: int = 0) -> int:
-    """Writes the model (fp32 safetensors, config) and the embedded tokenizer to `out`; returns the parameter
-    count. Refuses an `out` that exists, so nothing is overwritten; the directory appears whole or not at all."""
+def write_shape_model(shape: str, out: Path, seed: int = 0, dtype: str = "float32") -> int:
+    """Writes the model (safetensors in `dtype`, config) and the embedded tokenizer to `out`; returns the parameter
+    count. "bfloat16" writes the checkpoint as the published ones are (fp32 draws, rounded). Refuses an `out`
+    that exists, so nothing is overwritten; the directory appears whole or not at all."""
     from lorakit.atomic import disk_full_says, remove_path, replace_directory
     from lorakit.models.embedded import resolve_model_path
 
@@ -48,10 +50,11 @@ def write_shape_model(shape: str, out: Path, seed: int = 0) -> int:
     options = dict(SHAPES[shape])
     config = AutoConfig.for_model(options.pop("model_type"), **options)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(getattr(torch, dtype))
     count = sum(p.numel() for p in model.parameters())
     temp = f"{out}.tmp-{os.getpid()}"
-    with disk_full_says(f"the {shape} model", str(out.parent), needed_bytes=4 * count, cleanup=[temp]):
+    needed = torch.finfo(getattr(torch, dtype)).bits // 8 * count
+    with disk_full_says(f"the {shape} model", str(out.parent), needed_bytes=needed, cleanup=[temp]):
         try:
             model.save_pretrained(temp)
             source = Path(resolve_model_path("smollm2"))
@@ -70,9 +73,11 @@ def main() -> None:
     parser.add_argument("--shape", required=True, choices=sorted(SHAPES))
     parser.add_argument("--out", required=True, type=Path, help="a new directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the checkpoint's dtype (the published checkpoints of these models are bfloat16)")
     args = parser.parse_args()
     try:
-        count = write_shape_model(args.shape, args.out, args.seed)
+        count = write_shape_model(args.shape, args.out, args.seed, args.dtype)
     except FileExistsError as err:
         sys.exit(f"error: {err}")
     print(f"{args.shape}: {count / 1e6:.1f}M parameters written to {args.out}")
