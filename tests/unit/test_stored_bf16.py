@@ -10,8 +10,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from lorakit.file_pages import FileMappings
+from lorakit.methods.quant import quantize_model, quantized_layers
+from lorakit.models import loading, stored_bf16
 from lorakit.models.loading import load_model_and_tokenizer
 from lorakit.models.stored_bf16 import checkpoint_dtypes
 from lorakit.train.config import load_run_config
@@ -79,6 +82,30 @@ def test_anything_else_loads_as_usual(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_a_qlora_load_quantizes_the_weights_as_stored_to_the_same_model(tmp_path, monkeypatch):
+    """QLoRA from a bf16 checkpoint: quantized from the mapped file, not from fp32 copies; the same codes, scales,
+    recorded dtype and fp32 dense layers as quantizing the fp32 load."""
+    directory = save_bf16_llama(tmp_path / "model")
+    kept = []
+
+    def spy(*args):
+        kept.append(stored_bf16.load_stored_bf16(*args))
+        return kept[-1]
+
+    monkeypatch.setattr(loading, "load_stored_bf16", spy)
+    model, _ = load_model_and_tokenizer(directory, device="cpu", quantization="nf4")
+    assert kept and kept[0] is model  # loaded as stored
+    reference = quantize_model(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), "nf4")
+    a, b = model.state_dict(), reference.state_dict()
+    assert {n: t.dtype for n, t in a.items()} == {n: t.dtype for n, t in b.items()}
+    assert_same_tensors(a, b)
+    layers, reference_layers = dict(quantized_layers(model)), dict(quantized_layers(reference))
+    assert layers.keys() == reference_layers.keys() and layers
+    for name, layer in layers.items():
+        assert layer.weight_dtype == reference_layers[name].weight_dtype == torch.float32, name
+        assert torch.equal(layer.dequantized_weight(), reference_layers[name].dequantized_weight()), name
+
+
 RUNS = {
     "lora": ((), {}),
     "dora": ((), {"adapter": {"use_dora": True}}),
@@ -89,6 +116,7 @@ RUNS = {
     "adalora": ((), {"adapter": {"method": "adalora", "init_r": 6, "target_r": 4, "target_modules": ["q_proj"]}}),
     "relora": (("train.relora_steps=2",), {}),  # merges into base weights kept in fp32
     "delta-lora": (("train.delta_lora_lambda=0.5",), {}),
+    "qlora": ((), {"quantization": "nf4"}),  # quantized from the file as stored in both runs; dense layers differ
 }
 
 
@@ -112,6 +140,7 @@ def test_a_run_on_the_weights_as_stored_is_the_fp32_loaded_run(tmp_path, monkeyp
         raw = base_run_dict(tmp_path, model=model_dir, output=name.replace(" ", "_"))
         adapter = base.get("adapter", {})
         raw["adapter"] = adapter if "method" in adapter else {**raw["adapter"], **adapter}  # another method: its own
+        raw.update({key: value for key, value in base.items() if key != "adapter"})
         if dtype:
             raw["dtype"] = dtype
         results[name] = run_training(load_run_config(None, list(overrides), base=raw), show_progress=False)

@@ -108,8 +108,7 @@ class TrainingStep:
             from lorakit.train.config import TrainArgs
             from lorakit.train.setup import loads_bf16_as_stored
 
-            quantization = "nf4" if variant == "qlora" else None
-            as_stored = loads_bf16_as_stored(None, quantization, True, TrainArgs(), torch.device("cpu"))
+            as_stored = loads_bf16_as_stored(None, True, TrainArgs(), torch.device("cpu"))
         model = load_base(model_name, "bfloat16" if setting == "bf16" else None, variant, as_stored)
         self.model = wrap(library, model, r, alpha, variant).train()
         if init_path:

@@ -31,7 +31,7 @@ from transformers import (
 from lorakit.adapter_files import RUN_MODEL_SUBDIR
 from lorakit.methods.quant import check_quantization, quantize_model, resolve_compute_dtype
 from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, record_embedded_copy, resolve_model_path
-from lorakit.models.stored_bf16 import load_stored_bf16
+from lorakit.models.stored_bf16 import load_stored_bf16, to_fp32
 
 # PEFT's task type names -> the transformers Auto class that builds the matching head.
 TASK_AUTO_CLASSES = {
@@ -82,9 +82,11 @@ def load_model_and_tokenizer(
         (QLoRA; lorakit.methods.quant), quantized on the CPU before the move to `device`.
     double_quant / compute_dtype: NF4 options (quantize_model): 8-bit scales (4.127 instead of 4.5 bits per
         weight); the matmul dtype (default bfloat16).
-    bf16_as_stored: with the default fp32 and no quantization, a checkpoint whose weights are all bf16 loads them
-        as stored, in bf16 (views of the mapped file, no fp32 copies; models/stored_bf16.py), for a caller that
-        stores its frozen weights in bf16 anyway and gives the others fp32 (the trainer's bf16 adapter runs).
+    bf16_as_stored: with the default fp32, a checkpoint whose weights are all bf16 loads them as stored, in bf16
+        (views of the mapped file, no fp32 copies; models/stored_bf16.py), for a caller that stores its frozen
+        weights in bf16 anyway and gives the others fp32 (the trainer's bf16 adapter runs). With quantization the
+        weights are quantized from the file as stored in any case (the same codes, without the fp32 copies), and
+        without bf16_as_stored the dense layers then get fp32.
     """
     task_type = _check_task_type(task_type)
     auto_class = TASK_AUTO_CLASSES[task_type]
@@ -100,9 +102,10 @@ def load_model_and_tokenizer(
 
     config = _load_config(name_or_path, source, source_kwargs)
     try:
-        model = None
-        if bf16_as_stored and torch_dtype == torch.float32 and quantization is None:
+        model = None  # an fp32 model quantized, or kept bf16 by the caller's choice: from a bf16 file as stored
+        if torch_dtype == torch.float32 and (bf16_as_stored or quantization is not None):
             model = load_stored_bf16(auto_class, source, source_kwargs, head_kwargs)
+        kept_bf16 = model is not None
         if model is None:
             model = auto_class.from_pretrained(source, dtype=torch_dtype, **source_kwargs, **head_kwargs)
     except ValueError as err:  # transformers' "Unrecognized configuration class ..." and friends
@@ -117,7 +120,10 @@ def load_model_and_tokenizer(
     if embedded is not None:  # adapters then name the base by Hub id, not by this machine's cache path
         record_embedded_copy(model, embedded)
     if quantization is not None:
-        quantize_model(model, quantization, double_quant=double_quant, compute_dtype=compute_dtype)
+        quantize_model(model, quantization, double_quant=double_quant, compute_dtype=compute_dtype,
+                       weight_dtype=torch.float32 if kept_bf16 else None)
+    if kept_bf16 and not bf16_as_stored:
+        to_fp32(model)  # the layers that stay dense, as the fp32 load gives them
     return model.to(torch.device(device) if device is not None else default_device()), tokenizer
 
 

@@ -45,15 +45,15 @@ def load_training_model(cfg: RunConfig, device: torch.device, label_names=None):
     dtype (fp32) stores its frozen weights in bf16, so a bf16 checkpoint's weights load as stored, without fp32
     copies (models/stored_bf16.py); loaded_dtype is then torch.float32, the dtype those bf16 weights stand for,
     which prepare_training_model gives every parameter it does not store in bf16. Otherwise loaded_dtype is None."""
-    as_stored = loads_bf16_as_stored(cfg.dtype, cfg.quantization, cfg.uses_adapter, cfg.train, device)
+    as_stored = loads_bf16_as_stored(cfg.dtype, cfg.uses_adapter, cfg.train, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.task_type, label_names=label_names, dtype=cfg.dtype,
                                                 device=device, bf16_as_stored=as_stored, **cfg.quantization_kwargs)
     return model, tokenizer, stored_bf16_loaded_dtype(model, as_stored)
 
 
-def loads_bf16_as_stored(dtype, quantization, uses_adapter: bool, args: TrainArgs, device: torch.device) -> bool:
+def loads_bf16_as_stored(dtype, uses_adapter: bool, args: TrainArgs, device: torch.device) -> bool:
     """Whether a run loads a bf16 checkpoint's weights as stored (load_training_model)."""
-    return dtype is None and quantization is None and uses_adapter and precision.resolve_bf16(args.bf16, device)
+    return dtype is None and uses_adapter and precision.resolve_bf16(args.bf16, device)
 
 
 def stored_bf16_loaded_dtype(model: nn.Module, as_stored: bool) -> torch.dtype | None:

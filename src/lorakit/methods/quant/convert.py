@@ -54,11 +54,13 @@ def resolve_compute_dtype(value, owner: str = "compute_dtype") -> torch.dtype:
 
 def quantize_model(model: nn.Module, quantization: str = "nf4", *, blocksize: int = DEFAULT_BLOCKSIZE,
                    double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
-                   skip_modules: list[str] | None = None) -> nn.Module:
+                   skip_modules: list[str] | None = None, weight_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the model's nn.Linear layers (see the module docstring) by quantized layers, in place; returns
     the model. Layers already quantized by lorakit are left as they are, so calling it twice is harmless.
 
     skip_modules: names or dotted suffixes (as target_modules) of linear layers to keep dense.
+    weight_dtype: the dense dtype the quantized weights stand for, when not their own (the loader's: a bf16
+        checkpoint's weights quantized as stored, for an fp32 model; models/stored_bf16.py).
     """
     build = QUANTIZERS[check_quantization(quantization)]
     dtype = resolve_compute_dtype(compute_dtype)
@@ -75,7 +77,7 @@ def quantize_model(model: nn.Module, quantization: str = "nf4", *, blocksize: in
             raise TypeError(f"cannot quantize {name!r}: it is {problem}")
         if isinstance(module, nn.Linear):
             if not any(name == k or name.startswith(f"{k}.") for k in kept):
-                model.set_submodule(name, build(module, blocksize, double_quant, dtype))
+                model.set_submodule(name, build(module, blocksize, double_quant, dtype, weight_dtype))
                 release_file_pages(module.weight.data, mappings)  # read from a mapped checkpoint: its pages go
     if not quantized_layers(model):
         raise ValueError(f"quantize_model found no nn.Linear layer to quantize in {type(model).__name__} (the output "

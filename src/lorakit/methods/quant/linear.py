@@ -66,9 +66,10 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True,
-                    compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
-        """Quantize an nn.Linear's weight (its bias stays dense)."""
-        return cls(quantize_nf4(linear.weight, blocksize, double_quant), linear.bias, compute_dtype)
+                    compute_dtype: torch.dtype = torch.bfloat16,
+                    weight_dtype: torch.dtype | None = None) -> "NF4Linear":
+        """Quantize an nn.Linear's weight (its bias stays dense); weight_dtype: quantize_nf4's dtype."""
+        return cls(quantize_nf4(linear.weight, blocksize, double_quant, weight_dtype), linear.bias, compute_dtype)
 
     @property
     def weight(self) -> NF4Tensor:

@@ -260,11 +260,16 @@ def check_blocksize(blocksize) -> None:
                          f"64..4096), got {blocksize!r}")
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> NF4Tensor:
+def quantize_nf4(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True,
+                 dtype: torch.dtype | None = None) -> NF4Tensor:
     """Quantize a floating-point tensor of any shape to NF4 (see the module docstring).
 
         q = quantize_nf4(layer.weight)          # 4.127 bits per weight
         w = q.dequantize()                      # same shape and dtype as layer.weight
+
+    dtype: the dense dtype the codes stand for (dequantize()'s default), when not the weight's own: a bf16
+    checkpoint's weight quantized as stored for an fp32 model (models/stored_bf16.py). The codes are the same:
+    quantization reads the weight in fp32 either way.
     """
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"quantize_nf4 needs a floating-point tensor, got "
@@ -279,4 +284,5 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, doubl
     if not torch.isfinite(absmax).all():  # a NaN or inf anywhere shows in its block's absmax
         raise ValueError("quantize_nf4: the weight holds NaN or inf values, which NF4 cannot represent")
     packed = (codes[0::2] << 4) | codes[1::2]
-    return NF4Tensor(packed, SCALE_FORMATS[double_quant].quantize(absmax), weight.shape, weight.dtype, blocksize)
+    return NF4Tensor(packed, SCALE_FORMATS[double_quant].quantize(absmax), weight.shape, dtype or weight.dtype,
+                     blocksize)
