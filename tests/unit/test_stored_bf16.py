@@ -49,13 +49,16 @@ def test_a_bf16_checkpoint_loads_as_views_of_the_file_with_the_fp32_loads_values
     directory = save_bf16_llama(tmp_path / "model")
     assert checkpoint_dtypes(directory, {}) == {"BF16"}
     stored, _ = load_model_and_tokenizer(directory, device="cpu", bf16_as_stored=True)
-    usual, _ = load_model_and_tokenizer(directory, device="cpu")
+    fp32, _ = load_model_and_tokenizer(directory, device="cpu")  # as stored, then fp32 weight by weight
+    usual = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)  # transformers' fp32 load
     mappings = FileMappings.read()
-    assert {p.dtype for p in usual.parameters()} == {torch.float32}
     assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
     assert all(in_mapped_file(p, mappings) for p in stored.parameters())  # no copy was made
-    for (name, a), (_, b) in zip(stored.state_dict().items(), usual.state_dict().items()):
-        assert a.dtype == b.dtype or a.float().equal(b), name
+    assert not any(in_mapped_file(p, mappings) for p in fp32.parameters())
+    reference = usual.state_dict()
+    assert {n: t.dtype for n, t in fp32.state_dict().items()} == {n: t.dtype for n, t in reference.items()}
+    assert_same_tensors(fp32.state_dict(), reference)
+    for (name, a), (_, b) in zip(stored.state_dict().items(), reference.items()):
         assert torch.equal(a.to(b.dtype), b), name
     assert weights_hash(stored, torch.float32) == weights_hash(usual)
 

@@ -82,11 +82,11 @@ def load_model_and_tokenizer(
         (QLoRA; lorakit.methods.quant), quantized on the CPU before the move to `device`.
     double_quant / compute_dtype: NF4 options (quantize_model): 8-bit scales (4.127 instead of 4.5 bits per
         weight); the matmul dtype (default bfloat16).
-    bf16_as_stored: with the default fp32, a checkpoint whose weights are all bf16 loads them as stored, in bf16
+    bf16_as_stored: with the default fp32, a checkpoint whose weights are all bf16 keeps them as stored, in bf16
         (views of the mapped file, no fp32 copies; models/stored_bf16.py), for a caller that stores its frozen
-        weights in bf16 anyway and gives the others fp32 (the trainer's bf16 adapter runs). With quantization the
-        weights are quantized from the file as stored in any case (the same codes, without the fp32 copies), and
-        without bf16_as_stored the dense layers then get fp32.
+        weights in bf16 anyway and gives the others fp32 (the trainer's bf16 adapter runs). Without it such a
+        checkpoint also loads as stored, to be quantized from the file (the same codes) and to get fp32 weight by
+        weight, each one's pages of the file given back as it goes: the fp32 model, without the file beside it.
     """
     task_type = _check_task_type(task_type)
     auto_class = TASK_AUTO_CLASSES[task_type]
@@ -102,8 +102,8 @@ def load_model_and_tokenizer(
 
     config = _load_config(name_or_path, source, source_kwargs)
     try:
-        model = None  # an fp32 model quantized, or kept bf16 by the caller's choice: from a bf16 file as stored
-        if torch_dtype == torch.float32 and (bf16_as_stored or quantization is not None):
+        model = None  # fp32 from a bf16 file: its weights as stored, then fp32 one by one (models/stored_bf16.py)
+        if torch_dtype == torch.float32:
             model = load_stored_bf16(auto_class, source, source_kwargs, head_kwargs)
         kept_bf16 = model is not None
         if model is None:
@@ -123,7 +123,7 @@ def load_model_and_tokenizer(
         quantize_model(model, quantization, double_quant=double_quant, compute_dtype=compute_dtype,
                        weight_dtype=torch.float32 if kept_bf16 else None)
     if kept_bf16 and not bf16_as_stored:
-        to_fp32(model)  # the layers that stay dense, as the fp32 load gives them
+        to_fp32(model)  # every weight (the layers that stay dense when quantized) as the fp32 load gives it
     return model.to(torch.device(device) if device is not None else default_device()), tokenizer
 
 
