@@ -1,4 +1,4 @@
-"""Load a bf16 checkpoint's weights as stored, for a run that keeps its frozen weights in bf16 anyway.
+"""Load a bf16 checkpoint's weights as stored (views of the mapped file), not as fp32 copies beside the file.
 
 The published checkpoints of most models users fine-tune (Qwen2.5, Llama 3.2, ...) are bf16. A training run
 loads its model in fp32 (the default), then stores the frozen weights in bf16 (train/precision.py). On a bf16
