@@ -63,7 +63,7 @@ def test_a_bf16_checkpoint_loads_as_views_of_the_file_with_the_fp32_loads_values
     assert weights_hash(stored, torch.float32) == weights_hash(usual)
 
 
-def test_anything_else_loads_as_usual(tmp_path):
+def test_anything_else_loads_as_usual(tmp_path, monkeypatch):
     fp32 = str(tmp_path / "fp32")
     tiny_llama().save_pretrained(fp32)
     tiny_tokenizer().save_pretrained(fp32)
@@ -79,7 +79,11 @@ def test_anything_else_loads_as_usual(tmp_path):
     model, _ = load_model_and_tokenizer(incomplete, device="cpu", bf16_as_stored=True)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
-    # an explicit dtype, or quantization, is what the caller gets
+    # a Hub id that is not in the local cache: nothing to read (not the working directory's files)
+    monkeypatch.chdir(incomplete)
+    assert checkpoint_dtypes("someone/not-cached-here", {}) == set()
+
+    # an explicit dtype is what the caller gets
     bf16 = save_bf16_llama(tmp_path / "bf16")
     model, _ = load_model_and_tokenizer(bf16, dtype="float32", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float32}

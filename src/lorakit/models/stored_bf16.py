@@ -42,7 +42,9 @@ def checkpoint_dtypes(source: str, source_kwargs: dict) -> set[str]:
         return set()
     directory = source if os.path.isdir(source) else _cached_hub_snapshot(source)
     dtypes = set()
-    for path in sorted(glob.glob(os.path.join(directory or "", "*.safetensors"))):
+    if directory is None:
+        return dtypes
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
         with safe_open(path, framework="pt") as tensors:
             for name in tensors.keys():
                 dtype = tensors.get_slice(name).get_dtype()
