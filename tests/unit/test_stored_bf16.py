@@ -15,14 +15,14 @@ from transformers import AutoModelForCausalLM
 from lorakit.file_pages import FileMappings
 from lorakit.methods.quant import quantize_model, quantized_layers
 from lorakit.models import loading, stored_bf16
-from lorakit.models.loading import load_model_and_tokenizer
+from lorakit.models.loading import TASK_AUTO_CLASSES, load_model_and_tokenizer
 from lorakit.models.stored_bf16 import checkpoint_dtypes
 from lorakit.train.config import load_run_config
 from lorakit.train import loop
 from lorakit.train.loop import run_training
 from lorakit.train.setup import load_training_model
 from lorakit.train.resume import weights_hash
-from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.tiny import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5, tiny_tokenizer
 from tests.train_fixtures import (  # noqa: F401  (one_torch_thread: an autouse fixture)
     assert_same_tensors,
     base_run_dict,
@@ -61,6 +61,23 @@ def test_a_bf16_checkpoint_loads_as_views_of_the_file_with_the_fp32_loads_values
     for (name, a), (_, b) in zip(stored.state_dict().items(), reference.items()):
         assert torch.equal(a.to(b.dtype), b), name
     assert weights_hash(stored, torch.float32) == weights_hash(usual)
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS"])
+def test_every_task_types_fp32_load_of_a_bf16_checkpoint_is_transformers_own(tmp_path, task):
+    """GPT-2 (Conv1D, tied head), T5 (weights transformers keeps in fp32) and a BERT classifier (a fresh head: not
+    in the checkpoint, so loaded as before): the state dict of transformers' fp32 load, dtypes included."""
+    build = {"CAUSAL_LM": tiny_gpt2, "SEQ_2_SEQ_LM": tiny_t5, "SEQ_CLS": lambda: tiny_bert_classifier(num_labels=3)}
+    directory = str(tmp_path / task)
+    build[task]().to(torch.bfloat16).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    options = {"num_labels": 3} if task == "SEQ_CLS" else {}
+    torch.manual_seed(0)  # the classifier's fresh head
+    model, _ = load_model_and_tokenizer(directory, task, device="cpu", **options)
+    torch.manual_seed(0)
+    reference = TASK_AUTO_CLASSES[task].from_pretrained(directory, dtype=torch.float32, **options).state_dict()
+    assert {n: t.dtype for n, t in model.state_dict().items()} == {n: t.dtype for n, t in reference.items()}
+    assert_same_tensors(model.state_dict(), reference)
 
 
 def test_anything_else_loads_as_usual(tmp_path, monkeypatch):
