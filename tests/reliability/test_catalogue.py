@@ -152,6 +152,9 @@ MODEL = {
     "model is an adapter": Case(lambda ws: train(ws, f"model={ws.adapter}"), 1,
                                 r"has no config\.json.*It holds an adapter"),
     "model is a file": Case(lambda ws: train(ws, f"model={ws.path('a-file')}"), 1, r"is a file; expected a model"),
+    "model weights cut short": Case(lambda ws: train(ws, f"model={ws.path('corrupt-model')}"), 1,
+                                    r"a weights file in .*corrupt-model is not a readable safetensors file .*fetch it "
+                                    r"again"),
     "targets match nothing": Case(lambda ws: train(ws, "adapter.target_modules=[qq_proj]"), 1,
                                   r"target_modules=\['qq_proj'\] matched no module"),
     "freeze more layers than exist": Case(lambda ws: train(ws, "finetuning_type=freeze", "adapter=null",

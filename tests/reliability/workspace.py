@@ -121,6 +121,9 @@ def _broken_adapters(ws: Workspace) -> None:
     pickle_only.mkdir()
     shutil.copy(adapter / "adapter_config.json", pickle_only / "adapter_config.json")
     torch.save(weights, pickle_only / "adapter_model.bin")
+    corrupt_model = root / "corrupt-model"  # a weights file cut short, as by an interrupted download
+    shutil.copytree(ws.model, corrupt_model)
+    (corrupt_model / "model.safetensors").write_bytes((ws.model / "model.safetensors").read_bytes()[:1000])
     corrupt = root / "corrupt-adapter"
     shutil.copytree(adapter, corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)

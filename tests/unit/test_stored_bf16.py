@@ -96,6 +96,12 @@ def test_anything_else_loads_as_usual(tmp_path, monkeypatch):
     model, _ = load_model_and_tokenizer(incomplete, device="cpu", bf16_as_stored=True)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
+    # a file safetensors cannot read: nothing read here; the usual load says what is wrong, as before
+    broken = save_bf16_llama(tmp_path / "broken")
+    with open(os.path.join(broken, "model.safetensors"), "r+b") as fh:
+        fh.write(b"\xff" * 16)
+    assert checkpoint_dtypes(broken, {}) == set()
+
     # a Hub id that is not in the local cache: nothing to read (not the working directory's files)
     monkeypatch.chdir(incomplete)
     assert checkpoint_dtypes("someone/not-cached-here", {}) == set()

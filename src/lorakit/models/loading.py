@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -108,6 +109,10 @@ def load_model_and_tokenizer(
         kept_bf16 = model is not None
         if model is None:
             model = auto_class.from_pretrained(source, dtype=torch_dtype, **source_kwargs, **head_kwargs)
+    except SafetensorError as err:  # a weights file cut short or overwritten
+        raise ValueError(f"cannot load '{name_or_path}': a weights file in {source} is not a readable safetensors "
+                         f"file ({err}); the model was not fully downloaded or copied, or is damaged: fetch it "
+                         "again") from None
     except ValueError as err:  # transformers' "Unrecognized configuration class ..." and friends
         raise ValueError(
             f"cannot load '{name_or_path}' (model_type '{config.model_type}') with task_type="
