@@ -79,6 +79,21 @@ class FileMappings:
         index = bisect.bisect_right(self.starts, start) - 1
         return index >= 0 and end <= self.ends[index]
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """True when a contiguous CPU tensor's bytes lie inside one of the mappings (a view of a mapped file)."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return False
+        start = tensor.data_ptr()
+        return self.covers(start, start + tensor.numel() * tensor.element_size())
+
+
+@torch.no_grad()
+def cast_in_place(param: torch.Tensor, dtype: torch.dtype, mappings: FileMappings) -> None:
+    """param.data cast to `dtype`, and the old data's pages of a mapped file given back (release_file_pages)."""
+    old = param.data
+    param.data = old.to(dtype)
+    release_file_pages(old, mappings)
+
 
 def release_file_pages(tensor: torch.Tensor, mappings: FileMappings) -> int:
     """Reclaim the whole pages of `tensor`'s bytes that lie in a private file mapping (see the module docstring);

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
+from lorakit import file_pages
 from lorakit.file_pages import FileMappings, release_file_pages
-from lorakit.train import precision
 from lorakit.train.precision import store_frozen_weights_in_bf16
 from tests.tiny import tiny_llama
 
@@ -95,7 +95,7 @@ def test_bf16_storage_of_a_loaded_checkpoint_releases_its_pages_and_keeps_the_ca
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "model"),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     released = []
-    monkeypatch.setattr(precision, "release_file_pages",
+    monkeypatch.setattr(file_pages, "release_file_pages",  # what precision's cast_in_place calls
                         lambda tensor, mappings: released.append(release_file_pages(tensor, mappings)))
     stored = store_frozen_weights_in_bf16(model)
     assert len(released) == len(stored) > 0

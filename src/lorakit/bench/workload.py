@@ -103,12 +103,11 @@ class TrainingStep:
         if variant not in VARIANTS or (variant == "qlora" and library != "lorakit"):
             raise ValueError(f"no variant {variant!r} for {library}; variants: {VARIANTS} (qlora: lorakit only)")
         self.library, self.setting, self.variant = library, setting, variant
-        as_stored = False  # the default setting loads as `lorakit train` does (train/setup.py, load_training_model)
-        if setting == "default":
-            from lorakit.train.config import TrainArgs
-            from lorakit.train.setup import loads_bf16_as_stored
+        from lorakit.train.config import TrainArgs
+        from lorakit.train.setup import loads_bf16_as_stored
 
-            as_stored = loads_bf16_as_stored(None, True, TrainArgs(), torch.device("cpu"))
+        # the default setting loads as `lorakit train` does (train/setup.py, load_training_model)
+        as_stored = setting == "default" and loads_bf16_as_stored(None, True, TrainArgs(), torch.device("cpu"))
         model = load_base(model_name, "bfloat16" if setting == "bf16" else None, variant, as_stored)
         self.model = wrap(library, model, r, alpha, variant).train()
         if init_path:

@@ -32,7 +32,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from lorakit.file_pages import FileMappings, release_file_pages
+from lorakit.file_pages import FileMappings, cast_in_place
 
 
 def checkpoint_dtypes(source: str, source_kwargs: dict) -> set[str]:
@@ -85,11 +85,9 @@ def _as_stored(model: torch.nn.Module, info: dict) -> bool:
         return False
     mappings = FileMappings.read()
     for param in model.parameters():
-        if param.dtype == torch.bfloat16:
-            start = param.data_ptr()
-            if not param.is_contiguous() or not mappings.covers(start, start + param.numel() * param.element_size()):
-                return False
-        elif param.is_floating_point() and param.dtype != torch.float32:
+        if param.dtype == torch.bfloat16 and not mappings.holds(param):
+            return False
+        if param.is_floating_point() and param.dtype not in (torch.bfloat16, torch.float32):
             return False
     return all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
 
@@ -101,6 +99,4 @@ def to_fp32(model: torch.nn.Module) -> None:
     mappings = FileMappings.read()
     for param in model.parameters():
         if param.dtype == torch.bfloat16:
-            stored = param.data
-            param.data = stored.float()
-            release_file_pages(stored, mappings)
+            cast_in_place(param, torch.float32, mappings)

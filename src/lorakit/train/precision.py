@@ -37,7 +37,7 @@ import contextlib
 import torch
 from torch import nn
 
-from lorakit.file_pages import FileMappings, release_file_pages
+from lorakit.file_pages import FileMappings, cast_in_place
 from lorakit.state import adapter_holders
 
 BF16_CHOICES = ("auto", True, False)
@@ -98,7 +98,7 @@ def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset(),
                  or param.untyped_storage().data_ptr() in trainable)
         if loaded_dtype is not None and param.dtype == torch.bfloat16:
             if stays:
-                param.data = param.data.to(loaded_dtype)
+                cast_in_place(param, loaded_dtype, mappings)
             else:
                 stored[name] = loaded_dtype
             continue
@@ -106,9 +106,9 @@ def store_frozen_weights_in_bf16(model: nn.Module, keep: set[str] = frozenset(),
         if stays or param.element_size() <= 2:
             continue
         stored[name] = param.dtype
-        loaded = param.data
-        param.data = loaded.to(torch.bfloat16)  # tied parameters are one object: cast once, seen by both
-        release_file_pages(loaded, mappings)  # a weight read from the mapped checkpoint: its pages go now
+        # tied parameters are one object: cast once, seen by both; a weight read from the mapped checkpoint gives
+        # its pages back now
+        cast_in_place(param, torch.bfloat16, mappings)
     return stored
 
 
@@ -122,7 +122,5 @@ def restore_stored_dtypes(model: nn.Module, stored: dict[str, torch.dtype]) -> N
     for name in list(stored):
         param = params.get(name)
         if param is not None and not hasattr(param, "full_tensor"):
-            bf16 = param.data
-            param.data = bf16.to(stored[name])
-            release_file_pages(bf16, mappings)  # a weight kept as stored in a bf16 checkpoint (stored_bf16.py)
+            cast_in_place(param, stored[name], mappings)  # a weight kept as stored in a bf16 checkpoint: its pages go
         del stored[name]
