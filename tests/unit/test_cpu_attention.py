@@ -42,7 +42,7 @@ def two_threads():
 def forward(request, monkeypatch):
     """Both forwards the kernel's backward follows, whatever this machine has: the kernel's, and PyTorch's flash
     kernel (ops/attention.py: _forward, taken on CPUs with AMX)."""
-    monkeypatch.setitem(attention._cpu_flags, "amx", request.param == "flash forward")
+    monkeypatch.setattr(attention, "cpu_has_amx", lambda: request.param == "flash forward")
     return request.param
 
 
@@ -168,7 +168,7 @@ def test_pytorch_kernel_kept_where_it_is_the_faster_one(monkeypatch):
     q, k, v, _ = (t.bfloat16() for t in _inputs(1, 4, 2, 8, 16))
     module = _Module()
     assert kernel_applies(module, q, k, v, None, 0.0, None, {})
-    monkeypatch.setitem(attention._cpu_flags, "amx", True)  # AMX: the kernel's backward is still the faster one
+    monkeypatch.setattr(attention, "cpu_has_amx", lambda: True)  # AMX: the kernel's backward is still the faster one
     assert kernel_applies(module, q, k, v, None, 0.0, None, {})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # 1 row x 4 heads x 1 block: 4 items for 8 threads
     assert not kernel_applies(module, q, k, v, None, 0.0, None, {})
@@ -181,10 +181,10 @@ def test_on_amx_the_forward_is_pytorchs_flash_kernel_unless_there_are_key_ranges
     flash_out, flash_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.25)
     kernel_out, kernel_lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, None, 0.25)
     assert not torch.equal(flash_out, kernel_out)  # fp32 against bf16 scores: the two forwards can be told apart
-    monkeypatch.setitem(attention._cpu_flags, "amx", False)
+    monkeypatch.setattr(attention, "cpu_has_amx", lambda: False)
     out, lse = attention._forward(q, k, v, None, 0.25)
     assert torch.equal(out, kernel_out) and torch.equal(lse, kernel_lse)
-    monkeypatch.setitem(attention._cpu_flags, "amx", True)
+    monkeypatch.setattr(attention, "cpu_has_amx", lambda: True)
     out, lse = attention._forward(q, k, v, None, 0.25)
     assert torch.equal(out, flash_out) and torch.equal(lse, flash_lse) and lse.is_contiguous()
     ranges = attention.mask_key_ranges(_causal_mask(2, 24, lengths=[24, 10]), 2, 24)

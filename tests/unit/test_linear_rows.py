@@ -15,8 +15,9 @@ BUILT = torch.ops.lorakit.linear_rows_dtypes() if kernels_available() else []  #
 needs_kernel = pytest.mark.skipif(not kernels_available(), reason="lorakit's CPU kernels cannot be built here")
 needs_bf16 = pytest.mark.skipif("bfloat16" not in BUILT, reason="the bf16 kernel needs AVX512-BF16")
 # the dtype linear sends to the kernel on this machine (bf16 where built, else fp32 where "auto" allows it)
-RUNS = next((d for d in (torch.bfloat16, torch.float32) if d in matmul.LINEAR_ROWS_MAX
-             and matmul.linear_rows_runs(torch.ones(1, 1, dtype=d), torch.ones(1, 1, dtype=d))), None)
+RUNS = next((d for d in (torch.bfloat16, torch.float32) if d in matmul.LINEAR_ROWS
+             and matmul.linear_rows_runs(torch.ones(matmul.LINEAR_ROWS[d][0], 1, dtype=d), torch.ones(1, 1, dtype=d))),
+            None)
 needs_runs = pytest.mark.skipif(RUNS is None, reason="linear sends no dtype to the kernel on this machine")
 DTYPES = [pytest.param(torch.bfloat16, marks=needs_bf16), torch.float32]
 
@@ -43,7 +44,7 @@ def _reference(x, w, b):
     ((3, 37), 19),        # nothing a multiple of the tile or of the 32 values of a step
     ((17, 100), 7),       # a block of 4 rows and one more
     ((2, 5, 33), 9),      # leading dimensions as rows, 10 of them
-    ((32, 96), 130),      # LINEAR_ROWS_MAX rows
+    ((32, 96), 130),      # the most rows any CPU sends it (matmul.LINEAR_ROWS)
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_kernel_rounds_the_fp32_sum_to_bf16_once(shape, d_out, bias):
@@ -87,7 +88,8 @@ def test_the_kernel_refuses_what_it_cannot_multiply():
 
 def _count_kernel_calls(monkeypatch) -> list:
     """The shapes of the rows linear sends to the kernel from now on."""
-    matmul.linear_rows_runs(torch.ones(1, 1), torch.ones(1, 1))  # the operator looked up
+    if not matmul._LINEAR_ROWS:
+        matmul._load_linear_rows()  # the operator looked up
     real, dtypes = matmul._LINEAR_ROWS
     calls = []
 
@@ -102,10 +104,12 @@ def _count_kernel_calls(monkeypatch) -> list:
 @needs_runs
 def test_linear_sends_a_few_rows_to_the_kernel_and_the_rest_to_the_libraries(monkeypatch):
     monkeypatch.delenv(matmul.BACKEND_ENV, raising=False)
-    dtype, limit = RUNS, matmul.LINEAR_ROWS_MAX[RUNS]
+    dtype, (fewest, limit) = RUNS, matmul.LINEAR_ROWS[RUNS]
     w = torch.randn(48, 64).to(dtype)
-    few, many = torch.randn(8, 1, 64).to(dtype), torch.randn(limit + 1, 64).to(dtype)
+    few, many = torch.randn(max(fewest, limit // 2), 1, 64).to(dtype), torch.randn(limit + 1, 64).to(dtype)
     assert matmul.linear_rows_runs(few, w)
+    assert matmul.linear_rows_runs(torch.randn(fewest, 64).to(dtype), w)
+    assert not matmul.linear_rows_runs(torch.randn(fewest - 1, 64).to(dtype), w)
     assert matmul.linear_rows_runs(torch.randn(limit, 64).to(dtype), w, torch.zeros(48).to(dtype))
     assert not matmul.linear_rows_runs(many, w)  # a prompt or a training step: the libraries' kernels
     assert not matmul.linear_rows_runs(few.half(), w.half())  # fp16
@@ -122,13 +126,27 @@ def test_linear_sends_a_few_rows_to_the_kernel_and_the_rest_to_the_libraries(mon
     assert calls == [tuple(few.shape)]
 
 
-def test_fp32_stays_on_mkl_on_intel_cpus(monkeypatch):
-    """Where "auto" sends fp32 to MKL (Intel CPUs), the kernel takes bf16 only."""
-    monkeypatch.setattr(matmul, "_AUTO_DTYPES", (torch.bfloat16,))
-    monkeypatch.setattr(matmul, "_LINEAR_ROWS", [])
-    x, w = torch.randn(8, 64), torch.randn(48, 64)
-    assert not matmul.linear_rows_runs(x, w)
-    assert matmul.linear_rows_runs(x.bfloat16(), w.bfloat16()) == ("bfloat16" in BUILT)
+def test_the_kernels_rows_follow_the_cpu():
+    """Measured (bench/few_rows.py): with AMX, oneDNN's bf16 product is ahead from ~9 rows; on Intel CPUs MKL's
+    fp32 product on one row is level with the kernel's or ahead, from 2 rows behind it."""
+    amd, intel_amx = matmul.linear_rows_ranges("AuthenticAMD", False), matmul.linear_rows_ranges("GenuineIntel", True)
+    assert amd[torch.bfloat16] == (1, 32) and amd[torch.float32] == (1, 16)
+    assert intel_amx[torch.bfloat16] == (1, 8) and intel_amx[torch.float32] == (2, 16)
+    assert matmul.LINEAR_ROWS == matmul.linear_rows_ranges(matmul.cpu_vendor(), matmul.cpu_has_amx())
+
+
+@needs_kernel
+@pytest.mark.skipif("float32" not in BUILT, reason="the fp32 kernel needs AVX2")
+def test_on_an_intel_cpu_one_fp32_row_stays_on_mkl(monkeypatch):
+    monkeypatch.delenv(matmul.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(matmul, "LINEAR_ROWS", matmul.linear_rows_ranges("GenuineIntel", True))
+    w = torch.randn(48, 64)
+    assert not matmul.linear_rows_runs(torch.randn(1, 64), w)
+    assert matmul.linear_rows_runs(torch.randn(2, 64), w) and matmul.linear_rows_runs(torch.randn(16, 64), w)
+    assert not matmul.linear_rows_runs(torch.randn(17, 64), w)
+    bf16_w = w.bfloat16()
+    assert matmul.linear_rows_runs(torch.randn(8, 64).bfloat16(), bf16_w) == ("bfloat16" in BUILT)
+    assert not matmul.linear_rows_runs(torch.randn(9, 64).bfloat16(), bf16_w)  # AMX: oneDNN's tiles
 
 
 @needs_runs
@@ -150,7 +168,7 @@ def test_decoding_runs_on_the_kernel_and_matches_the_library_path(monkeypatch, m
     monkeypatch.setenv(matmul.BACKEND_ENV, "auto")
     calls = _count_kernel_calls(monkeypatch)
     got = model.generate(input_ids=ids, **settings)
-    assert calls and all(torch.Size(shape).numel() // shape[-1] <= matmul.LINEAR_ROWS_MAX[RUNS] for shape in calls)
+    assert calls and all(torch.Size(shape).numel() // shape[-1] <= matmul.LINEAR_ROWS[RUNS][1] for shape in calls)
     assert torch.equal(got, expected)
 
 

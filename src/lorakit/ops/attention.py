@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from lorakit.ops.cpu_extension import kernels_available
+from lorakit.ops.cpu_info import cpu_has_amx
 
 IMPLEMENTATION = "lorakit_cpu"
 _BEFORE = "_lorakit_attention_before"  # on the model: the implementation it had
 # kwargs of transformers' attention call that change the math away from plain causal softmax attention
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask", "cache")
 _checked_mask: dict = {}  # "entry": (weakref to the last mask checked, its version, its key ranges or None)
-_cpu_flags: dict = {}  # "amx": cpu_has_amx()
 
 
 class CausalAttentionFunction(torch.autograd.Function):
@@ -102,18 +102,6 @@ def mask_key_ranges(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor
             ranges = torch.stack((start, end), -1).to(torch.int64).expand(batch, length, 2).contiguous()
     _checked_mask["entry"] = (weakref.ref(mask), mask._version, ranges)
     return ranges
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles, on which PyTorch's flash attention runs its fast brgemm path (its
-    forward is then the faster one). Read once from /proc/cpuinfo (False where there is none)."""
-    if "amx" not in _cpu_flags:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as info:
-                _cpu_flags["amx"] = any(line.startswith("flags") and " amx_bf16" in line for line in info)
-        except OSError:
-            _cpu_flags["amx"] = False
-    return _cpu_flags["amx"]
 
 
 def enough_work(query: torch.Tensor) -> bool:

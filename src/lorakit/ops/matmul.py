@@ -10,9 +10,9 @@ differ only in the order of the additions, so results agree to fp32 rounding, no
     linear(x, w)               x @ w.T (+ bias)           x: (..., d_in), w: (d_out, d_in) (any strides)
     linear_add(x, w, other, a) other + a * (x @ w.T)      added in the matmul's output stage (in place on request)
 
-Backend, chosen per call: lorakit's few-rows kernel (ops/csrc/linear_rows.cpp) for a decoded token's batch (at
-most LINEAR_ROWS_MAX contiguous rows, bf16 where the CPU has AVX512-BF16, fp32 where "auto" sends fp32 to oneDNN:
-the libraries rearrange the whole weight on every call, and at a few rows that is most of the call); else
+Backend, chosen per call: lorakit's few-rows kernel (ops/csrc/linear_rows.cpp) for a decoded token's batch
+(contiguous rows in the range LINEAR_ROWS sets for the dtype and this CPU; bf16 where the CPU has AVX512-BF16: the
+libraries rearrange the whole weight on every call, and at a few rows that is most of the call); else
 "onednn" for CPU tensors of one dtype when PyTorch has oneDNN (bf16 always; fp32 on CPUs other than Intel's, from
 FP32_ONEDNN_MIN_MACS multiply-accumulates up: below, oneDNN's fixed cost per call outweighs its faster kernel),
 else "aten" (F.linear: cuBLAS on CUDA, MKL on CPU). `LORAKIT_MATMUL=aten` forces the aten kernels, e.g. to compare
@@ -29,21 +29,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lorakit.ops.cpu_info import cpu_has_amx, cpu_vendor
+
 BACKEND_ENV = "LORAKIT_MATMUL"
 BACKENDS = ("auto", "aten", "onednn")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" where there is none."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 # the dtypes "auto" sends to oneDNN: fp32 only where MKL has no fast path (not an Intel CPU)
@@ -117,13 +107,22 @@ def kernels() -> dict:
     return found
 
 
-# rows up to which lorakit's kernel (ops/csrc/linear_rows.cpp) multiplies a few rows by a plain weight faster than
-# the libraries, which rearrange the weight on every call (SmolLM2's projections, 2 threads, us a call on average
-# against oneDNN: bf16 8 rows 53 vs 114, 16 rows 78 vs 134, 32 rows 131 vs 179; fp32 8 rows 118 vs 151, 16 rows 183
-# vs 196, 32 rows 304 vs 281; docs/performance.md, optimisation 39)
-LINEAR_ROWS_MAX = {torch.bfloat16: 32, torch.float32: 16}
-# filled on first use: the kernel's operator and the dtypes it takes here: bf16 where the CPU has AVX512-BF16; fp32
-# where "auto" sends fp32 to oneDNN (not on Intel CPUs, whose MKL has its fast fp32 path: not measured against it)
+# the rows lorakit's kernel (ops/csrc/linear_rows.cpp) multiplies by a plain weight faster than the libraries, which
+# rearrange the weight on every call: (fewest, most) by dtype, for this CPU. SmolLM2's projections, cycled as a
+# token reads them, 2 threads, us a call (bench/few_rows.py; docs/performance.md, optimisations 39 and 42):
+# - bf16 against oneDNN: on AVX512-BF16 without AMX (AMD EPYC) 8 rows 53 vs 114, 32 rows 131 vs 179, level at 64;
+#   with AMX (Intel Xeon), whose tiles oneDNN uses from a few rows on, 4 rows 55 vs 77, 8 rows 78 vs 81, 10 rows
+#   87 vs 80, 16 rows 127 vs 86
+# - fp32 against oneDNN (AMD EPYC) 8 rows 118 vs 151, 16 rows 183 vs 196, 32 rows 304 vs 281; against MKL (Intel
+#   Xeon, where fp32 runs on MKL) 1 row 78 vs 77, 2 rows 83 vs 83, 8 rows 113 vs 145, 16 rows 144 vs 172, 32 rows
+#   210 vs 207: one row stays on MKL there
+def linear_rows_ranges(vendor: str, amx: bool) -> dict:
+    """dtype -> (fewest, most) rows `linear` sends to lorakit's kernel on a CPU of this vendor, with or without AMX."""
+    return {torch.bfloat16: (1, 8 if amx else 32), torch.float32: (2 if vendor == "GenuineIntel" else 1, 16)}
+
+
+LINEAR_ROWS = linear_rows_ranges(cpu_vendor(), cpu_has_amx())
+# filled on first use: the kernel's operator and the dtypes it runs fast here (bf16 where the CPU has AVX512-BF16)
 _LINEAR_ROWS: list = []
 
 
@@ -132,20 +131,21 @@ def _load_linear_rows() -> None:
     dtypes = ()
     if kernels_available():
         built = torch.ops.lorakit.linear_rows_dtypes()
-        dtypes = tuple(d for d in LINEAR_ROWS_MAX if str(d).removeprefix("torch.") in built and d in _AUTO_DTYPES)
+        dtypes = tuple(d for d in LINEAR_ROWS if str(d).removeprefix("torch.") in built)
     _LINEAR_ROWS[:] = [torch.ops.lorakit.linear_rows.default if dtypes else None, dtypes]
 
 
 def linear_rows_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """True when lorakit's few-rows kernel computes `x @ weight.T (+ bias)`: at most LINEAR_ROWS_MAX contiguous CPU
-    rows (a decoded token's batch) of a dtype it takes here, a contiguous weight (and bias) of that dtype, the
-    "auto" backend. Plain code, run for every layer of every decoded token."""
+    """True when lorakit's few-rows kernel computes `x @ weight.T (+ bias)`: contiguous CPU rows in LINEAR_ROWS's
+    range for their dtype (a decoded token's batch), a dtype the kernel runs fast here, a contiguous weight (and
+    bias) of that dtype, the "auto" backend. Plain code, run for every layer of every decoded token."""
     dtype = x.dtype
-    limit = LINEAR_ROWS_MAX.get(dtype)
-    if limit is None or not (weight.dtype == dtype and 0 < x.numel() <= limit * x.shape[-1] and x.is_cpu
-                             and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()
-                             and (bias is None or (bias.dtype == dtype and bias.is_cpu and bias.is_contiguous()))
-                             and requested_backend() == "auto"):
+    rows = LINEAR_ROWS.get(dtype)
+    if rows is None or not (weight.dtype == dtype and x.is_cpu and weight.is_cpu
+                            and rows[0] * x.shape[-1] <= x.numel() <= rows[1] * x.shape[-1]
+                            and x.is_contiguous() and weight.is_contiguous()
+                            and (bias is None or (bias.dtype == dtype and bias.is_cpu and bias.is_contiguous()))
+                            and requested_backend() == "auto"):
         return False
     if not _LINEAR_ROWS:
         _load_linear_rows()
