@@ -249,7 +249,8 @@ class AdapterLayer(AdapterHolder):
         if hasattr(base, "store_dense_weight"):
             self.base_layer = base.store_dense_weight(weight)
         else:
-            base.weight.data.copy_(weight)
+            with torch.no_grad():  # on the parameter itself, not `.data`: its version counter counts the write, which
+                base.weight.copy_(weight)  # caches of the weight check (DoRA's base norms, methods/lora/dora.py)
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:

@@ -100,7 +100,8 @@ class LoraMultiheadAttention(LoraLayer):
         return self.base_layer.in_proj_weight
 
     def write_base_weight(self, weight: torch.Tensor) -> None:
-        self.base_layer.in_proj_weight.data.copy_(weight)
+        with torch.no_grad():  # the parameter's version counts the write (AdapterLayer.write_base_weight)
+            self.base_layer.in_proj_weight.copy_(weight)
 
     def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
