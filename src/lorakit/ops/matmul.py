@@ -51,6 +51,17 @@ def _onednn_op():
 
 _ONEDNN = _onednn_op()
 
+
+def _aten_bf16_on_onednn() -> bool:
+    """Whether aten's bf16 matmuls on the CPU run on oneDNN (AVX512-BF16 or AMX; elsewhere a slow reference loop)."""
+    try:
+        return _ONEDNN is not None and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ATEN_BF16_ON_ONEDNN = _aten_bf16_on_onednn()
+
 # multiply-accumulates (rows x d_in x d_out) from which "auto" sends an fp32 product to oneDNN (where it does fp32):
 # below, MKL's smaller fixed cost wins (docs/performance.md, optimisation 27)
 FP32_ONEDNN_MIN_MACS = 1 << 21
@@ -178,11 +189,14 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor, alpha
     the value is that of `other + F.linear(x, weight) * alpha` bit for bit when alpha is a power of two
     (tests/unit/test_matmul_backend.py). overwrite=True: `other` is the caller's own temporary (no autograd
     history) and may receive the result; aten then adds in place (addmm_), one pass over `other` fewer than
-    addmm's copy, with the same bits."""
-    if use_onednn(x, weight, other) and other.shape[:-1] == x.shape[:-1] and other.is_contiguous():
+    addmm's copy, with the same bits, and so does CPU bf16, whose addmm_ runs on oneDNN (optimisation 44)."""
+    onednn = use_onednn(x, weight, other)
+    if overwrite and other.is_contiguous() and (not onednn or (x.dtype == torch.bfloat16 and _ATEN_BF16_ON_ONEDNN)):
+        # in place: aten's addmm_ (on CPU bf16, oneDNN's matmul with the sum in its output stage, which reads and
+        # writes `other` once and allocates nothing; faster than the binary post-op's new output, the same bits)
+        other.view(-1, other.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.T, alpha=alpha)
+        return other
+    if onednn and other.shape[:-1] == x.shape[:-1] and other.is_contiguous():
         return _ONEDNN.binary(x if alpha == 1.0 else x * alpha, other, weight, None, "add")
     x2, other2 = x.reshape(-1, x.shape[-1]), other.reshape(-1, other.shape[-1])
-    if overwrite and other2.data_ptr() == other.data_ptr() and other.is_contiguous():
-        other2.addmm_(x2, weight.T, alpha=alpha)
-        return other
     return torch.addmm(other2, x2, weight.T, alpha=alpha).view(other.shape)
