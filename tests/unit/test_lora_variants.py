@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import LoraConfig, get_peft_model
+from lorakit.methods.lora import dora
 from lorakit.methods.lora.dora import dense_row_norms, row_norms
 from lorakit.methods.lora.layer import LoraLayer, LoraLinear
 from lorakit.methods.lora.tuner import LoraTuner
@@ -171,51 +172,40 @@ def _fresh_scale(layer, name="default"):
     return magnitude / norm.view(magnitude.shape)
 
 
-def test_dora_reuses_the_base_norms_only_while_the_base_weight_is_unchanged():
+def test_dora_reuses_the_base_norms_only_while_the_base_weight_is_unchanged(monkeypatch):
     """||W0||^2 per row is computed once per frozen base weight; every way the weight can change makes the next scale
     compute it again: an in-place write (merge/unmerge, load_state_dict, any no-grad op), a new tensor, a new dtype."""
     model = get_peft_model(Toy(), LoraConfig(r=2, target_modules=["lin", "fused", "conv"], use_dora=True))
     randomize_trainable(model)
     calls = []
-    real = lorakit.methods.lora.dora.weight_row_norms_sq
-
-    def counting(weight):
-        calls.append(weight.shape)
-        return real(weight)
-
-    import lorakit.methods.lora.dora as dora
-    dora.weight_row_norms_sq, restore = counting, dora.weight_row_norms_sq
-    try:
-        lin = layers(model)["lin"]
-        variant = lin.lora_variant["default"]
-        variant.scale(lin, "default")
-        variant.scale(lin, "default")
-        assert len(calls) == 1  # reused
-        for change in (lambda w: w.mul_(1.5),  # in place (the version counter)
-                       lambda w: setattr(lin.base_layer, "weight", nn.Parameter(w * 2, requires_grad=False)),
-                       lambda w: setattr(lin.base_layer.weight, "data", w.double().float() + 1)):
-            before = len(calls)
-            with torch.no_grad():
-                change(lin.base_layer.weight)
-            torch.testing.assert_close(variant.scale(lin, "default"), _fresh_scale(lin), rtol=0, atol=0)
-            assert len(calls) == before + 2  # the scale's and _fresh_scale's: nothing stale was reused
-        expected = model(IDS)
-        model.merge_adapter()
-        model.unmerge_adapter()  # writes W0 back through write_base_weight, to within fp32 rounding
-        for layer in layers(model).values():
-            torch.testing.assert_close(layer.lora_variant["default"].scale(layer, "default"), _fresh_scale(layer),
-                                       rtol=0, atol=0)
-        torch.testing.assert_close(model(IDS), expected, atol=1e-5, rtol=1e-5)
-        model.load_state_dict({k: v * 0.5 if k.endswith("lin.base_layer.weight") else v
-                               for k, v in model.state_dict().items()})
+    real = dora.weight_row_norms_sq
+    monkeypatch.setattr(dora, "weight_row_norms_sq", lambda weight: calls.append(weight.shape) or real(weight))
+    lin = layers(model)["lin"]
+    variant = lin.lora_variant["default"]
+    variant.scale(lin, "default")
+    variant.scale(lin, "default")
+    assert len(calls) == 1  # reused
+    for change in (lambda w: w.mul_(1.5),  # in place (the version counter)
+                   lambda w: setattr(lin.base_layer, "weight", nn.Parameter(w * 2, requires_grad=False)),
+                   lambda w: setattr(lin.base_layer.weight, "data", w.double().float() + 1)):
+        before = len(calls)
+        with torch.no_grad():
+            change(lin.base_layer.weight)
         torch.testing.assert_close(variant.scale(lin, "default"), _fresh_scale(lin), rtol=0, atol=0)
-    finally:
-        dora.weight_row_norms_sq = restore
+        assert len(calls) == before + 2  # the scale's and _fresh_scale's: nothing stale was reused
+    expected = model(IDS)
+    model.merge_adapter()
+    model.unmerge_adapter()  # writes W0 back through write_base_weight, to within fp32 rounding
+    for layer in layers(model).values():
+        torch.testing.assert_close(layer.lora_variant["default"].scale(layer, "default"), _fresh_scale(layer),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(model(IDS), expected, atol=1e-5, rtol=1e-5)
+    model.load_state_dict({k: v * 0.5 if k.endswith("lin.base_layer.weight") else v
+                           for k, v in model.state_dict().items()})
+    torch.testing.assert_close(variant.scale(lin, "default"), _fresh_scale(lin), rtol=0, atol=0)
 
 
 def test_a_dora_run_with_the_cached_base_norms_is_the_uncached_run_bit_for_bit(monkeypatch):
-    import lorakit.methods.lora.dora as dora
-
     def train(cached: bool):
         if not cached:
             monkeypatch.setattr(dora.DoraVariant, "_weight_norms_sq",

@@ -33,6 +33,7 @@ from torch import nn
 from lorakit.ops.cpu_extension import bf16_kernel_runs
 
 
+@torch.no_grad()
 def weight_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
     """||W_i||^2 per row of a (d_out, d_in) weight, in fp32 (or fp64): row_norms' first term."""
     acc = torch.promote_types(weight.dtype, torch.float32)
