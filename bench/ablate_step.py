@@ -4,8 +4,9 @@ time, in one process, the variants taking turns step after step.
     PYTHONPATH=src python bench/ablate_step.py --setting fp32 --batch 1 --seq 256 --rounds 4
     PYTHONPATH=src python bench/ablate_step.py --setting default
 
-Variants: all on; no oneDNN (LORAKIT_MATMUL=aten: PyTorch's MKL/aten matmuls); no fused LoRA function (the
-layer's general module path); no chunked LM-head loss (full logits, then F.cross_entropy); no fused modules (the
+Variants: all on; no oneDNN (LORAKIT_MATMUL=aten: PyTorch's MKL/aten matmuls); no row split (oneDNN's bf16
+products always whole, ops/row_split.py); no fused LoRA function (the layer's general module path); no chunked
+LM-head loss (full logits, then F.cross_entropy); no fused modules (the
 model's own RMSNorm and MLP forwards, ops/fused_modules.py); no CPU attention (PyTorch's SDPA instead of
 lorakit's kernel, ops/attention.py; the default setting only: the others run SDPA anyway). Every variant runs the
 same model and batch (the optimizer is not stepped, so the weights stay the same); the figure is the median CPU
@@ -35,10 +36,21 @@ def no_onednn():
 
 
 @contextlib.contextmanager
+def no_row_split():
+    from lorakit.ops import row_split
+
+    with mock.patch.object(row_split, "ENABLED", False):
+        yield
+
+
+@contextlib.contextmanager
 def no_fused():
     from lorakit.methods.lora.layer import LoraLinear
 
-    with mock.patch.object(LoraLinear, "_single_running_adapter", lambda self, x: None):
+    def general_path(self, x, *args, **kwargs):  # the adapter layers' general path (base, then each adapter's term)
+        return super(LoraLinear, self).forward(x, *args, **kwargs)
+
+    with mock.patch.object(LoraLinear, "forward", general_path):
         yield
 
 
@@ -88,6 +100,7 @@ class NoCpuAttention:
 
 
 VARIANTS = {"all on": lambda run: contextlib.nullcontext(), "no oneDNN": lambda run: no_onednn(),
+            "no row split": lambda run: no_row_split(),
             "no fused LoRA": lambda run: no_fused(), "no chunked loss": lambda run: no_chunked_loss(),
             "no fused modules": lambda run: NoFusedModules(run.model),
             "no CPU attention": lambda run: NoCpuAttention(run.model)}

@@ -15,11 +15,12 @@ Backend, chosen per call: lorakit's few-rows kernel (ops/csrc/linear_rows.cpp) f
 libraries rearrange the whole weight on every call, and at a few rows that is most of the call); else
 "onednn" for CPU tensors of one dtype when PyTorch has oneDNN (bf16 always; fp32 on CPUs other than Intel's, from
 FP32_ONEDNN_MIN_MACS multiply-accumulates up: below, oneDNN's fixed cost per call outweighs its faster kernel),
-else "aten" (F.linear: cuBLAS on CUDA, MKL on CPU). `LORAKIT_MATMUL=aten` forces the aten kernels, e.g. to compare
-with another library bit for bit; `LORAKIT_MATMUL=onednn` forces oneDNN (fp32 on Intel CPUs too, and small fp32
-products everywhere); either keeps lorakit's kernel off. These
-functions do not record autograd history: call them inside a torch.autograd.Function (methods/lora/fused.py,
-cross_entropy.py) or without autograd (inference).
+else "aten" (F.linear: cuBLAS on CUDA, MKL on CPU). A large bf16 product on oneDNN may run in parts of its rows
+where that measures faster and gives the same bits (row_split.py). `LORAKIT_MATMUL=aten` forces the aten kernels,
+e.g. to compare with another library bit for bit; `LORAKIT_MATMUL=onednn` forces oneDNN (fp32 on Intel CPUs too,
+and small fp32 products everywhere); either keeps lorakit's kernel off. These functions do not record autograd
+history: call them inside a torch.autograd.Function (methods/lora/fused.py, cross_entropy.py) or without autograd
+(inference).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lorakit.ops import row_split
 from lorakit.ops.cpu_info import cpu_has_amx, cpu_vendor
 
 BACKEND_ENV = "LORAKIT_MATMUL"
@@ -168,8 +170,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if linear_rows_runs(x, weight, bias):
         return _LINEAR_ROWS[0](x, weight, bias)
     if use_onednn(x, weight, bias):
+        if _ATEN_BF16_ON_ONEDNN and row_split.applies(x, weight, bias):
+            return row_split.linear(x, weight, _onednn_linear)
         return _ONEDNN(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _ONEDNN(x, weight, None, "none", [], "")
 
 
 def linear_layer(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""Row-split tuning of oneDNN's bf16 matmuls: some shapes run much faster as two or four calls on parts of their rows.
+
+oneDNN chooses its blocking and its split of the work between threads from the shape alone, and some choices are
+slow. On an Intel Xeon with AMX (2 threads), `x @ w.T` with 576 output columns (SmolLM2's hidden size: the
+attention's q and o, the MLP's down projection, every input gradient but the down projection's) runs at ~1.4
+TFLOP/s for 640-1,280 rows and at 2.3-3.2 TFLOP/s on either side; the 1,024 rows of a 4 x 256 step done as two
+calls of 512 take 0.78 instead of 1.27 ms (docs/performance.md, optimisation 45). Which shapes suffer depends on
+the CPU, the thread count and oneDNN's version, so it is measured here, not listed:
+
+- each product shape (rows, inner and output sizes, the operands' strides, dtype, threads) gets a Plan;
+- its first call runs whole (oneDNN builds its kernels for the shape); the second also runs every split in
+  CANDIDATE_PARTS and keeps only those whose result equals the whole's bit for bit;
+- the next calls take turns between the whole and the kept splits, timed, ROUNDS each; then the fastest stays for
+  the shape's later calls, a split only when it is at least MIN_GAIN faster than the whole.
+
+oneDNN's order of summation depends on the shape, and at fewer rows some shapes sum in another order; the
+equality test leaves those whole. So the choice never changes a result: a run is as deterministic, and a resumed
+run as exact, as without the tuning, whichever way the timings fall. The 30 layers of a model share their shapes,
+so the tuning is over within the first step and costs one extra call per split per shape.
+
+Only bf16 products without bias on CPUs where aten's bf16 matmul is oneDNN's (the parts write into one output
+through torch.mm(out=), which must be the same kernel as lorakit.ops.matmul's whole call: the equality test checks
+that too), with at least MIN_ROWS rows and MIN_MACS multiply-accumulates.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+ENABLED = True
+CANDIDATE_PARTS = (2, 4)
+MIN_ROWS = 256  # the parts keep at least 128 rows
+MIN_PART_ROWS = 128
+MIN_MACS = 1 << 24  # smaller products (LoRA's rank-r ones) cost ~10-50 us, where the call's own cost weighs
+ROUNDS = 3
+MIN_GAIN = 0.05
+MAX_PLANS = 4096  # distinct shapes tuned; later ones run whole (a run whose shapes never repeat)
+
+
+class Plan:
+    """One product shape's tuning: the parts it runs in once decided (`parts`), else the timings so far."""
+
+    __slots__ = ("calls", "parts", "candidates", "times")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.parts: int | None = None
+        self.candidates: tuple[int, ...] = ()
+        self.times: dict[int, list[float]] = {}
+
+    def next_to_time(self) -> int:
+        return self.candidates[(self.calls - 3) % len(self.candidates)]
+
+    def record(self, parts: int, seconds: float) -> None:
+        self.times[parts].append(seconds)
+        if all(len(t) >= ROUNDS for t in self.times.values()):
+            medians = {p: statistics.median(t) for p, t in self.times.items()}
+            best = min(medians, key=medians.get)
+            self.parts = best if medians[best] < (1.0 - MIN_GAIN) * medians[1] else 1
+            self.times = {}
+
+
+_PLANS: dict[tuple, Plan] = {}
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `x @ weight.T` is a product this tuning may split (the caller has chosen oneDNN for it)."""
+    if not ENABLED or bias is not None or x.dtype != torch.bfloat16 or not x.is_contiguous() \
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # torch.mm(out=): no autograd
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows >= MIN_ROWS and rows * x.shape[-1] * weight.shape[0] >= MIN_MACS
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, whole) -> torch.Tensor:
+    """x @ weight.T as `whole(x, weight)` computes it, possibly in parts of x's rows (same bits)."""
+    key = (x.shape, weight.shape, weight.stride(), x.dtype, torch.get_num_threads())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_PLANS:
+            return whole(x, weight)
+        plan = _PLANS[key] = Plan()
+    if plan.parts is not None:
+        return whole(x, weight) if plan.parts == 1 else _in_parts(x, weight, plan.parts)
+    plan.calls += 1
+    if plan.calls == 1:
+        return whole(x, weight)
+    if plan.calls == 2:
+        out = whole(x, weight)
+        rows = out.numel() // out.shape[-1]
+        plan.candidates = (1,) + tuple(p for p in CANDIDATE_PARTS if rows // p >= MIN_PART_ROWS
+                                       and torch.equal(_in_parts(x, weight, p), out))
+        if len(plan.candidates) == 1:
+            plan.parts = 1
+        else:
+            plan.times = {p: [] for p in plan.candidates}
+        return out
+    parts = plan.next_to_time()
+    start = time.perf_counter()
+    out = whole(x, weight) if parts == 1 else _in_parts(x, weight, parts)
+    plan.record(parts, time.perf_counter() - start)
+    return out
+
+
+def _in_parts(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
+    x2 = x.view(-1, x.shape[-1])
+    out = x.new_empty(x.shape[:-1] + (weight.shape[0],))
+    out2 = out.view(-1, weight.shape[0])
+    for x_part, out_part in zip(x2.chunk(parts), out2.chunk(parts)):
+        torch.mm(x_part, weight.t(), out=out_part)
+    return out
+
+
+def plans() -> dict[tuple, int | None]:
+    """shape key -> parts chosen (None while tuning): for tests and benchmarks."""
+    return {key: plan.parts for key, plan in _PLANS.items()}
+
+
+def reset() -> None:
+    """Forget every shape's plan (the next calls tune again)."""
+    _PLANS.clear()
