@@ -99,6 +99,8 @@ def test_only_large_contiguous_bf16_products_without_bias_or_autograd_apply():
     assert not row_split.applies(x[:, :288], w[:, :288], None)  # rows not contiguous
     assert not row_split.applies(x[:128], w, None)  # too few rows
     assert not row_split.applies(x, w[:16], None)  # a rank-16 product: too small
+    logits_rows = row_split.MAX_OUTPUT_BYTES // (2 * 49152) + 1  # an LM head's logits chunk: too large an output
+    assert not row_split.applies(torch.randn(logits_rows, 576).bfloat16(), torch.randn(49152, 576).bfloat16(), None)
     assert not row_split.applies(x.clone().requires_grad_(), w, None)  # torch.mm(out=) records no history
     with torch.no_grad():
         assert row_split.applies(x.clone().requires_grad_(), w, None)

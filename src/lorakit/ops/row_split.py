@@ -20,7 +20,9 @@ so the tuning is over within the first step and costs one extra call per split p
 
 Only bf16 products without bias on CPUs where aten's bf16 matmul is oneDNN's (the parts write into one output
 through torch.mm(out=), which must be the same kernel as lorakit.ops.matmul's whole call: the equality test checks
-that too), with at least MIN_ROWS rows and MIN_MACS multiply-accumulates.
+that too), with at least MIN_ROWS rows and MIN_MACS multiply-accumulates, and outputs of at most MAX_OUTPUT_BYTES
+(the equality test is made part by part in one part-sized buffer: a second whole output of an LM head's logits
+chunk would raise the step's peak memory by its 48 MB).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ MIN_PART_ROWS = 128
 MIN_MACS = 1 << 24  # smaller products (LoRA's rank-r ones) cost ~10-50 us, where the call's own cost weighs
 ROUNDS = 3
 MIN_GAIN = 0.05
+# larger outputs are not split: the tuning's equality test holds one part's output beside the whole's, and such
+# products (an LM head's logits, 48 MB a chunk for SmolLM2) run at the step's peak memory
+MAX_OUTPUT_BYTES = 16 * 2 ** 20
 MAX_PLANS = 4096  # distinct shapes tuned; later ones run whole (a run whose shapes never repeat)
 
 
@@ -72,7 +77,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):  # torch.mm(out=): no autograd
         return False
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return rows >= MIN_ROWS and rows * x.shape[-1] * weight.shape[0] >= MIN_MACS
+    return rows >= MIN_ROWS and rows * x.shape[-1] * weight.shape[0] >= MIN_MACS \
+        and rows * weight.shape[0] * x.element_size() <= MAX_OUTPUT_BYTES
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, whole) -> torch.Tensor:
@@ -92,7 +98,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, whole) -> torch.Tensor:
         out = whole(x, weight)
         rows = out.numel() // out.shape[-1]
         plan.candidates = (1,) + tuple(p for p in CANDIDATE_PARTS if rows // p >= MIN_PART_ROWS
-                                       and torch.equal(_in_parts(x, weight, p), out))
+                                       and _parts_equal(x, weight, p, out))
         if len(plan.candidates) == 1:
             plan.parts = 1
         else:
@@ -112,6 +118,21 @@ def _in_parts(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor
     for x_part, out_part in zip(x2.chunk(parts), out2.chunk(parts)):
         torch.mm(x_part, weight.t(), out=out_part)
     return out
+
+
+def _parts_equal(x: torch.Tensor, weight: torch.Tensor, parts: int, out: torch.Tensor) -> bool:
+    """Whether _in_parts(x, weight, parts) would equal `out` bit for bit, checked part by part in one part-sized
+    buffer (a whole second output, at the step's peak, would raise it)."""
+    x2, out2 = x.view(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    buffer = None
+    for x_part, out_part in zip(x2.chunk(parts), out2.chunk(parts)):
+        if buffer is None:
+            buffer = out_part.new_empty(out_part.shape)
+        result = buffer[:x_part.shape[0]]
+        torch.mm(x_part, weight.t(), out=result)
+        if not torch.equal(result, out_part):
+            return False
+    return True
 
 
 def plans() -> dict[tuple, int | None]:
