@@ -18,10 +18,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.methods.quant.nf4 import DEFAULT_BLOCKSIZE, NF4Tensor, quantize_nf4
+from lorakit.ops.matmul import linear
 
 BUFFER_PREFIX = "weight_"  # buffer names: weight_packed, weight_absmax (or weight_absmax_codes/_scales/_offset)
 
@@ -33,14 +33,14 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         ctx.weight, ctx.compute_dtype, ctx.x_dtype = weight, compute_dtype, x.dtype
-        return F.linear(x.to(compute_dtype), weight.dequantize(compute_dtype)).to(x.dtype)
+        return linear(x.to(compute_dtype), weight.dequantize(compute_dtype)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         weight = ctx.weight.dequantize(ctx.compute_dtype)
-        return (grad_out.to(ctx.compute_dtype) @ weight).to(ctx.x_dtype), None, None
+        return linear(grad_out.to(ctx.compute_dtype), weight.T).to(ctx.x_dtype), None, None
 
 
 class NF4Linear(nn.Module):
