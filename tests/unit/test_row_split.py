@@ -12,8 +12,10 @@ from lorakit.ops import matmul, row_split
 
 
 @pytest.fixture(autouse=True)
-def fresh_plans():
+def fresh_plans(monkeypatch):
+    """No plans before or after a test; shapes tuned from their second call (the last test checks the default)."""
     row_split.reset()
+    monkeypatch.setattr(row_split, "TUNE_AFTER_CALLS", 1)
     yield
     row_split.reset()
 
@@ -117,3 +119,23 @@ def test_linear_gives_onednns_whole_bits_while_and_after_tuning(rows, d_in, d_ou
         for _ in range(4 + 3 * (len(row_split.CANDIDATE_PARTS) + 1)):
             assert torch.equal(matmul.linear(x, weight), expected)
     assert len(row_split.plans()) == 2 and None not in row_split.plans().values()
+
+
+def test_a_shape_is_tuned_only_once_it_recurs(monkeypatch):
+    monkeypatch.setattr(row_split, "TUNE_AFTER_CALLS", 64)
+    split_calls = []
+    real = row_split._in_parts
+
+    def counted(x, weight, parts):
+        split_calls.append(parts)
+        return real(x, weight, parts)
+
+    def whole(x, weight):
+        return real(x, weight, 2)
+
+    monkeypatch.setattr(row_split, "_in_parts", counted)
+    monkeypatch.setattr(row_split, "_parts_equal", lambda *args: split_calls.append("check") or True)
+    x, weight, _ = _run(whole, calls=64)
+    assert split_calls == [] and list(row_split.plans().values()) == [None]  # whole calls only, nothing tried
+    row_split.linear(x, weight, whole)
+    assert split_calls.count("check") == len(row_split.CANDIDATE_PARTS)  # the 65th call starts the tuning

@@ -8,15 +8,16 @@ calls of 512 take 0.78 instead of 1.27 ms (docs/performance.md, optimisation 45)
 the CPU, the thread count and oneDNN's version, so it is measured here, not listed:
 
 - each product shape (rows, inner and output sizes, the operands' strides, dtype, threads) gets a Plan;
-- its first call runs whole (oneDNN builds its kernels for the shape); the second also runs every split in
-  CANDIDATE_PARTS and keeps only those whose result equals the whole's bit for bit;
+- its first TUNE_AFTER_CALLS calls run whole (a shape that does not recur is never tuned); the next also runs
+  every split in CANDIDATE_PARTS and keeps only those whose result equals the whole's bit for bit;
 - the next calls take turns between the whole and the kept splits, timed, ROUNDS each; then the fastest stays for
   the shape's later calls, a split only when it is at least MIN_GAIN faster than the whole.
 
 oneDNN's order of summation depends on the shape, and at fewer rows some shapes sum in another order; the
 equality test leaves those whole. So the choice never changes a result: a run is as deterministic, and a resumed
 run as exact, as without the tuning, whichever way the timings fall. The 30 layers of a model share their shapes,
-so the tuning is over within the first step and costs one extra call per split per shape.
+so a fixed-shape run (packed data, the benchmarks) tunes in its second or third step, at one extra call per split
+per shape.
 
 Only bf16 products without bias on CPUs where aten's bf16 matmul is oneDNN's (the parts write into one output
 through torch.mm(out=), which must be the same kernel as lorakit.ops.matmul's whole call: the equality test checks
@@ -42,7 +43,15 @@ MIN_GAIN = 0.05
 # larger outputs are not split: the tuning's equality test holds one part's output beside the whole's, and such
 # products (an LM head's logits, 48 MB a chunk for SmolLM2) run at the step's peak memory
 MAX_OUTPUT_BYTES = 16 * 2 ** 20
-MAX_PLANS = 4096  # distinct shapes tuned; later ones run whole (a run whose shapes never repeat)
+# whole calls of a shape before it is tuned: more than one step's worth for a model of ~30 layers (each shape is
+# called once or twice a layer), so that a shape seen in one step only, as the lengths of unpacked real data come
+# and go, does not pay the tuning (extra calls; oneDNN kernels for the parts, which stay in its cache: on 60 steps
+# of 40 distinct lengths, tuning every shape from its second call cost 4.8% of the time and 141 MB of peak RSS)
+TUNE_AFTER_CALLS = 64
+# distinct shapes given a plan; later ones run whole. A fixed-shape run has ~16 (8 products, forward and backward);
+# a run whose shapes keep changing (unpacked data: a new length every few steps) stops tuning here, which bounds
+# what the parts' oneDNN kernels hold (on 60 steps of 40 lengths: peak RSS +80 MB with 4,096 plans, +0 with 64)
+MAX_PLANS = 64
 
 
 class Plan:
@@ -57,7 +66,7 @@ class Plan:
         self.times: dict[int, list[float]] = {}
 
     def next_to_time(self) -> int:
-        return self.candidates[(self.calls - 3) % len(self.candidates)]
+        return self.candidates[(self.calls - TUNE_AFTER_CALLS - 2) % len(self.candidates)]
 
     def record(self, parts: int, seconds: float) -> None:
         self.times[parts].append(seconds)
@@ -92,9 +101,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, whole) -> torch.Tensor:
     if plan.parts is not None:
         return whole(x, weight) if plan.parts == 1 else _in_parts(x, weight, plan.parts)
     plan.calls += 1
-    if plan.calls == 1:
+    if plan.calls <= TUNE_AFTER_CALLS:  # a shape that recurs is worth tuning; one seen in a single step is not
         return whole(x, weight)
-    if plan.calls == 2:
+    if plan.calls == TUNE_AFTER_CALLS + 1:
         out = whole(x, weight)
         rows = out.numel() // out.shape[-1]
         plan.candidates = (1,) + tuple(p for p in CANDIDATE_PARTS if rows // p >= MIN_PART_ROWS
