@@ -132,11 +132,9 @@ def _in_parts(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor
 def _parts_equal(x: torch.Tensor, weight: torch.Tensor, parts: int, out: torch.Tensor) -> bool:
     """Whether _in_parts(x, weight, parts) would equal `out` bit for bit, checked part by part in one part-sized
     buffer (a whole second output, at the step's peak, would raise it)."""
-    x2, out2 = x.view(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-    buffer = None
-    for x_part, out_part in zip(x2.chunk(parts), out2.chunk(parts)):
-        if buffer is None:
-            buffer = out_part.new_empty(out_part.shape)
+    x_parts, out_parts = x.view(-1, x.shape[-1]).chunk(parts), out.view(-1, out.shape[-1]).chunk(parts)
+    buffer = torch.empty_like(out_parts[0])  # the first part is the largest
+    for x_part, out_part in zip(x_parts, out_parts):
         result = buffer[:x_part.shape[0]]
         torch.mm(x_part, weight.t(), out=result)
         if not torch.equal(result, out_part):
