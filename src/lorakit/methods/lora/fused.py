@@ -22,10 +22,18 @@ Precision: the compute dtype is that of autocast when it is on, else the input's
 base weights, or autocast) the adapter computes in bf16 too, from its fp32 master weights, and its gradients
 return to fp32: autocast's semantics, without its per-op dispatch. In fp32 everything is fp32.
 
-The layer (LoraLinear.forward) uses this function when exactly one unmerged plain-LoRA adapter is active and no
-mixed-adapter routing is set; with dropout the adapter reads dropout(x), passed separately. A base layer that is
-not a dense linear (NF4, ...) runs its own forward and backward (`base_out` mode): the function then adds the
-adapter's term to that output.
+DoRA (dora.py) runs on the same function: given the magnitude m and the row norms ||W0 + s B A|| (computed without
+gradient), the output is
+
+    y' = scale * (x W0^T + s (A x) B^T) + b,      scale = m / ||W0 + s B A||   (fp32, one value per output)
+
+the scaling one pass each way (ops/column_scale.py: for bf16 on the CPU, lorakit's kernel), its backward giving dy
+for the LoRA backward above and m's gradient; the function keeps the unscaled output for it.
+
+The layer (LoraLinear.forward) uses this function when exactly one unmerged adapter is active (plain LoRA, or DoRA
+without active dropout) and no mixed-adapter routing is set; with dropout the adapter reads dropout(x), passed
+separately. A base layer that is not a dense linear (NF4, ...) runs its own forward and backward (`base_out` mode):
+the function then adds the adapter's term to that output.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import math
 import torch
 
 from lorakit.ops import lora_rows
+from lorakit.ops.column_scale import scale_columns, scale_columns_backward
 from lorakit.ops.matmul import linear, linear_add
 
 
@@ -58,31 +67,45 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
 class LoraLinearFunction(torch.autograd.Function):
     """Inputs: x (..., d_in); lora_x: dropout(x), or None when the adapter reads x itself; base_out: the base
     layer's output for x when it ran its own forward (else None, and `weight` (d_out, d_in) / `bias` are the
-    dense base layer's); lora_a (r, d_in), lora_b (d_out, r); scaling s; dtype: the compute dtype."""
+    dense base layer's); lora_a (r, d_in), lora_b (d_out, r); scaling s; dtype: the compute dtype; magnitude and
+    norm (d_out,): DoRA's m and ||W0 + s B A|| (a constant), or None."""
 
     @staticmethod
-    def forward(ctx, x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
+    def forward(ctx, x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype, magnitude, norm):
         ctx.scaling, ctx.dtype, ctx.fused_base = scaling, dtype, base_out is None
+        ctx.dora = magnitude is not None
         ctx.x_dtype = x.dtype
         ctx.lora_x_dtype = None if lora_x is None else lora_x.dtype
         ctx.base_out_dtype = None if base_out is None else base_out.dtype
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype,
+                            None if magnitude is None else magnitude.dtype)
+        ctx.magnitude_shape = None if magnitude is None else magnitude.shape
         ctx.power_of_two = _is_power_of_two(scaling)
         # the adapter's factors in the compute dtype, cast once a step: the backward reuses them (r-wide: a bf16
         # copy of a whole r=16 SmolLM2 adapter is 10 MB)
         a, b = _to(lora_a, dtype), _to(lora_b, dtype)
-        out, lx, u = _forward(x, lora_x, base_out, weight, bias, a, b, scaling, dtype)
+        out, lx, u = _forward(x, lora_x, base_out, weight, None if ctx.dora else bias, a, b, scaling, dtype)
+        unscaled = scale = None
+        if ctx.dora:  # DoRA: the unscaled output kept for m's gradient
+            unscaled, scale = out, _dora_scale(magnitude, norm)
+            out = scale_columns(unscaled, scale, bias)
         # x (or dropout(x)) only for A's gradient: LoRA-FA (A frozen) keeps the r-wide u alone
         saved_x = lx if lora_a.requires_grad else None
-        ctx.save_for_backward(saved_x, u, weight, a, b)
+        ctx.save_for_backward(saved_x, u, weight, a, b, unscaled, scale, norm)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved_x, u, weight, a, b = ctx.saved_tensors  # a, b: already in the compute dtype
+        saved_x, u, weight, a, b, unscaled, scale, norm = ctx.saved_tensors  # a, b: already in the compute dtype
         dtype, s = ctx.dtype, ctx.scaling
-        needs = ctx.needs_input_grad  # x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype
-        dy = _to(grad_out, dtype).contiguous()
+        # x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype, magnitude, norm
+        needs = ctx.needs_input_grad
+        out_grad = _to(grad_out, dtype).contiguous()
+        dy, grad_magnitude = out_grad, None  # dy: the gradient of x W0^T + s (A x) B^T
+        if ctx.dora:
+            dy, grad_scale = scale_columns_backward(out_grad, unscaled, scale, needs[9])
+            if grad_scale is not None:
+                grad_magnitude = (grad_scale / norm.reshape(-1)).to(ctx.param_dtypes[3]).view(ctx.magnitude_shape)
         if ctx.power_of_two:
             lora_dy = dy
             g = linear(dy, b.T).mul_(s)  # s dY B: (..., r)
@@ -100,12 +123,12 @@ class LoraLinearFunction(torch.autograd.Function):
                 if lora_input_grad:
                     grad_lora_x = linear(g, a.T)
         else:
-            grad_base = _to(grad_out, ctx.base_out_dtype) if needs[2] else None
+            grad_base = _to(dy if ctx.dora else grad_out, ctx.base_out_dtype) if needs[2] else None
             if lora_input_grad:
                 grad_lora = linear(g, a.T)
                 grad_x, grad_lora_x = (grad_lora, None) if ctx.lora_x_dtype is None else (None, grad_lora)
-        if needs[4]:
-            grad_bias = _flat(dy).sum(0).to(ctx.param_dtypes[2])
+        if needs[4]:  # b is added after DoRA's scaling: its gradient is the output's
+            grad_bias = _flat(out_grad).sum(0).to(ctx.param_dtypes[2])
         if needs[5]:
             grad_a = (_flat(g).T @ _flat(saved_x)).to(ctx.param_dtypes[0])  # s (dY B)^T x: (r, d_in)
         if needs[6]:
@@ -115,7 +138,12 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_b = grad_b.to(ctx.param_dtypes[1])
         grad_x = _to(grad_x, ctx.x_dtype)
         grad_lora_x = _to(grad_lora_x, ctx.lora_x_dtype) if grad_lora_x is not None else None
-        return grad_x, grad_lora_x, grad_base, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_lora_x, grad_base, None, grad_bias, grad_a, grad_b, None, None, grad_magnitude, None
+
+
+def _dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """m / ||W0 + s B A||, (d_out,), in fp32 at least."""
+    return magnitude.reshape(-1) / norm.reshape(-1)
 
 
 def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
@@ -153,11 +181,16 @@ def _is_power_of_two(value: float) -> bool:
 
 def lora_linear(x: torch.Tensor, lora_x: torch.Tensor | None, base_out: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """base(x) + s B A lora_x (lora_x defaults to x); see LoraLinearFunction for the arguments; dtype: the compute
-    dtype when the caller has it (compute_dtype(x)). Without autograd (inference) the same operations run without
-    the autograd function's bookkeeping."""
+                scaling: float, dtype: torch.dtype | None = None, magnitude: torch.Tensor | None = None,
+                norm: torch.Tensor | None = None) -> torch.Tensor:
+    """base(x) + s B A lora_x (lora_x defaults to x), or DoRA's scaled form with magnitude and norm; see
+    LoraLinearFunction for the arguments; dtype: the compute dtype when the caller has it (compute_dtype(x)).
+    Without autograd (inference) the same operations run without the autograd function's bookkeeping."""
     dtype = compute_dtype(x) if dtype is None else dtype
     if not torch.is_grad_enabled():
-        return _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), dtype)[0]
-    return LoraLinearFunction.apply(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), dtype)
+        if magnitude is None:
+            return _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), dtype)[0]
+        out = _forward(x, lora_x, base_out, weight, None, lora_a, lora_b, float(scaling), dtype)[0]
+        return scale_columns(out, _dora_scale(magnitude, norm), bias)
+    return LoraLinearFunction.apply(x, lora_x, base_out, weight, bias, lora_a, lora_b, float(scaling), dtype,
+                                    magnitude, norm)

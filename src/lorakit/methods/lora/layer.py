@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapter_layer import AdapterLayer, UnsupportedLayerError, adapter_dtype
 from lorakit.methods.lora.config import LoraConfig
-from lorakit.methods.lora.dora import DoraVariant, scale_outputs
+from lorakit.methods.lora.dora import DoraVariant
 from lorakit.methods.lora.fused import compute_dtype, lora_linear
 from lorakit.methods.lora.mixed import mixed_lora_forward
 from lorakit.ops.matmul import linear, use_onednn
@@ -261,22 +261,18 @@ class LoraLinear(LoraLayer):
         return lora_linear(x, lora_x, base_out, weight, bias, a, b, self.scaling[name], dtype)
 
     def _fused_dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The one running adapter `name` is DoRA's: without active dropout, scale * (x W0^T + s B A x) + bias, the
-        parenthesis on the fused LoRA function (one matmul pass, its one-pass backward), the scale (m / ||W0 + s B
-        A||, fp32) applied once (for bf16 outputs on the CPU in one pass of lorakit's kernel: dora.scale_outputs);
-        the general path computes the same with the base output, the LoRA output and three more output-sized passes
-        (dora.py). With dropout, or a base layer the fused function cannot multiply:
-        the general path."""
+        """The one running adapter `name` is DoRA's: without active dropout, scale * (x W0^T + s B A x) + bias on the
+        fused LoRA function (one matmul pass, its one-pass backward, the scale m / ||W0 + s B A|| applied in one pass
+        each way: fused.py); the general path computes the same with the base output, the LoRA output and three
+        more output-sized passes (dora.py). With dropout, or a base layer the fused function cannot multiply: the
+        general path."""
         variant = self.lora_variant[name]
         weight, bias, _ = self._fused_base_weight()
         if not isinstance(variant, DoraVariant) or weight is None or self.dropout_acts(name):
             return super().forward(x)
-        combined = lora_linear(x, None, None, weight, None, self.lora_A[name].weight, self.lora_B[name].weight,
-                               self.scaling[name])
-        scale = variant.scale(self, name)
-        if bias is not None:
-            return (combined * scale + bias).to(combined.dtype)
-        return scale_outputs(combined, scale)
+        return lora_linear(x, None, None, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           self.scaling[name], magnitude=self.lora_magnitude_vector[name],
+                           norm=variant.norm(self, name))
 
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Without autograd (inference: merged, disabled, mixed batches), a dense base layer multiplies on the

@@ -8,7 +8,7 @@
 //                                                  partial sums per thread (equal to fp32 rounding)
 //
 // Inputs: contiguous bf16 CPU tensors y and grad (rows, D), scale a contiguous fp32 (D). Built into lorakit_cpu.cpp
-// by lorakit/ops/cpu_extension.py; used by lorakit/methods/lora/dora.py (scale_outputs).
+// by lorakit/ops/cpu_extension.py; used by lorakit/ops/column_scale.py.
 #include "cpu_capability.h"
 #include "bf16_rows.h"
 
@@ -26,6 +26,7 @@ namespace lorakit_dora {
 
 using namespace lorakit_bf16_rows;
 constexpr int64_t kGrain = 16384;  // elements per parallel task
+constexpr int64_t kRowBlock = 4;   // rows whose dscale partial sums stay in registers
 
 void check(const Tensor& y, const Tensor& scale, const char* name) {
   check_bf16(y, name);
@@ -73,16 +74,25 @@ std::tuple<Tensor, std::optional<Tensor>> scale_columns_bwd(const Tensor& grad, 
   const float* sp = scale.data_ptr<float>();
   BFloat16* dp = dy.data_ptr<BFloat16>();
   for_rows(rows, D, kGrain, [&](int64_t begin, int64_t end) {
-    scale_rows(gp, sp, dp, D, begin, end);
-    if (!need_scale) return;
+    if (!need_scale) return scale_rows(gp, sp, dp, D, begin, end);
     float* acc = parts.data() + static_cast<size_t>(at::get_thread_num()) * D;
-    for (int64_t r = begin; r < end; ++r) {
+    // one read of grad for dy and dscale; the partial sums stay in registers over kRowBlock rows (the same order of
+    // additions as one row at a time)
+    for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+      const int64_t r1 = std::min(end, r0 + kRowBlock);
       for (int64_t j = 0; j < D; j += kB) {
         const int64_t m = std::min(kB, D - j), m0 = std::min(kF, m), m1 = std::max<int64_t>(m - kF, 0);
-        auto [g0, g1] = to_float(load(gp + r * D + j, m));
-        auto [y0, y1] = to_float(load(yp + r * D + j, m));
-        at::vec::fmadd(g0, y0, Vec::loadu(acc + j, m0)).store(acc + j, m0);
-        if (m1) at::vec::fmadd(g1, y1, Vec::loadu(acc + j + kF, m1)).store(acc + j + kF, m1);
+        Vec s0 = Vec::loadu(sp + j, m0), s1 = m1 ? Vec::loadu(sp + j + kF, m1) : Vec(0.0f);
+        Vec a0 = Vec::loadu(acc + j, m0), a1 = m1 ? Vec::loadu(acc + j + kF, m1) : Vec(0.0f);
+        for (int64_t r = r0; r < r1; ++r) {
+          auto [g0, g1] = to_float(load(gp + r * D + j, m));
+          auto [y0, y1] = to_float(load(yp + r * D + j, m));
+          store(to_bf16(g0 * s0, g1 * s1), dp + r * D + j, m);
+          a0 = at::vec::fmadd(g0, y0, a0);
+          a1 = at::vec::fmadd(g1, y1, a1);
+        }
+        a0.store(acc + j, m0);
+        if (m1) a1.store(acc + j + kF, m1);
       }
     }
   });
