@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
+from lorakit.methods.lora import fused
 from lorakit.ops import lora_rows, matmul
 from lorakit.ops.cpu_extension import kernels_available
 from lorakit.ops.lm_head import head_to_lorakit_matmul
@@ -24,6 +25,17 @@ def _operands(rows: int, d_in: int, r: int, d_out: int, seed: int = 0, lead: tup
     x = torch.randn(*lead, rows, d_in, generator=g)
     a, b = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
     return x, a, b, torch.randn(*lead, rows, d_out, generator=g)
+
+
+def _spy_kernels(monkeypatch) -> list:
+    """The dtypes of the rows each call of the single-adapter kernels got: lora_rows_ (the update alone) or
+    lora_linear_rows (the base product and the update in one call, where lorakit's few-rows matmul runs)."""
+    calls = []
+    for name, rows_at in (("lora_rows_", 1), ("lora_linear_rows", 0)):
+        kernel = getattr(lora_rows, name)
+        monkeypatch.setattr(lora_rows, name, lambda *args, kernel=kernel, i=rows_at: calls.append(args[i].dtype)
+                            or kernel(*args))
+    return calls
 
 
 @needs_kernels
@@ -168,19 +180,17 @@ def _decoding_layer(alpha: int):
 def test_a_decoding_step_of_the_layer_runs_the_kernel_and_gives_the_reference(monkeypatch, alpha):
     layer = _decoding_layer(alpha)
     x = torch.randn(6, 1, 24)  # 6 sequences, one new token each
-    calls = []
-    kernel = lora_rows.lora_rows_
-    monkeypatch.setattr(lora_rows, "lora_rows_", lambda *args: calls.append(1) or kernel(*args))
+    calls = _spy_kernels(monkeypatch)
     with torch.no_grad():
         out = layer(x)
         reference = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
-    assert calls == [1]
+    assert calls == [torch.float32]
     assert out.shape == (6, 1, 40)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv(BACKEND_ENV, "aten")  # the reference's kernels: the reference's bits
     with torch.no_grad():
         assert torch.equal(layer(x), reference)
-    assert calls == [1]
+    assert calls == [torch.float32]
 
 
 @needs_kernels
@@ -191,9 +201,7 @@ def test_decoding_on_a_bf16_base_runs_the_kernel_on_the_fp32_adapter(monkeypatch
     layer.base_layer.to(torch.bfloat16)
     assert layer.lora_A["default"].weight.dtype == torch.float32
     x = torch.randn(6, 1, 24, dtype=torch.bfloat16)
-    calls = []
-    kernel = lora_rows.lora_rows_
-    monkeypatch.setattr(lora_rows, "lora_rows_", lambda *args: calls.append(args[0].dtype) or kernel(*args))
+    calls = _spy_kernels(monkeypatch)
     with torch.no_grad():
         out = layer(x)
         update = layer.lora_B["default"](layer.lora_A["default"](x.float())) * layer.scaling["default"]
@@ -213,11 +221,9 @@ def test_decoding_on_a_bf16_base_runs_the_kernel_on_the_fp32_adapter(monkeypatch
 def test_with_autograd_a_few_rows_give_the_same_output_and_the_reference_gradients(monkeypatch):
     layer = _decoding_layer(8).train()
     x = torch.randn(3, 2, 24, requires_grad=True)
-    calls = []
-    kernel = lora_rows.lora_rows_
-    monkeypatch.setattr(lora_rows, "lora_rows_", lambda *args: calls.append(1) or kernel(*args))
+    calls = _spy_kernels(monkeypatch)
     out = layer(x)
-    assert calls == [1]  # the autograd function's forward ran the kernel, and keeps its u for the backward
+    assert calls == [torch.float32]  # the autograd function's forward ran a kernel, and keeps its u for the backward
     with torch.no_grad():
         assert torch.equal(layer(x), out.detach())  # the same kernel with and without autograd
     grad = torch.randn(out.shape)
@@ -229,6 +235,54 @@ def test_with_autograd_a_few_rows_give_the_same_output_and_the_reference_gradien
     reference.backward(grad)
     for mine, want in zip(got, (x.grad, a.grad, b.grad)):
         torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, d_in, r, d_out, bias", [
+    (8, 576, 16, 1536, False),  # SmolLM2's gate projection, a decoded token of batch 8
+    (3, 100, 5, 77, True),      # columns split over the threads at no multiple of the vector width
+    (9, 17, 16, 16, True),      # one row past a block of 8
+    (5, 64, 80, 33, False),     # a rank above the on-stack tile
+])
+def test_the_one_call_kernel_is_the_base_product_then_the_update_bit_for_bit(dtype, rows, d_in, r, d_out, bias):
+    if dtype not in matmul_kernel_dtypes():
+        pytest.skip(f"lorakit's few-rows matmul does not run {dtype} here")
+    x, a, b, _ = _operands(rows, d_in, r, d_out, lead=(1,))
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(d_out, d_in, generator=g).to(dtype)
+    bias_ = torch.randn(d_out, generator=g).to(dtype) if bias else None
+    x = x.to(dtype)
+    out, u = lora_rows.lora_linear_rows(x, weight, bias_, a, b, 0.75)
+    two_calls = torch.ops.lorakit.linear_rows(x, weight, bias_)
+    u_two_calls = lora_rows.lora_rows_(two_calls, x, a, b, 0.75)
+    assert out.shape == (1, rows, d_out) and out.dtype == dtype and u.shape == (rows, r)
+    assert torch.equal(out, two_calls) and torch.equal(u, u_two_calls)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        lora_rows.lora_linear_rows(x, weight, bias_, a, b[:-1].contiguous(), 0.75)
+
+
+def matmul_kernel_dtypes() -> tuple:
+    return tuple(d for d in (torch.float32, torch.bfloat16)
+                 if str(d).removeprefix("torch.") in torch.ops.lorakit.linear_rows_dtypes())
+
+
+@needs_kernels
+def test_decoding_runs_the_base_product_and_the_update_in_one_call_where_the_few_rows_matmul_runs(monkeypatch):
+    layer = _decoding_layer(8)
+    x = torch.randn(6, 1, 24)
+    names = []
+    for name in ("lora_rows_", "lora_linear_rows"):
+        kernel = getattr(lora_rows, name)
+        monkeypatch.setattr(lora_rows, name, lambda *args, kernel=kernel, name=name: names.append(name)
+                            or kernel(*args))
+    with torch.no_grad():
+        out = layer(x)
+        one_call = matmul.linear_rows_runs(x, layer.base_layer.weight, layer.base_layer.bias)
+        assert names == ["lora_linear_rows" if one_call else "lora_rows_"]
+        monkeypatch.setattr(fused, "linear_rows_runs", lambda *args: False)  # as where the matmul's rows end
+        assert torch.equal(layer(x), out)  # linear, then the update: the same bits
+    assert names[1:] == ["lora_rows_"]
 
 
 def _frozen_tiny_llama():

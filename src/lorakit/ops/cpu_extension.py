@@ -14,9 +14,9 @@ compiler call.
 
 Callers fall back to PyTorch's kernels when this raises (no compiler, no Python headers needed: only torch's):
 `kernels_available` does that bookkeeping, with one warning per process. lorakit's kernels (causal_attention.cpp,
-rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp, lora_rows.cpp, linear_rows.cpp) build as one library
-from lorakit_cpu.cpp, which includes them: one compiler call parses torch's headers once (~13 s, against ~12 s per
-kernel built on its own).
+rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp, lora_rows.cpp, linear_rows.cpp, lora_linear_rows.cpp)
+build as one library from lorakit_cpu.cpp, which includes them: one compiler call parses torch's headers once
+(~13 s, against ~12 s per kernel built on its own).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """A LoRA adapter's update of a few rows in one call of lorakit's kernel (ops/csrc/lora_rows.cpp).
 
     u = lora_rows_(out, x, a, b, s)    # u = x a^T; out += s * u b^T in place; x (..., d_in), out (..., d_out)
+    out, u = lora_linear_rows(x, weight, bias, a, b, s)   # the base product x weight^T + bias and the update
     lora_rows_gathered_(out, x, a_stack, bt_stack, scales, slots)   # the same per sequence, its adapter's slot
 
 A decoded token's batch is a handful of rows, where the two rank-r products cost little arithmetic and the matmul
@@ -43,6 +44,14 @@ def lora_rows_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     """u = x a^T, and out += scaling * u b^T in place, for x (..., d_in) and out (..., d_out) (contiguous, both fp32
     or both bf16; a, b fp32); returns u (rows, r), fp32."""
     return torch.ops.lorakit.lora_rows_.default(out, x, a, b, scaling)  # the overload: ~1.5 us less a call
+
+
+def lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                     b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, u): `linear(x, weight, bias)` and lora_rows_ on it in one call (ops/csrc/lora_linear_rows.cpp), the same
+    bits, the update's columns over the threads. For rows where both kernels run: kernel_runs(x, x, a, b) and
+    lorakit.ops.matmul.linear_rows_runs(x, weight, bias)."""
+    return torch.ops.lorakit.lora_linear_rows.default(x, weight, bias, a, b, scaling)
 
 
 def gathered_kernel_runs(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor) -> bool:

@@ -44,7 +44,7 @@ import torch
 
 from lorakit.ops import lora_rows
 from lorakit.ops.column_scale import scale_columns, scale_columns_backward
-from lorakit.ops.matmul import linear, linear_add
+from lorakit.ops.matmul import linear, linear_add, linear_rows_runs
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -157,7 +157,11 @@ def _forward(x, lora_x, base_out, weight, bias, lora_a, lora_b, scaling, dtype):
     # adapter's own (fp32) ones, its update rounded into the output once
     a, b = (lora_a, lora_b) if dtype == torch.bfloat16 else (_to(lora_a, dtype), _to(lora_b, dtype))
     if base_out is None and lora_rows.kernel_runs(xc, lx, a, b):
-        out = linear(xc, _to(weight, dtype), _to(bias, dtype))
+        weight, bias = _to(weight, dtype), _to(bias, dtype)
+        if lora_x is None and linear_rows_runs(xc, weight, bias):  # both products in one call
+            out, u = lora_rows.lora_linear_rows(xc, weight, bias, a, b, scaling)
+            return out, lx, u
+        out = linear(xc, weight, bias)
         return out, lx, lora_rows.lora_rows_(out, lx, a, b, scaling)
     a, b = _to(a, dtype), _to(b, dtype)
     x2 = _flat(xc)

@@ -8,3 +8,4 @@
 #include "rotary.cpp"
 #include "lora_rows.cpp"
 #include "linear_rows.cpp"
+#include "lora_linear_rows.cpp"  // after linear_rows.cpp and lora_rows.cpp, whose functions it calls
