@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 
-
 @torch.no_grad()
 def weight_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
     """||W_i||^2 per row of a (d_out, d_in) weight, in fp32 (or fp64): row_norms' first term."""
