@@ -100,6 +100,12 @@ def test_one_dora_adapter_runs_on_the_fused_function_as_the_general_path_compute
                layer.base_layer.bias, x]
     fused = layer(x)
     grads = torch.autograd.grad(fused.float().square().sum(), trained)
+    with torch.no_grad():  # inference: without the autograd function (bf16 rows: the adapter's fp32 factors)
+        inference = layer(x)
+    if dtype == torch.float32:
+        assert torch.equal(inference, fused.detach())
+    else:
+        torch.testing.assert_close(inference.float(), fused.detach().float(), atol=2e-2, rtol=2e-2)
     general_calls = []
     original = LoraLayer.forward
     monkeypatch.setattr(LoraLinear, "_fused_dora_forward",
