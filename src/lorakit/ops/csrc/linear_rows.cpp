@@ -149,9 +149,15 @@ void columns(const typename S::T* x, const typename S::T* w, const typename S::T
   for (; j < j1; ++j) column_tile<S, 1>(x, w, bias, out, rows, j, d_in, d_out);
 }
 
-template <typename S>
+// the output columns over the threads; each thread then runs after_columns(j0, j1) on its columns [j0, j1) while
+// they are in its cache (lora_linear_rows.cpp adds the adapter's update there)
+struct NothingAfter {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename S, typename After = NothingAfter>
 void run(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out, int64_t rows, int64_t d_in,
-         int64_t d_out) {
+         int64_t d_out, const After& after_columns = After()) {
   using T = typename S::T;
   const T* xp = x.data_ptr<T>();
   const T* wp = weight.data_ptr<T>();
@@ -159,7 +165,9 @@ void run(const Tensor& x, const Tensor& weight, const Tensor* bias, Tensor& out,
   T* op = out.data_ptr<T>();
   const int64_t tiles = (d_out + S::kTileCols - 1) / S::kTileCols;
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    columns<S>(xp, wp, bp, op, rows, begin * S::kTileCols, std::min(end * S::kTileCols, d_out), d_in, d_out);
+    const int64_t j0 = begin * S::kTileCols, j1 = std::min(end * S::kTileCols, d_out);
+    columns<S>(xp, wp, bp, op, rows, j0, j1, d_in, d_out);
+    after_columns(j0, j1);
   });
 }
 

@@ -50,18 +50,13 @@ void add_update(const float* u, const float* b, float* out, int64_t rows, int64_
   }
 }
 
+// the base product (linear_rows.cpp's run), each thread then adding the update to its own columns
 template <typename S>
-void run(const Tensor& x, const Tensor& weight, const Tensor* bias, const float* bp, Tensor& out,
-         const float* up, int64_t rows, int64_t d_in, int64_t d_out, int64_t r, float scale) {
+void run(const Tensor& x, const Tensor& weight, const Tensor* bias, const float* bp, Tensor& out, const float* up,
+         int64_t rows, int64_t d_in, int64_t d_out, int64_t r, float scale) {
   using T = typename S::T;
-  const T* xp = x.data_ptr<T>();
-  const T* wp = weight.data_ptr<T>();
-  const T* biasp = bias ? bias->data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
-  const int64_t tiles = (d_out + S::kTileCols - 1) / S::kTileCols;
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    const int64_t j0 = begin * S::kTileCols, j1 = std::min(end * S::kTileCols, d_out);
-    base::columns<S>(xp, wp, biasp, op, rows, j0, j1, d_in, d_out);
+  base::run<S>(x, weight, bias, out, rows, d_in, d_out, [&](int64_t j0, int64_t j1) {
     if constexpr (std::is_same_v<T, float>) {
       add_update(up, bp, op + j0, rows, j0, j1, r, d_out, scale);
     } else {  // this thread's columns of the bf16 output in fp32, updated, rounded once
