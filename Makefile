@@ -3,7 +3,7 @@
 #   make demo                       a short fine-tuning demo on the embedded SmolLM2 (runs offline)
 #   make test PYTEST_ARGS="-x -k lora"
 #   make browser                    headless Chromium + chromedriver for the playground tests (apt-get, if missing)
-#   make malloc                     tcmalloc for the training processes (apt-get, if missing; train/runtime.py)
+#   make malloc                     tcmalloc for the commands that run a model (apt-get, if missing; train/runtime.py)
 # CUDA users: install your CUDA torch 2.13.0 build into .venv first (torch==2.13.0 accepts 2.13.0+cuXXX),
 # or pass another requirement: make setup TORCH_REQUIREMENT='torch==2.13.0'.
 
@@ -49,9 +49,9 @@ malloc:
 		sudo=$$([ "$$(id -u)" -eq 0 ] || echo "sudo -n"); \
 		$$sudo apt-get install -y -q $(MALLOC_PACKAGE) >/dev/null \
 			|| { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q $(MALLOC_PACKAGE) >/dev/null; } \
-			|| echo "make malloc: could not install $(MALLOC_PACKAGE); training runs on glibc's malloc"; \
+			|| echo "make malloc: could not install $(MALLOC_PACKAGE); the commands run on glibc's malloc"; \
 	else \
-		echo "make malloc: no apt-get here; install tcmalloc (gperftools) to lower training's peak memory (docs/performance.md)"; \
+		echo "make malloc: no apt-get here; install tcmalloc (gperftools): faster, and a lower peak memory for training (docs/performance.md)"; \
 	fi
 
 # Debian's chromium + chromium-driver, installed only when missing; without root/apt the playground browser tests

@@ -6,6 +6,7 @@ Commands run in-process through `lorakit.cli.main.main([...])` (fast), with stdo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -48,3 +49,13 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def preferred_malloc() -> tuple[dict, str]:
+    """The environment without a malloc choice (no LD_PRELOAD, no LORAKIT_ALLOCATOR), and the malloc a `lorakit`
+    command that runs a model re-executes itself on in it (cli/startup.py): tcmalloc when installed, else glibc."""
+    from lorakit.train.runtime import find_allocator, library_label
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORAKIT_ALLOCATOR")}
+    installed = find_allocator(clean)
+    return clean, library_label(installed) if installed else "glibc"

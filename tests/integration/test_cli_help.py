@@ -94,8 +94,7 @@ def test_python_m_lorakit_bad_input_exit_code_and_stderr(tmp_path):
 def test_train_reexecutes_on_the_preferred_malloc(tmp_path):
     """`lorakit train` re-executes itself once with tcmalloc preloaded when it is installed
     (train/runtime.py) and names the malloc it trains on; LORAKIT_ALLOCATOR=system keeps glibc's."""
-    from lorakit.train.runtime import find_allocator
-    from tests.integration.cli_support import ALPACA_ROWS, make_model_dir, write_jsonl
+    from tests.integration.cli_support import ALPACA_ROWS, make_model_dir, preferred_malloc, write_jsonl
 
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -103,9 +102,7 @@ def test_train_reexecutes_on_the_preferred_malloc(tmp_path):
         "adapter: {method: lora, r: 4, lora_alpha: 8, target_modules: all-linear}\n"
         f"data: {{path: {write_jsonl(tmp_path / 'train.jsonl', ALPACA_ROWS)}, val_size: 0, cutoff_len: 32}}\n"
         "train: {max_steps: 1, batch_size: 2}\n", encoding="utf-8")
-    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORAKIT_ALLOCATOR")}
-    installed = find_allocator(clean)
-    expected = os.path.basename(installed)[3:].split(".")[0].replace("_minimal", "") if installed else "glibc"
+    clean, expected = preferred_malloc()
     for choice, malloc in (("auto", expected), ("system", "glibc")):
         env = {**clean, "PYTHONWARNINGS": "ignore", "LORAKIT_ALLOCATOR": choice}
         done = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), f"output_dir={tmp_path / choice}",

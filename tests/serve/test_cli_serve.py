@@ -64,16 +64,21 @@ def test_adapter_specs(model_and_adapter):
 
 
 def test_serve_runs_until_interrupted(model_and_adapter):
+    """Also: the server re-executes itself on the preferred malloc (cli/startup.py) and names it."""
+    from tests.integration.cli_support import preferred_malloc
+
     model_dir, adapter = model_and_adapter
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "LORAKIT_API_KEY": "cli-key"}
+    clean, malloc = preferred_malloc()
+    env = {**clean, "PYTHONWARNINGS": "ignore", "LORAKIT_API_KEY": "cli-key"}
     process = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), "--adapter",
                                 f"mine={adapter}", "--port", "0", "--max-model-len", "128"],
                                stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = [process.stderr.readline() for _ in range(2)]  # the adapter read at start, then the address
         assert lines[0].startswith("lorakit: info: adapter mine read from"), lines
-        match = re.search(r"model with 1 adapter\(s\) on (http://127\.0\.0\.1:\d+)", lines[1])
-        assert match, lines
+        match = re.search(r"model with 1 adapter\(s\) on (http://127\.0\.0\.1:\d+) .*; malloc: (\w+)\)$",
+                          lines[1].strip())
+        assert match and match.group(2) == malloc, (lines, malloc)
         url = match.group(1)
         assert http(f"{url}/v1/models")[0] == 401  # the key from $LORAKIT_API_KEY
         status, body = http(f"{url}/v1/completions", "POST", {"model": "mine", "prompt": "hi", "max_tokens": 3},

@@ -1,5 +1,6 @@
-"""The training processes' malloc (lorakit/train/runtime.py): which library is chosen, how LORAKIT_ALLOCATOR
-overrides it, and the environment the `lorakit` command re-executes itself with."""
+"""The malloc of the processes that run a model (lorakit/train/runtime.py): which library is chosen, how
+LORAKIT_ALLOCATOR overrides it, the environment the `lorakit` command re-executes itself with, and which commands
+do."""
 
 from __future__ import annotations
 
@@ -94,3 +95,22 @@ def test_assignments_for_a_users_own_program(libraries):
     assert assigned[0] == f"LD_PRELOAD={tcmalloc}"
     assert [a.split("=")[0] for a in assigned[1:]] == ["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]  # the rest is set
     assert runtime.environment_assignments({"LD_PRELOAD": tcmalloc}) == []  # already preloaded
+
+
+@pytest.mark.parametrize("command, swaps", [
+    ("train", True), ("demo", True), ("eval", True), ("generate", True), ("chat", True), ("serve", True),
+    ("merge", False), ("inspect", False), ("data", False), ("bench", False), (None, False)])
+def test_the_commands_that_run_a_model_take_the_preferred_malloc(monkeypatch, command, swaps):
+    """`lorakit train|demo|eval|generate|chat|serve` re-execute on tcmalloc (or tune glibc) before torch is
+    imported; the others (and a program that imports lorakit) leave the process's malloc alone. `bench` chooses
+    its workers' malloc itself (bench/harness.py)."""
+    from lorakit.cli import startup
+
+    calls = []
+    monkeypatch.setattr(startup, "running_as_command", lambda: True)
+    monkeypatch.setattr(startup, "command_name", lambda: command)
+    monkeypatch.setattr(runtime, "use_preferred_allocator", lambda: calls.append("preload"))
+    monkeypatch.setattr(runtime, "tune_process", lambda: calls.append("tune"))
+    monkeypatch.setattr(startup.signal, "signal", lambda *args: None)  # pytest's own Ctrl-C handler stays
+    startup.install()
+    assert calls == (["preload", "tune"] if swaps else [])

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.serve.engine import EngineSettings
     from lorakit.serve.security import API_KEY_ENV
     from lorakit.serve.server import bind, build_server, configure_access_log, run as run_server
+    from lorakit.train.runtime import allocator_name
 
     for option in ("max_loras", "max_cpu_loras", "max_batch", "max_model_len", "max_tokens", "max_prompt_tokens",
                    "max_concurrent_requests", "max_body_bytes", "prefill_chunk"):
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     stats = server.engine.adapters.stats()
     print(f"lorakit serve: {settings.served_model_name} with {stats['registered']} adapter(s) on "
-          f"http://{host if ':' not in host else f'[{host}]'}:{port} (playground at /, API at /v1)",
+          f"http://{host if ':' not in host else f'[{host}]'}:{port} (playground at /, API at /v1; "
+          f"malloc: {allocator_name()})",
           file=sys.stderr, flush=True)
     if args.host not in LOOPBACK and api_key is None:
         print(f"lorakit serve: warning: listening on {args.host} without an API key; anyone who can reach this "

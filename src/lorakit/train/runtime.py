@@ -1,12 +1,15 @@
-"""Process-level memory settings for training, applied by the `lorakit` command's training processes
-(`lorakit train`, `lorakit demo`) and by the benchmarks' lorakit runs; `run_training` called from a user's
-program leaves the process alone (for a program of your own: `env $(python -m lorakit.train.runtime) python
-train.py` starts it the same way).
+"""Process-level memory settings, made for training and applied by the `lorakit` commands that run a model
+(`lorakit train`, `demo`, `eval`, `generate`, `chat`, `serve`: cli/startup.py) and by the benchmarks' lorakit
+training runs; `run_training` called from a user's program leaves the process alone (for a program of your own:
+`env $(python -m lorakit.train.runtime) python train.py` starts it the same way).
 
 **The malloc.** A training step allocates and frees hundreds of MB of activations and transients every step.
 glibc's malloc lays them out in one heap that it never compacts: long-lived activations end up between freed
 transients, and on SmolLM2 at 4 x 256 tokens the heap grows to twice what the step has in use at any moment
 (~460 MB of resident free memory). tcmalloc groups blocks by size class: peak RSS ~380 MB lower, and faster.
+Generation and serving gain as well: glibc maps a forward's large blocks afresh on every call (a bf16 forward of
+8 x 128 tokens on SmolLM2 faults in ~30,000 pages) and tcmalloc serves the many small ones faster (the prompt's
+forward ~15% faster, a decoding forward of the plain model ~8%, serving ~3%: docs/performance.md, optimisation 48).
 A malloc can only be swapped when a process starts, so `use_preferred_allocator()` re-executes the `lorakit`
 command once, before anything heavy is imported, with the library in LD_PRELOAD and told to keep freed memory
 for reuse (TCMALLOC_RELEASE_RATE=0, as `tune_process` does for glibc). LORAKIT_ALLOCATOR chooses: `auto`
@@ -62,8 +65,13 @@ def allocator_name() -> str:
     mapped, else the C library's (glibc on Linux)."""
     active = active_allocator()
     if active and _mapped(active):
-        return active[3:].split(".")[0].replace("_minimal", "")
+        return library_label(active)
     return "glibc" if sys.platform.startswith("linux") else "system"
+
+
+def library_label(library: str) -> str:
+    """A malloc library's name for logs: libtcmalloc_minimal.so.4 -> tcmalloc."""
+    return os.path.basename(library)[3:].split(".")[0].replace("_minimal", "")
 
 
 def _mapped(library: str) -> bool:
