@@ -115,3 +115,28 @@ def test_train_reexecutes_on_the_preferred_malloc(tmp_path):
                           cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"lorakit: error: LORAKIT_ALLOCATOR={tmp_path / 'libmissing.so'}: no such file")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the malloc swap uses LD_PRELOAD (Linux)")
+def test_generation_commands_reexecute_with_their_arguments_and_stdin(tmp_path):
+    """`lorakit generate` and `lorakit chat` re-execute on the preferred malloc like training (cli/startup.py): the
+    new process keeps the arguments and the unread stdin, and a bad LORAKIT_ALLOCATOR stops it with one line."""
+    from tests.integration.cli_support import make_model_dir, preferred_malloc
+
+    model = str(make_model_dir(tmp_path / "model"))
+    clean, _ = preferred_malloc()
+    env = {**clean, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", model, "--raw", "--prompt", "a b",
+                           "--max-new-tokens", "2", "--output", str(tmp_path / "answers.jsonl")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "answers.jsonl").read_text(encoding="utf-8").splitlines()) == 1
+    done = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--model", model, "--max-new-tokens", "2"],
+                          input="hello\n/exit\n", capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("assistant>") == 1  # the piped message was read after the re-execution
+    env["LORAKIT_ALLOCATOR"] = str(tmp_path / "libmissing.so")
+    done = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", model, "--prompt", "a"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("lorakit: error: LORAKIT_ALLOCATOR=") and len(done.stderr.strip().splitlines()) == 1
