@@ -32,6 +32,7 @@ from transformers import (
 from lorakit.adapter_files import RUN_MODEL_SUBDIR
 from lorakit.methods.quant import check_quantization, quantize_model, resolve_compute_dtype
 from lorakit.models.embedded import ALIAS_HELP, embedded_model_for, record_embedded_copy, resolve_model_path
+from lorakit.models.half_from_fp32 import load_half_from_fp32
 from lorakit.models.stored_bf16 import load_stored_bf16, to_fp32
 
 # PEFT's task type names -> the transformers Auto class that builds the matching head.
@@ -78,7 +79,9 @@ def load_model_and_tokenizer(
     task_type: "CAUSAL_LM", "SEQ_2_SEQ_LM" or "SEQ_CLS" (a fresh classification head for SEQ_CLS).
     num_labels / label_names: SEQ_CLS only; label_names also fills config.id2label / label2id.
     dtype: None (float32), "float32", "bfloat16", "float16", "auto" (the checkpoint's dtype), or a
-        torch.dtype. With quantization, the dtype of the layers that stay dense (and of a merged model).
+        torch.dtype. With quantization, the dtype of the layers that stay dense (and of a merged model). bf16 /
+        fp16 from an fp32 checkpoint: cast weight by weight from the mapped file, whose pages go back as it goes
+        (models/half_from_fp32.py; the same model as transformers' own load, at about half its peak memory).
     quantization: None (dense), or "nf4": every linear layer but the output head stored in 4-bit NormalFloat
         (QLoRA; lorakit.methods.quant), quantized on the CPU before the move to `device`.
     double_quant / compute_dtype: NF4 options (quantize_model): 8-bit scales (4.127 instead of 4.5 bits per
@@ -107,6 +110,8 @@ def load_model_and_tokenizer(
         if torch_dtype == torch.float32:
             model = load_stored_bf16(auto_class, source, source_kwargs, head_kwargs)
         kept_bf16 = model is not None
+        if model is None and quantization is None:  # bf16 / fp16 from an fp32 file, its pages given back as it goes
+            model = load_half_from_fp32(auto_class, source, source_kwargs, head_kwargs, torch_dtype)
         if model is None:
             model = auto_class.from_pretrained(source, dtype=torch_dtype, **source_kwargs, **head_kwargs)
     except SafetensorError as err:  # a weights file cut short or overwritten
