@@ -113,3 +113,16 @@ def test_a_weight_missing_from_the_file_loads_as_usual(tmp_path, calls):
     got, _ = load_model_and_tokenizer(str(directory), dtype="bfloat16", device="cpu")
     assert calls == [False]
     assert got.get_parameter(dropped).dtype == torch.bfloat16
+
+
+def test_an_architecture_without_a_skeleton_loads_as_usual(tmp_path, calls, monkeypatch):
+    """The dtype check builds the architecture on the meta device; where that fails, the usual load runs."""
+    directory = save_fp32(tmp_path / "llama", tiny_llama)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("cannot build this one from its config")
+
+    monkeypatch.setattr(TASK_AUTO_CLASSES["CAUSAL_LM"], "from_config", refuse)
+    got, _ = load_model_and_tokenizer(directory, dtype="bfloat16", device="cpu")
+    assert calls == [False]
+    assert {p.dtype for p in got.parameters()} == {torch.bfloat16}

@@ -55,8 +55,11 @@ def _castable(model: torch.nn.Module, info: dict, auto_class, dtype: torch.dtype
         return False
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         return False
-    with torch.device("meta"):
-        skeleton = auto_class.from_config(model.config, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            skeleton = auto_class.from_config(model.config, dtype=dtype)
+    except Exception:  # noqa: BLE001 - an architecture its Auto class cannot build from the config: load as usual
+        return False
     expected = {name: t.dtype for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers())}
     after_cast = {name: dtype if p.is_floating_point() else p.dtype for name, p in model.named_parameters()}
     after_cast.update((name, b.dtype) for name, b in model.named_buffers())
