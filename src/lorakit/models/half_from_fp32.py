@@ -19,6 +19,7 @@ compares both loads, tensor by tensor.
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import torch
@@ -57,7 +58,7 @@ def _castable(model: torch.nn.Module, info: dict, auto_class, dtype: torch.dtype
         return False
     try:
         with torch.device("meta"):
-            skeleton = auto_class.from_config(model.config, dtype=dtype)
+            skeleton = auto_class.from_config(copy.deepcopy(model.config), dtype=dtype)  # the model's config untouched
     except Exception:  # noqa: BLE001 - an architecture its Auto class cannot build from the config: load as usual
         return False
     expected = {name: t.dtype for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers())}
