@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lorakit.cli.serve import parse_adapters
 from tests.integration.cli_support import make_adapter, make_model_dir, run_cli
@@ -111,3 +112,31 @@ def test_bench_serve_smoke(capsys, model_and_adapter, tmp_path):
     assert results["ratios"]["mixed_over_base"] > 0 and results["ratios"]["mixed_over_peft_cpu"] > 0
     assert all(row["cpu_seconds"] > 0 for row in results["results"].values())
     assert results["machine"]["probe"]["copy_gb_s"]["median"] > 0 and "machine probe over the runs" in out
+
+
+def test_bench_serve_in_bf16(capsys, model_and_adapter, tmp_path, monkeypatch):
+    """--dtype loads the base in that dtype for every way (as `lorakit serve --dtype` does)."""
+    from lorakit.models import loading
+
+    model_dir, _ = model_and_adapter
+    loaded = []
+    original = loading.load_model_and_tokenizer
+
+    def recording(*args, **kwargs):
+        model, tokenizer = original(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", recording)
+    monkeypatch.setattr("lorakit.models.load_model_and_tokenizer", recording)
+    code, out, err = run_cli(capsys, "bench", "serve", "--quick", "--model", model_dir, "--adapters", "2",
+                             "--requests", "4", "--max-tokens", "3", "--peft-requests", "2", "--ranks", "2",
+                             "--ways", "mixed,base,peft", "--dtype", "bfloat16", "--output", tmp_path / "bench.json")
+    assert code == 0, err
+    assert "(bfloat16)" in out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["args"]["dtype"] == "bfloat16"
+    assert results["results"]["mixed"]["tokens"] == results["results"]["base"]["tokens"] == 4 * 3
+    assert loaded[0] == torch.float32 and set(loaded[1:]) == {torch.bfloat16}  # the adapters are made in fp32
+    code, _, err = run_cli(capsys, "bench", "serve", "--dtype", "float16")
+    assert code == 2 and "invalid choice" in err

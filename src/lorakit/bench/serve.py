@@ -4,6 +4,7 @@
     lorakit bench serve --quick               # a smoke run: 16 requests x 16 tokens, 1 repeat
     lorakit bench serve --kernel gathered     # one batched LoRA kernel for every pass
     lorakit bench serve --threads 1           # one torch thread (a busy shared machine)
+    lorakit bench serve --dtype bfloat16      # every way in bf16 (as `lorakit serve --dtype bfloat16` serves)
 
 The same requests (chat prompts from the demo data set; each asks for exactly --max-tokens tokens, end of
 sequence ignored, so every way does the same work) are served three ways:
@@ -50,6 +51,8 @@ QUICK_DEFAULTS = {"requests": 16, "max_tokens": 16, "peft_requests": 4, "repeats
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="base model (default: the embedded smollm2)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the base model's dtype in every way (default float32, as `lorakit serve`)")
     parser.add_argument("--adapters", type=int, default=8, metavar="N", help="LoRA adapters (default 8)")
     parser.add_argument("--ranks", default="8,16", metavar="R,R", help="adapter ranks, cycled (default 8,16)")
     parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj", metavar="M,M",
@@ -111,6 +114,7 @@ class Setup:
     model_name: str
     prompts: list[list[int]]
     adapter_dirs: dict[str, str] = field(default_factory=dict)
+    dtype: str = "float32"  # the base model's, in every way
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--ways: unknown {unknown}; choose from {', '.join(WAYS)}")
     ranks = [int(r) for r in args.ranks.split(",")]
     random.seed(args.seed)
-    print(f"lorakit bench serve: {args.model}, {args.adapters} adapters (r {args.ranks} on {args.target_modules}), "
+    print(f"lorakit bench serve: {args.model} ({args.dtype}), {args.adapters} adapters (r {args.ranks} on "
+          f"{args.target_modules}), "
           f"{args.requests} requests x {args.max_tokens} tokens, {'all at once' if not args.rate else f'{args.rate}/s'}"
           f", max batch {args.max_batch}, kernel {args.kernel}, {torch.get_num_threads()} torch threads, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -197,7 +202,7 @@ def _prepare(args, ranks: list[int], tmp: str) -> Setup:
     for i in range(args.requests):
         messages = [m for m in records[i % len(records)]["messages"] if m["role"] != "assistant"]
         prompts.append(chat_prompt_ids(encoder, messages))
-    return Setup(args.model, prompts, adapter_dirs)
+    return Setup(args.model, prompts, adapter_dirs, args.dtype)
 
 
 def _arrivals(count: int, rate: float) -> list[float]:
@@ -215,7 +220,7 @@ def _run_engine(args, setup: Setup, way: str, adapters: list[str | None], arriva
     from lorakit.serve.engine import Engine, EngineSettings, Sequence
     from lorakit.serve.sampling import SamplingParams
 
-    model, tokenizer = load_model_and_tokenizer(setup.model_name)
+    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=setup.dtype)
     settings = EngineSettings(max_batch=args.max_batch, max_model_len=max(map(len, setup.prompts)) + args.max_tokens,
                               max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
                               kernel=args.kernel)
@@ -224,7 +229,8 @@ def _run_engine(args, setup: Setup, way: str, adapters: list[str | None], arriva
         for name in sorted({a for a in adapters if a is not None}):
             engine.adapters.load_now(name, setup.adapter_dirs[name])
         warm = sorted(set(adapters), key=str)  # every adapter once: in its compute slot, its first-use costs paid
-        _drive(engine, Sequence, SamplingParams, setup.prompts[:len(warm)], warm, [0.0] * len(warm), 4)
+        _drive(engine, Sequence, SamplingParams, setup.prompts[:len(warm)], warm, [0.0] * len(warm),
+               min(4, args.max_tokens))  # within max_model_len, which allows --max-tokens after the longest prompt
         batches = engine.metrics.batch_size
         count0, sum0 = batches.count, batches.sum
         result = _drive(engine, Sequence, SamplingParams, setup.prompts, adapters, arrivals, args.max_tokens)
@@ -273,7 +279,7 @@ def _run_http(args, setup: Setup, adapters: list[str], arrivals: list[float]) ->
     from lorakit.serve.engine import EngineSettings
     from lorakit.serve.server import ServerThread, build_server
 
-    model, tokenizer = load_model_and_tokenizer(setup.model_name)
+    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=setup.dtype)
     engine_settings = EngineSettings(max_batch=args.max_batch, max_model_len=max(map(len, setup.prompts)) +
                                      args.max_tokens, max_loras=args.adapters, max_cpu_loras=args.adapters,
                                      kernel=args.kernel)
@@ -342,7 +348,7 @@ def _run_peft(args, setup: Setup, prompts, adapters, arrivals) -> RunResult:
 
     from lorakit.models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(setup.model_name)
+    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=setup.dtype)
     peft_model = _peft_model(model, setup.adapter_dirs)
     peft_model.eval()
 
