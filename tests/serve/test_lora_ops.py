@@ -76,6 +76,7 @@ def test_the_kernel_is_chosen_per_pass_and_segments_group_rows_by_adapter():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decoding_takes_lorakits_kernel_on_fp32_stacks_and_the_segments_elsewhere(monkeypatch, dtype):
+    """A bf16 base keeps its stacks in fp32 on the CPU, so that its decoding passes take the rows kernel too."""
     from lorakit.ops import lora_rows
     from lorakit.ops.cpu_extension import kernels_available
 
@@ -96,11 +97,19 @@ def test_decoding_takes_lorakits_kernel_on_fp32_stacks_and_the_segments_elsewher
         batch.set([3, 0, 1, 2, 3, 0], 1, x.device)
         with torch.no_grad():
             outputs[choice] = serving(x)
-    assert calls == ([1] if dtype == torch.float32 else [])  # bf16 stacks: the segments compute
-    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
-    torch.testing.assert_close(outputs["rows"], outputs["segmented"], **tolerance)
+    assert calls == [1] and serving.lora_A.dtype == serving.lora_B.dtype == torch.float32
     with torch.no_grad():
         base_out = linear(x, base.weight, base.bias)  # the serving layer's base product (lorakit's kernels)
+    if dtype == torch.float32:
+        torch.testing.assert_close(outputs["rows"], outputs["segmented"], rtol=1e-5, atol=1e-5)
+    else:  # the kernel: the update in fp32 from the fp32 stacks, rounded into the bf16 output once
+        a, b = serving.lora_A.double(), serving.lora_B.double()
+        slots = torch.tensor([3, 0, 1, 2, 3, 0])
+        update = torch.bmm(torch.bmm(x.double(), a[slots].transpose(1, 2)), b[slots])
+        exact = base_out.double() + update
+        torch.testing.assert_close(outputs["rows"].double(), exact, rtol=2 ** -8, atol=1e-6)
+        # the segments compute in bf16 (the stacks cast, u rounded): further from it
+        assert (outputs["rows"].double() - exact).abs().max() <= (outputs["segmented"].double() - exact).abs().max()
         torch.testing.assert_close(base_out, base(x), rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-5)
     assert not torch.equal(outputs["rows"][0], base_out[0])  # an adapter's row changed; a base row did not
     assert torch.equal(outputs["rows"][1], base_out[1]) and torch.equal(outputs["rows"][5], base_out[5])

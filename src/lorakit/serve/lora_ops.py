@@ -7,6 +7,7 @@ https://arxiv.org/abs/2310.18547). Every targeted linear layer of the base model
     lora_A: (S, r_max, d_in)     slot i holds A_i, zero-padded from rank r_i to r_max
     lora_B: (S, r_max, d_out)    slot i holds (s_i B_i)^T: the scaling s_i = alpha/r (or alpha/sqrt(r),
                                  rsLoRA, per module with rank/alpha patterns) is folded in once, at load
+    (in the base's dtype; fp32 for a bf16 base on the CPU, for the rows kernel)
 
 Slot 0 is all zeros: the base model. For a batch x: (n, T, d_in) whose row b uses adapter slot k_b,
 
@@ -20,8 +21,9 @@ adapters in the batch: "gathered" copies each row's (A, B) out of the stacks and
 "segmented" sorts the rows into one segment per adapter (padded to the longest), reads each adapter's
 weights once and runs one batched matmul pair over the segments (Punica's SGMV, without a custom
 kernel); "rows" is lorakit's CPU kernel for a few tokens per row (lorakit.ops.lora_rows, as the library's
-mixed batches decode): one call that reads each row's adapter from the stacks, for fp32 stacks on the CPU, and
-"segmented" wherever it does not run (bf16 stacks, CUDA). By default ("auto") decoding passes use "rows" and
+mixed batches decode): one call that reads each row's adapter from the fp32 stacks (fp32 or bf16 rows), and
+"segmented" wherever it does not run (CUDA). The gathered and segmented kernels compute in the rows' dtype (fp32
+stacks cast after the gather). By default ("auto") decoding passes use "rows" and
 prefill passes "gathered", which was fastest for each on CPU (docs/serving.md); `lorakit bench serve --kernel`
 compares them.
 """
@@ -42,9 +44,9 @@ BASE_SLOT = 0  # the all-zero slot: rows that use the base model alone
 def gathered_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   batch: "BatchAdapters") -> torch.Tensor:
     """out (n, T, d_out) + x (n, T, d_in) A_k^T (sB_k)^T, each row's A and B gathered from the stacks: a copy
-    of r (d_in + d_out) weights per row, then two bmm (the second fused with the addition)."""
-    a = lora_a.index_select(0, batch.row_slots)  # (n, r, d_in)
-    b = lora_b.index_select(0, batch.row_slots)  # (n, r, d_out)
+    of r (d_in + d_out) weights per row (in the rows' dtype), then two bmm (the second fused with the addition)."""
+    a = lora_a.index_select(0, batch.row_slots).to(x.dtype)  # (n, r, d_in)
+    b = lora_b.index_select(0, batch.row_slots).to(x.dtype)  # (n, r, d_out)
     return torch.baddbmm(out, torch.bmm(x, a.transpose(1, 2)), b)
 
 
@@ -53,7 +55,8 @@ def segmented_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lor
     """The same sum with the rows sorted into one segment per adapter (Punica's SGMV, lorakit.ops.segments):
     one bmm pair that reads each adapter's weights once."""
     segments = batch.segments
-    return out + segmented_delta(x, segments.select(lora_a).transpose(1, 2), segments.select(lora_b), segments)
+    a, b = segments.select(lora_a).to(x.dtype), segments.select(lora_b).to(x.dtype)  # in the rows' dtype
+    return out + segmented_delta(x, a.transpose(1, 2), b, segments)
 
 
 def rows_kernel_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -141,9 +144,15 @@ class ServingLoraLinear(nn.Module):
         self.in_features, self.out_features = linear_features(base_layer)
         self.batch = batch
         weight = base_layer.weight
-        # rank 0 until an adapter arrives: buffers, so they follow .to() with the model and are never trained
-        self.register_buffer("lora_A", weight.new_zeros(num_slots, 0, self.in_features), persistent=False)
-        self.register_buffer("lora_B", weight.new_zeros(num_slots, 0, self.out_features), persistent=False)
+        # rank 0 until an adapter arrives: buffers, so they follow the model's device and are never trained. In
+        # the base's dtype, but fp32 for a bf16 base on the CPU: its decoding passes then take the rows kernel,
+        # which reads fp32 stacks and rounds each row's update into the output once (bf16 stacks took the
+        # segmented path: docs/serving.md)
+        dtype = torch.float32 if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else weight.dtype
+        self.register_buffer("lora_A", weight.new_zeros(num_slots, 0, self.in_features, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("lora_B", weight.new_zeros(num_slots, 0, self.out_features, dtype=dtype),
+                             persistent=False)
 
     @property
     def max_rank(self) -> int:
@@ -154,7 +163,7 @@ class ServingLoraLinear(nn.Module):
         out = linear_layer(base, x) if type(base) is nn.Linear else base(x)
         if self.batch.add_lora is None or self.max_rank == 0:
             return out
-        return self.batch.add_lora(x, out, self.lora_A, self.lora_B, self.batch)  # stacks in the base's dtype
+        return self.batch.add_lora(x, out, self.lora_A, self.lora_B, self.batch)
 
     # ---- slot management (the engine thread only, between forward passes) ------------------------------
     def grow_rank(self, rank: int) -> None:
