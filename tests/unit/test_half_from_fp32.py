@@ -13,6 +13,7 @@ from lorakit.file_pages import FileMappings
 from lorakit.models import half_from_fp32, loading
 from lorakit.models.loading import TASK_AUTO_CLASSES, load_model_and_tokenizer
 from tests.tiny import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5, tiny_tokenizer
+from tests.train_fixtures import assert_same_tensors
 
 ARCHITECTURES = {  # name -> (builder, task type)
     "llama": (tiny_llama, "CAUSAL_LM"),
@@ -47,10 +48,8 @@ def calls(monkeypatch):
 def assert_same_model(got, expected) -> None:
     got_tensors = dict((*got.named_parameters(), *got.named_buffers()))
     expected_tensors = dict((*expected.named_parameters(), *expected.named_buffers()))
-    assert got_tensors.keys() == expected_tensors.keys()
-    for name, tensor in expected_tensors.items():
-        assert got_tensors[name].dtype == tensor.dtype, name
-        assert torch.equal(got_tensors[name], tensor), name
+    assert_same_tensors(got_tensors, expected_tensors)
+    assert {n: t.dtype for n, t in got_tensors.items()} == {n: t.dtype for n, t in expected_tensors.items()}
     assert got.config.dtype == expected.config.dtype
     tied = [n for n, _ in expected.named_parameters(remove_duplicate=False)]
     assert [n for n, _ in got.named_parameters(remove_duplicate=False)] == tied

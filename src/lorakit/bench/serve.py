@@ -114,7 +114,6 @@ class Setup:
     model_name: str
     prompts: list[list[int]]
     adapter_dirs: dict[str, str] = field(default_factory=dict)
-    dtype: str = "float32"  # the base model's, in every way
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,7 +201,7 @@ def _prepare(args, ranks: list[int], tmp: str) -> Setup:
     for i in range(args.requests):
         messages = [m for m in records[i % len(records)]["messages"] if m["role"] != "assistant"]
         prompts.append(chat_prompt_ids(encoder, messages))
-    return Setup(args.model, prompts, adapter_dirs, args.dtype)
+    return Setup(args.model, prompts, adapter_dirs)
 
 
 def _arrivals(count: int, rate: float) -> list[float]:
@@ -220,7 +219,7 @@ def _run_engine(args, setup: Setup, way: str, adapters: list[str | None], arriva
     from lorakit.serve.engine import Engine, EngineSettings, Sequence
     from lorakit.serve.sampling import SamplingParams
 
-    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=setup.dtype)
+    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=args.dtype)
     settings = EngineSettings(max_batch=args.max_batch, max_model_len=max(map(len, setup.prompts)) + args.max_tokens,
                               max_loras=max(args.adapters, 1), max_cpu_loras=max(args.adapters, 1),
                               kernel=args.kernel)
@@ -279,7 +278,7 @@ def _run_http(args, setup: Setup, adapters: list[str], arrivals: list[float]) ->
     from lorakit.serve.engine import EngineSettings
     from lorakit.serve.server import ServerThread, build_server
 
-    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=setup.dtype)
+    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=args.dtype)
     engine_settings = EngineSettings(max_batch=args.max_batch, max_model_len=max(map(len, setup.prompts)) +
                                      args.max_tokens, max_loras=args.adapters, max_cpu_loras=args.adapters,
                                      kernel=args.kernel)
@@ -348,7 +347,7 @@ def _run_peft(args, setup: Setup, prompts, adapters, arrivals) -> RunResult:
 
     from lorakit.models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=setup.dtype)
+    model, tokenizer = load_model_and_tokenizer(setup.model_name, dtype=args.dtype)
     peft_model = _peft_model(model, setup.adapter_dirs)
     peft_model.eval()
 
