@@ -1,8 +1,9 @@
 """lorakit's CPU attention kernel (ops/csrc/causal_attention.cpp through ops/attention.py): the same attention
 as fp32 SDPA to bf16 rounding, forward and backward, for grouped and plain heads, short and block-split lengths,
 with the kernel's forward and with PyTorch's flash forward (what CPUs with AMX run) before the kernel's backward;
-used only where it computes what SDPA would (everything else goes to SDPA unchanged); switched in by the
-trainer's bf16 CPU runs and given back at the end; a failed build leaves SDPA and no file behind."""
+in fp32 the same as SDPA to fp32 rounding, on the kernel's forward everywhere; used only where it computes what
+SDPA would (everything else goes to SDPA unchanged); switched in by the trainer's CPU runs (bf16 and fp32) and
+given back at the end; a failed build leaves SDPA and no file behind."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lorakit.ops.attention import (
     use_cpu_attention,
 )
 from lorakit.ops.cpu_extension import KernelBuildError, kernels_available, load_cpu_extension
+from lorakit.train.loop import run_training
 from tests.tiny import tiny_llama
 from tests.train_fixtures import tiny_run_config, train_losses
 
@@ -91,6 +93,50 @@ def test_kernel_matches_fp32_sdpa_forward_and_backward(shape, forward):
         _assert_close_to_bf16(actual, expected, name)
 
 
+def _fp32_kernel_and_reference(q, k, v, grad, ranges=None, mask=None):
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = causal_attention(*ours, key_ranges=ranges)
+    out.backward(grad)
+    theirs = [t.double().requires_grad_() for t in (q, k, v)]
+    reference = F.scaled_dot_product_attention(*theirs, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    reference.backward(grad.double())
+    return [out.detach()] + [t.grad for t in ours], [reference.detach()] + [t.grad for t in theirs]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 37, 16), (3, 2, 2, 5, 32), (8, 6, 2, 64, 64), (8, 4, 2, 200, 16),
+                                   (1, 3, 1, 300, 8)])
+def test_fp32_kernel_matches_sdpa_to_fp32_rounding(shape, forward):
+    """The exact training path: fp32 scores, probabilities and products; as close to fp64 attention as PyTorch's
+    own fp32 SDPA is (a few ulp of the tensor's range). On CPUs with AMX too the forward is the kernel's (PyTorch's
+    flash forward is taken for bf16 only)."""
+    q, k, v, grad = _inputs(*shape)
+    ours, reference = _fp32_kernel_and_reference(q, k, v, grad)
+    sdpa = [t.requires_grad_() for t in (q.clone(), k.clone(), v.clone())]
+    sdpa_out = F.scaled_dot_product_attention(*sdpa, is_causal=True, enable_gqa=True)
+    sdpa_out.backward(grad)
+    for name, actual, expected, theirs in zip(("out", "dq", "dk", "dv"), ours, reference,
+                                              [sdpa_out.detach()] + [t.grad for t in sdpa]):
+        assert actual.dtype == torch.float32
+        span = expected.abs().max().item()
+        error, sdpa_error = ((actual.double() - expected).abs().max().item(),
+                             (theirs.double() - expected).abs().max().item())
+        assert error <= max(4 * sdpa_error, 1e-6 * span), f"{name}: {error:.3g} against SDPA's {sdpa_error:.3g}"
+    out, lse = attention._forward(q, k, v, None, 0.25)  # with or without AMX (the `forward` fixture)
+    kernel_out, kernel_lse = torch.ops.lorakit.causal_attention_fwd(q, k, v, None, 0.25)
+    assert torch.equal(out, kernel_out) and torch.equal(lse, kernel_lse)
+
+
+def test_fp32_kernel_with_key_ranges_and_strided_inputs():
+    """Right padding and packed sequences (key ranges), and q, k, v as transformers lays them out, in fp32."""
+    q, k, v, grad = _inputs(3, 4, 2, 20, 16, seed=4)
+    mask = torch.cat([_causal_mask(1, 20, lengths=[13]), _packed_mask(20, [0, 7, 15]), _packed_mask(20, [0])])
+    ranges = attention.mask_key_ranges(mask, 3, 20)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    ours, reference = _fp32_kernel_and_reference(*strided, grad, ranges=ranges, mask=mask)
+    for name, actual, expected in zip(("out", "dq", "dk", "dv"), ours, reference):
+        assert torch.allclose(actual.double(), expected, atol=1e-5, rtol=1e-5), name
+
+
 def test_kernel_uses_the_given_scale_and_one_thread_gives_the_same_attention(forward):
     q, k, v, grad = _inputs(2, 4, 2, 40, 16, seed=1)
     for actual, expected, name in zip(_kernel(q, k, v, grad, 0.3), _reference(q, k, v, grad, 0.3),
@@ -135,12 +181,14 @@ def test_kernel_applies_only_where_sdpa_would_compute_plain_causal_attention():
     q, k, v, _ = (t.bfloat16() for t in _inputs(1, 4, 2, 8, 16))
     module = _Module()
     assert kernel_applies(module, q, k, v, None, 0.0, None, {})
+    assert kernel_applies(module, q.float(), k.float(), v.float(), None, 0.0, None, {})  # the exact fp32 path
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     refused = {
         "a mask (padding, packing)": (q, k, v, mask, 0.0, None, {}),
         "dropout": (q, k, v, None, 0.1, None, {}),
         "not causal": (q, k, v, None, 0.0, False, {}),
-        "fp32": (q.float(), k.float(), v.float(), None, 0.0, None, {}),
+        "fp16": (q.half(), k.half(), v.half(), None, 0.0, None, {}),
+        "mixed dtypes": (q.float(), k, v, None, 0.0, None, {}),
         "one query (decoding)": (q[:, :, :1], k, v, None, 0.0, None, {}),
         "more keys than queries (cache)": (q[:, :, :4], k, v, None, 0.0, None, {}),
         "sliding window": (q, k, v, None, 0.0, None, {"sliding_window": 4}),
@@ -321,8 +369,6 @@ def test_models_not_on_sdpa_are_left_alone():
 
 
 def test_bf16_training_runs_on_the_kernel_and_follows_the_sdpa_run(tmp_path):
-    from lorakit.train.loop import run_training
-
     kernel = run_training(tiny_run_config(tmp_path, "train.bf16=true", output="kernel"), show_progress=False)
     sdpa = run_training(tiny_run_config(tmp_path, "train.bf16=true", "train.cpu_attention=false", output="sdpa"),
                         show_progress=False)
@@ -331,6 +377,23 @@ def test_bf16_training_runs_on_the_kernel_and_follows_the_sdpa_run(tmp_path):
     assert ours.keys() == theirs.keys() and len(ours) == 4
     for step, loss in theirs.items():
         assert abs(ours[step] - loss) < 0.02 * abs(loss), (step, ours[step], loss)
+
+
+def test_fp32_training_runs_on_the_kernel_and_follows_the_sdpa_run(tmp_path, monkeypatch):
+    """The exact fp32 path (train.bf16=false) takes the kernel too: the same losses as SDPA's to fp32 rounding."""
+    calls = []
+    monkeypatch.setattr(attention, "causal_attention",
+                        lambda *a, **k: calls.append(a[0].dtype) or causal_attention(*a, **k))
+    kernel = run_training(tiny_run_config(tmp_path, "train.bf16=false", output="kernel"), show_progress=False)
+    assert calls and set(calls) == {torch.float32}
+    calls.clear()
+    sdpa = run_training(tiny_run_config(tmp_path, "train.bf16=false", "train.cpu_attention=false", output="sdpa"),
+                        show_progress=False)
+    assert not calls
+    ours, theirs = train_losses(kernel.output_dir), train_losses(sdpa.output_dir)
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    for step, loss in theirs.items():
+        assert abs(ours[step] - loss) < 1e-4 * abs(loss), (step, ours[step], loss)
 
 
 def test_a_failed_build_raises_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):

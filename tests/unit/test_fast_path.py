@@ -154,14 +154,15 @@ def test_the_default_chunk_is_set_by_the_dtype(monkeypatch, dtype, tokens_a_chun
 
 @pytest.mark.parametrize("vocab", [50, 1001])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bf16_cross_entropy_kernel_agrees_with_the_operators_and_the_full_logits_loss(monkeypatch, vocab, with_bias):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cross_entropy_kernel_agrees_with_the_operators_and_the_full_logits_loss(monkeypatch, vocab, with_bias, dtype):
     from lorakit.ops import cross_entropy
 
-    if not cross_entropy.kernel_runs(torch.zeros(1, 1, dtype=torch.bfloat16)):
+    if not cross_entropy.kernel_runs(torch.zeros(1, 1, dtype=dtype)):
         pytest.skip("lorakit's cross-entropy kernel cannot be built here")
     torch.manual_seed(0)
-    hidden = (torch.randn(37, 16) * 2).bfloat16().requires_grad_(True)
-    head = nn.Linear(16, vocab, bias=with_bias).bfloat16()
+    hidden = (torch.randn(37, 16) * 2).to(dtype).requires_grad_(True)
+    head = nn.Linear(16, vocab, bias=with_bias).to(dtype)
     labels = torch.randint(0, vocab, (37,))
     labels[0], labels[1], labels[::5] = 0, vocab - 1, IGNORE_INDEX
 
@@ -184,8 +185,10 @@ def test_bf16_cross_entropy_kernel_agrees_with_the_operators_and_the_full_logits
     full = F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, full.detach(), rtol=1e-5, atol=1e-4)
-    for a, b in zip(got_grads, expected_grads):  # softmax - onehot rounded to bf16 the same way: equal or one step
-        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=1e-3)
+    # softmax - onehot rounded to bf16 the same way (equal or one step); in fp32 equal to fp32 rounding
+    tolerance = (2 ** -7, 1e-3) if dtype == torch.bfloat16 else (1e-5, 1e-6)
+    for a, b in zip(got_grads, expected_grads):
+        assert a.dtype == b.dtype == dtype and torch.allclose(a.float(), b.float(), *tolerance)
     assert got_grads[0][::5].abs().max() == 0 and got_grads[0].abs().max() > 0
 
 

@@ -79,6 +79,50 @@ def test_silu_mul_is_the_composition_bit_for_bit_both_ways(dtype):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 5, 40), (3, 7, 33), (1, 70001), (2, 30000, 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_silu_mul_kernel_is_pytorchs_operators_bit_for_bit(monkeypatch, dtype, shape, threads):
+    """lorakit's kernel (ops/csrc/swiglu.cpp) against PyTorch's silu, mul and silu_backward: the same bits, the
+    forward and both gradients, for sizes that leave a scalar tail, and split over threads as PyTorch splits them
+    (sizes above its 32,768-element grain)."""
+    from lorakit.ops import swiglu
+
+    gate, up = _randn(*shape, dtype=dtype, seed=1) * 4, _randn(*shape, dtype=dtype, seed=2)
+    if not swiglu.kernel_runs(gate, up):
+        pytest.skip("lorakit's CPU kernels cannot be built here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        calls = []
+        kernel_runs = swiglu.kernel_runs
+        monkeypatch.setattr(swiglu, "kernel_runs", lambda g, u: calls.append(1) or kernel_runs(g, u))
+        got, got_grads = _grads(silu_mul, gate, up)
+        assert calls
+        monkeypatch.setattr(swiglu, "kernel_runs", lambda g, u: False)  # PyTorch's operators
+        expected, expected_grads = _grads(silu_mul, gate, up)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, expected)
+    for a, b in zip(got_grads, expected_grads):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+
+
+def test_silu_mul_kernel_gives_only_the_gradients_asked_for():
+    from lorakit.ops import swiglu
+
+    gate, up = _randn(3, 64, seed=1), _randn(3, 64, seed=2)
+    if not swiglu.kernel_runs(gate, up):
+        pytest.skip("lorakit's CPU kernels cannot be built here")
+    grad = _randn(3, 64, seed=3)
+    both = torch.ops.lorakit.silu_mul_bwd(grad, gate, up, True, True)
+    assert torch.ops.lorakit.silu_mul_bwd(grad, gate, up, True, False)[1] is None
+    only_up = torch.ops.lorakit.silu_mul_bwd(grad, gate, up, False, True)
+    assert only_up[0] is None and torch.equal(only_up[1], both[1])
+    with pytest.raises(RuntimeError, match="must be a contiguous bf16 or fp32 CPU tensor"):
+        torch.ops.lorakit.silu_mul(gate, up.t().contiguous().t())
+
+
 # ---- recomputation -------------------------------------------------------------------------------------
 def _kept_bytes(fn, parameters=()):
     """fn()'s result and the bytes autograd keeps for its backward, other than `parameters`."""
@@ -235,33 +279,36 @@ def test_training_with_and_without_fused_modules_follows_the_same_losses(tmp_pat
 
 
 # ---- lorakit's CPU kernel for RMSNorm (ops/csrc/rms_norm.cpp) --------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, width", [(1, 576), (37, 576), (5, 50), (3, 7)])
-def test_rms_norm_backward_kernel_gives_the_operators_gradients_to_rounding(monkeypatch, rows, width):
+def test_rms_norm_backward_kernel_gives_the_operators_gradients_to_rounding(monkeypatch, rows, width, dtype):
     from lorakit.ops import rms_norm as module
 
-    x = (_randn(2, rows, width, seed=4) * 3).to(torch.bfloat16)
-    weight = (_randn(width, seed=5) + 1).to(torch.bfloat16)
+    x = (_randn(2, rows, width, seed=4) * 3).to(dtype)
+    weight = (_randn(width, seed=5) + 1).to(dtype)
     if not module.kernel_runs(x, weight):
         pytest.skip("lorakit's RMSNorm kernel cannot be built here")
     got, (dx, dw) = _grads(lambda x, w: rms_norm(x, w, 1e-5), x, weight)
     monkeypatch.setattr(module, "kernel_runs", lambda *tensors: False)  # PyTorch's operators
     expected, (dx_ref, dw_ref) = _grads(lambda x, w: rms_norm(x, w, 1e-5), x, weight)
     assert torch.equal(got, expected)
-    assert dx.dtype == dx_ref.dtype == torch.bfloat16 and dw.dtype == dw_ref.dtype == torch.bfloat16
-    # the same fp32 math in another order of additions: at most one bf16 rounding step apart
-    assert torch.allclose(dx.float(), dx_ref.float(), rtol=2 ** -7, atol=1e-6)
-    assert torch.allclose(dw.float(), dw_ref.float(), rtol=2 ** -7, atol=1e-4)
+    assert dx.dtype == dx_ref.dtype == dtype and dw.dtype == dw_ref.dtype == dtype
+    # the same fp32 math in another order of additions: at most one bf16 rounding step apart; in fp32, fp32 rounding
+    rtol, atol_x, atol_w = (2 ** -7, 1e-6, 1e-4) if dtype == torch.bfloat16 else (1e-5, 1e-6, 1e-5)
+    assert torch.allclose(dx.float(), dx_ref.float(), rtol=rtol, atol=atol_x)
+    assert torch.allclose(dw.float(), dw_ref.float(), rtol=rtol, atol=atol_w)
     assert (dx != 0).any() and (dw != 0).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, width", [(1, 576), (37, 576), (5, 50), (3, 7)])
-def test_rms_norm_kernel_normalises_as_the_module_does_bit_for_bit(rows, width):
+def test_rms_norm_kernel_normalises_as_the_module_does_bit_for_bit(rows, width, dtype):
     from lorakit.ops import rms_norm as module
 
-    x = (_randn(2, rows, width, seed=6) * 3).to(torch.bfloat16)
+    x = (_randn(2, rows, width, seed=6) * 3).to(dtype)
     norm = LlamaRMSNorm(width, eps=1e-5)
     norm.weight.data = _randn(width, seed=7) + 1
-    norm = norm.to(torch.bfloat16)
+    norm = norm.to(dtype)
     if not module.kernel_runs(x, norm.weight):
         pytest.skip("lorakit's RMSNorm kernel cannot be built here")
     with torch.no_grad():

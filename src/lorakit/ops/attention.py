@@ -1,4 +1,5 @@
-"""Causal self-attention for bf16 training on the CPU: lorakit's kernel behind transformers' attention interface.
+"""Causal self-attention for training on the CPU, bf16 and fp32: lorakit's kernel behind transformers' attention
+interface.
 
     use_cpu_attention(model)       # once the model is on the CPU; True when the kernel is in (train.cpu_attention)
     restore_attention(model)       # the implementation the model had before
@@ -13,17 +14,19 @@ path and PyTorch's forward is 1.4-2.1x faster than the kernel's, but its backwar
 the forward is PyTorch's flash kernel (its output and log-sum-exp) and the backward the kernel's
 (optimisation 24). Precision: the kernel's score and dP matmuls give bf16 outputs as in transformers' eager
 attention (PyTorch's flash kernel keeps the scores fp32); the softmax and the dK / dV sums over a group's heads
-are fp32. tests/unit/test_cpu_attention.py checks both forwards against fp32 SDPA.
+are fp32. tests/unit/test_cpu_attention.py checks both forwards against fp32 SDPA. In fp32 (the exact training
+path) everything is fp32 and the forward is the kernel's on every CPU: forward and backward 1.19x PyTorch's fp32
+flash kernel at 4 x 256 (optimisation 51), as close to fp64 attention as SDPA's own fp32 result.
 
 The kernel is registered as the attention implementation "lorakit_cpu" (transformers' AttentionInterface, with
-SDPA's mask function) and is used only where it computes exactly what SDPA would: bf16 CPU tensors, causal, no
-mask or one that gives every query one run of keys ending at or before itself (the trainer's right-padded
-batches and packed sequences: mask_key_ranges; left padding and custom masks go to SDPA), no dropout, as many
-keys as queries (no KV cache prefix), no soft-capping, sliding window or attention sinks; and only where it is
-the faster one: not with fewer (batch row, head, 256-token block) items than threads. Everything else goes to
-transformers' SDPA function unchanged, so a model switched to it stays correct wherever it runs. A model whose implementation is not "sdpa" (eager,
-flex, flash) is left alone. The kernel is compiled on first use (ops/cpu_extension.py); where it cannot be
-(no C++ compiler), a warning says so and SDPA stays.
+SDPA's mask function) and is used only where it computes exactly what SDPA would: CPU tensors, all bf16 or all
+fp32, causal, no mask or one that gives every query one run of keys ending at or before itself (the trainer's
+right-padded batches and packed sequences: mask_key_ranges; left padding and custom masks go to SDPA), no
+dropout, as many keys as queries (no KV cache prefix), no soft-capping, sliding window or attention sinks; and
+only where it is the faster one: not with fewer (batch row, head, 256-token block) items than threads.
+Everything else goes to transformers' SDPA function unchanged, so a model switched to it stays correct wherever
+it runs. A model whose implementation is not "sdpa" (eager, flex, flash) is left alone. The kernel is compiled on
+first use (ops/cpu_extension.py); where it cannot be (no C++ compiler), a warning says so and SDPA stays.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from lorakit.ops.cpu_extension import kernels_available
 from lorakit.ops.cpu_info import cpu_has_amx
 
 IMPLEMENTATION = "lorakit_cpu"
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 _BEFORE = "_lorakit_attention_before"  # on the model: the implementation it had
 # kwargs of transformers' attention call that change the math away from plain causal softmax attention
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask", "cache")
@@ -67,7 +71,7 @@ def _forward(q, k, v, key_ranges, scale: float):
     """The attention output and each query's log-sum-exp ((B, H, L) fp32, natural log of the scaled scores'
     sum of exponentials: the backward's convention). On CPUs with AMX and with no key ranges (plain causal),
     PyTorch's flash kernel, the faster forward there; the kernel's otherwise."""
-    if key_ranges is None and cpu_has_amx():
+    if key_ranges is None and q.dtype == torch.bfloat16 and cpu_has_amx():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         return out, lse.contiguous()
     return torch.ops.lorakit.causal_attention_fwd(q, k, v, key_ranges, scale)
@@ -121,7 +125,7 @@ def kernel_applies(module: nn.Module, query, key, value, attention_mask, dropout
             and query.shape[2] > 1 and query.shape[2] == key.shape[2] == value.shape[2]
             and key.shape == value.shape and query.shape[-1] == key.shape[-1]
             and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
-            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+            and query.dtype in KERNEL_DTYPES and all(t.device.type == "cpu" and t.dtype == query.dtype for t in tensors)
             and enough_work(query)
             and not kwargs.get("output_attentions") and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
             and (attention_mask is None or mask_key_ranges(attention_mask, query.shape[0], query.shape[2]) is not None))

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.ops.cpu_extension import bf16_kernel_runs
+from lorakit.ops.cpu_extension import kernel_runs_for
 
 
 def _kernel_runs(y: torch.Tensor, scale: torch.Tensor) -> bool:
-    return scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_cpu and bf16_kernel_runs(y)
+    return scale.dtype == torch.float32 and scale.dim() == 1 and scale.is_cpu and kernel_runs_for(y)
 
 
 def scale_columns(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,7 +14,8 @@ compiler call.
 
 Callers fall back to PyTorch's kernels when this raises (no compiler, no Python headers needed: only torch's):
 `kernels_available` does that bookkeeping, with one warning per process. lorakit's kernels (causal_attention.cpp,
-rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp, lora_rows.cpp, linear_rows.cpp, lora_linear_rows.cpp)
+rms_norm.cpp, cross_entropy.cpp, dora_scale.cpp, rotary.cpp, swiglu.cpp, lora_rows.cpp, linear_rows.cpp,
+lora_linear_rows.cpp)
 build as one library from lorakit_cpu.cpp, which includes them: one compiler call parses torch's headers once
 (~13 s, against ~12 s per kernel built on its own).
 """
@@ -84,10 +85,13 @@ def kernels_available() -> bool:
     return True
 
 
-def bf16_kernel_runs(*tensors: torch.Tensor) -> bool:
-    """Whether lorakit's bf16 CPU kernels compute for these tensors: every one a contiguous bf16 CPU tensor, and
-    the kernels built (see `kernels_available`)."""
-    return all(t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in tensors) and kernels_available()
+def kernel_runs_for(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
+    """Whether lorakit's CPU kernels compute for these tensors: every one a contiguous CPU tensor, all of one dtype
+    among `dtypes` (bf16 alone by default: most kernels are bf16 ones), and the kernels built (see
+    `kernels_available`)."""
+    return (bool(tensors) and tensors[0].dtype in dtypes
+            and all(t.dtype == tensors[0].dtype and t.is_cpu and t.is_contiguous() for t in tensors)
+            and kernels_available())
 
 
 def find_compiler() -> str:

@@ -16,9 +16,10 @@ the backward. Here:
   the backward only scales them by the incoming gradient. Nothing is recomputed and nothing vocabulary-wide is
   kept: the saved state is dh, tokens x hidden size.
 
-On the CPU with bf16 logits, the softmax, the loss and softmax - onehot of a chunk run in lorakit's kernel
+On the CPU with bf16 or fp32 logits, the softmax, the loss and softmax - onehot of a chunk run in lorakit's kernel
 (ops/csrc/cross_entropy.cpp): one exponential per logit instead of two, one pass over each row instead of five
-(docs/performance.md, optimisation 16); elsewhere (fp32, CUDA) PyTorch's operators, SOFTMAX_ROWS rows at a time.
+(docs/performance.md, optimisations 16 and 51); elsewhere (CUDA, fp16) PyTorch's operators, SOFTMAX_ROWS rows at a
+time.
 
 The result equals F.cross_entropy(logits.float(), labels, reduction="sum") to fp32 rounding (the sum runs in
 another order). Matmuls go through lorakit.ops.matmul (oneDNN for CPU fp32).
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.ops.cpu_extension import bf16_kernel_runs
+from lorakit.ops.cpu_extension import kernel_runs_for
 from lorakit.ops.matmul import linear
 
 IGNORE_INDEX = -100
@@ -93,8 +94,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def kernel_runs(logits: torch.Tensor) -> bool:
-    """Whether lorakit's CPU kernel computes the softmax of these logits (contiguous bf16 on the CPU, kernel built)."""
-    return bf16_kernel_runs(logits)
+    """Whether lorakit's CPU kernel computes the softmax of these logits (contiguous bf16 or fp32 on the CPU, the
+    kernel built)."""
+    return kernel_runs_for(logits, dtypes=(torch.bfloat16, torch.float32))
 
 
 def _softmax_rows(logits: torch.Tensor, target: torch.Tensor, want_grad: bool) -> torch.Tensor:

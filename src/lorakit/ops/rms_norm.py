@@ -11,11 +11,11 @@ output for recomputation (ops/recompute.py), so that the projections reading it 
 The forward is the module's, operation for operation (the same result bit for bit); the backward computes in
 fp32 and agrees with autograd's to rounding (tests/unit/test_fused_modules.py).
 
-On the CPU in bf16 (a bf16 input and weight, contiguous), lorakit's kernel (ops/csrc/rms_norm.cpp) computes the
-normalisation from 1/rms (`_normalise`, in the forward and when the backward recomputes the output: one pass
-instead of 3-4 operators, the same operations bit for bit) and the backward (one pass instead of ~14 operators,
-~4% of a 4 x 256 training step: the same fp32 math in another order of additions). Elsewhere, PyTorch's
-operators.
+On the CPU in bf16 or fp32 (input and weight of one of those dtypes, contiguous), lorakit's kernel
+(ops/csrc/rms_norm.cpp) computes the normalisation from 1/rms (`_normalise`, in the forward and when the backward
+recomputes the output: one pass instead of 2-4 operators, the same operations bit for bit) and the backward (one
+pass instead of ~14 operators, ~4% of a 4 x 256 bf16 training step: the same fp32 math in another order of
+additions). Elsewhere, PyTorch's operators.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 
 from lorakit.ops import recompute
-from lorakit.ops.cpu_extension import bf16_kernel_runs
+from lorakit.ops.cpu_extension import kernel_runs_for
 
 
 def kernel_runs(*tensors: torch.Tensor) -> bool:
-    """Whether lorakit's CPU kernel computes for these tensors (contiguous bf16 CPU tensors, the kernel built)."""
-    return bf16_kernel_runs(*tensors)
+    """Whether lorakit's CPU kernel computes for these tensors (contiguous CPU tensors, all bf16 or all fp32, the
+    kernel built)."""
+    return kernel_runs_for(*tensors, dtypes=(torch.bfloat16, torch.float32))
 
 
 def _normalise(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, x32: torch.Tensor | None = None

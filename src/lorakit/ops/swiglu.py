@@ -9,8 +9,11 @@ recomputation (ops/recompute.py) so that down_proj keeps nothing full-width eith
     backward  du = dh * silu(g);  dg = silu_backward(dh * u, g)
 
 Both directions run the same operations as autograd does for the composition: the same results bit for bit.
-When down_proj's backward recomputes h, the silu(g) it computes on the way is handed to this function's
-backward, which runs right after (one elementwise pass saved per layer).
+On the CPU in bf16 or fp32 (contiguous tensors, the kernels built), lorakit's kernel (ops/csrc/swiglu.cpp) runs
+each direction in one pass (PyTorch's formulas and rounding, bit for bit): the forward, its recomputation for
+down_proj's backward, and the backward from (dh, g, u). Elsewhere PyTorch's operators, and when down_proj's
+backward recomputes h, the silu(g) it computes on the way is handed to this function's backward, which runs right
+after (one elementwise pass saved per layer).
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.ops import recompute
+from lorakit.ops.cpu_extension import kernel_runs_for
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def kernel_runs(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether lorakit's CPU kernel computes silu(gate) * up (contiguous bf16 or fp32 CPU tensors of one shape)."""
+    return gate.shape == up.shape and kernel_runs_for(gate, up, dtypes=KERNEL_DTYPES)
 
 
 class _Product:
@@ -41,8 +52,14 @@ class _Product:
 class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        out = F.silu(gate) * up
         ctx.save_for_backward(gate, up)
+        if kernel_runs(gate, up):
+            out = torch.ops.lorakit.silu_mul(gate, up)
+            ctx.product = None
+            if any(ctx.needs_input_grad):
+                recompute.register(out, torch.ops.lorakit.silu_mul, gate, up)
+            return out
+        out = F.silu(gate) * up
         ctx.product = _Product()
         if any(ctx.needs_input_grad):
             recompute.register(out, ctx.product, gate, up)
@@ -51,6 +68,11 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
+        if ctx.product is None and kernel_runs(grad_out, gate) and kernel_runs(gate, up):
+            return torch.ops.lorakit.silu_mul_bwd(grad_out, gate, up, ctx.needs_input_grad[0],
+                                                  ctx.needs_input_grad[1])
+        if ctx.product is None:
+            ctx.product = _Product()
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
             grad_up = grad_out * ctx.product.take_silu(gate)

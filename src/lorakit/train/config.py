@@ -81,9 +81,9 @@ class TrainArgs:
     # attention's rotary embedding in one pass (forward outputs equal bit for bit; lorakit/ops/fused_modules.py).
     # false: the modules' own forwards.
     fused_modules: bool = True
-    # bf16 runs on the CPU: causal self-attention on lorakit's kernel, 2-3x PyTorch's CPU flash attention (built
-    # on first use with the system's C++ compiler; padded and packed batches too; SDPA where it cannot be built
-    # and for other masks; lorakit/ops/attention.py). false: PyTorch's SDPA throughout.
+    # Runs on the CPU (bf16 and fp32): causal self-attention on lorakit's kernel, faster than PyTorch's CPU flash
+    # attention (built on first use with the system's C++ compiler; padded and packed batches too; SDPA where it
+    # cannot be built and for other masks; lorakit/ops/attention.py). false: PyTorch's SDPA throughout.
     cpu_attention: bool = True
     # CPU threads per process: auto (PyTorch's choice: OMP_NUM_THREADS, else the cores; under torchrun on the CPU,
     # whose default is 1 thread per process, the node's cores divided among its processes) or a number

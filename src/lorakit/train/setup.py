@@ -93,7 +93,7 @@ def apply_training_precision(model: nn.Module, args: TrainArgs, device: torch.de
     (a residual the init computes must be computed in fp32 first). With bf16 (resolved for `device`) the frozen
     weights are stored in bf16 (precision.py), except those named in `keep` and all of them when not
     `store_frozen_in_bf16` (full and freeze runs: LISA unfreezes blocks as it goes); then the fused modules go in,
-    and on the CPU in bf16 lorakit's attention kernel (ops/attention.py). Returns (bf16, {name: dtype before} of
+    and on the CPU lorakit's attention kernel (ops/attention.py; bf16 and fp32). Returns (bf16, {name: dtype before} of
     the weights stored in bf16, for precision.restore_stored_dtypes). loaded_dtype: load_training_model's (a bf16
     checkpoint's weights as stored, standing for fp32)."""
     bf16 = precision.resolve_bf16(args.bf16, device)
@@ -103,7 +103,7 @@ def apply_training_precision(model: nn.Module, args: TrainArgs, device: torch.de
                       if bf16 and store_frozen_in_bf16 else {})
     if args.fused_modules:
         use_fused_modules(model)
-    if bf16 and args.cpu_attention and device.type == "cpu":
+    if args.cpu_attention and device.type == "cpu":
         use_cpu_attention(model)
     return bf16, stored_in_bf16
 
@@ -152,7 +152,8 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of repeated blocks: the ModuleList holding the most parameters."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of transformer blocks; use finetuning_type adapter or full")
+        raise ValueError(f"{type(model).__name__} has no list of transformer blocks; "
+                         "use finetuning_type adapter or full")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 

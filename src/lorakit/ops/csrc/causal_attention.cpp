@@ -1,11 +1,17 @@
-// Causal grouped-query attention for bf16 training on the CPU: forward and backward, built on oneDNN matmuls.
+// Causal grouped-query attention for training on the CPU, bf16 and fp32: forward and backward, built on at::mm
+// (oneDNN for bf16, MKL or oneDNN for fp32 as ops/matmul.py chooses).
 //
 // Why: PyTorch's CPU flash attention runs its block matmuls through cpublas::brgemm, which without AMX (AVX512-BF16
 // machines such as this project's EPYC) falls back to ~100 GFLOP/s, against 260-400 for oneDNN's at::mm on the same
 // blocks (docs/performance.md, optimisation 13). Here every matmul is an at::mm on a block of up to 768 rows, and
 // the softmax, its gradient and the causal mask are fused row loops on cache-resident blocks.
 //
-// Math (per head; S and dP are bf16 matmul outputs, as in transformers' eager attention; the softmax is fp32):
+// In fp32 (the exact training path) PyTorch's flash kernel runs its block matmuls on MKL too, but multiplies
+// every key block a query block touches in full and repeats the softmax's bookkeeping per block: here a layer's
+// forward and backward at 4 x 256 take about half its time (docs/performance.md, optimisation 51).
+//
+// Math (per head; S and dP are matmul outputs in the inputs' dtype: bf16 as in transformers' eager attention, or
+// fp32; the softmax is fp32):
 //   forward   P = softmax(scale * Q K^T, causal), O = P V, lse = logsumexp of each row (saved); with
 //             `key_ranges` (B, L, 2) query i of row b sees keys [lo, hi) within [0, i] instead: right padding,
 //             packed sequences, as SDPA's boolean mask has them
@@ -18,8 +24,8 @@
 // k, v, dO and O where they are (strided views; a group's stacked heads are copied) and write into per-thread
 // buffers.
 //
-// Inputs: q (B, H, L, D), k and v (B, KV, L, D), bf16, unit stride in D (other strides free), H a multiple of
-// KV. Outputs are (B, H, L, D)-shaped views of (B, L, H, D) memory (the layout transformers reshapes into).
+// Inputs: q (B, H, L, D), k and v (B, KV, L, D), all bf16 or all fp32, unit stride in D (other strides free), H
+// a multiple of KV. Outputs are (B, H, L, D)-shaped views of (B, L, H, D) memory (the layout transformers reshapes into).
 // Built on first use by lorakit/ops/cpu_extension.py; used through lorakit/ops/attention.py.
 #include "cpu_capability.h"
 #include "bf16_rows.h"
@@ -46,33 +52,37 @@ constexpr int64_t kRowBlock = 256;  // positions per chunk when a head is split
 
 struct Chunk { int64_t b, kv, g0, ng, r0, m; };  // heads g0..g0+ng of group kv, positions r0..r0+m
 
-// Strided (B, heads, L, D) view with unit stride in D.
+// Strided (B, heads, L, D) view with unit stride in D; T is BFloat16 or float throughout.
+template <typename T>
 struct View {
-  const BFloat16* p; int64_t sb, sh, sl;
-  explicit View(const Tensor& t) : p(t.data_ptr<BFloat16>()), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {}
-  const BFloat16* row(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * sl; }
+  const T* p; int64_t sb, sh, sl;
+  explicit View(const Tensor& t) : p(t.data_ptr<T>()), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {}
+  const T* row(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * sl; }
 };
 
 // The chunk's rows of a (B, heads, L, D) view as a (ng*m, D) matrix: a strided view of the tensor's own memory
 // for one head (rows at the tensor's position stride), else (a group's heads stacked) copied into `buf`.
-Tensor rows_of(const View& v, const Chunk& c, int64_t G, int64_t D, BFloat16* buf, const Tensor& like) {
+template <typename T>
+Tensor rows_of(const View<T>& v, const Chunk& c, int64_t G, int64_t D, T* buf, const Tensor& like) {
   if (c.ng == 1)
-    return at::from_blob(const_cast<BFloat16*>(v.row(c.b, c.kv * G + c.g0, c.r0)), {c.m, D}, {v.sl, 1}, like.options());
+    return at::from_blob(const_cast<T*>(v.row(c.b, c.kv * G + c.g0, c.r0)), {c.m, D}, {v.sl, 1}, like.options());
   for (int64_t g = 0; g < c.ng; ++g)
     for (int64_t i = 0; i < c.m; ++i)
-      std::memcpy(buf + (g * c.m + i) * D, v.row(c.b, c.kv * G + c.g0 + g, c.r0 + i), D * sizeof(BFloat16));
+      std::memcpy(buf + (g * c.m + i) * D, v.row(c.b, c.kv * G + c.g0 + g, c.r0 + i), D * sizeof(T));
   return at::from_blob(buf, {c.ng * c.m, D}, like.options());
 }
 // Keys (or values) 0..n-1 of group kv: a strided view, no copy.
-Tensor keys_of(const View& v, const Chunk& c, int64_t n, int64_t D, const Tensor& like) {
-  return at::from_blob(const_cast<BFloat16*>(v.row(c.b, c.kv, 0)), {n, D}, {v.sl, 1}, like.options());
+template <typename T>
+Tensor keys_of(const View<T>& v, const Chunk& c, int64_t n, int64_t D, const Tensor& like) {
+  return at::from_blob(const_cast<T*>(v.row(c.b, c.kv, 0)), {n, D}, {v.sl, 1}, like.options());
 }
-void scatter(const BFloat16* src, const Chunk& c, int64_t G, int64_t D, Tensor& out) {  // out (B, L, H, D) memory
-  BFloat16* p = out.data_ptr<BFloat16>();
+template <typename T>
+void scatter(const T* src, const Chunk& c, int64_t G, int64_t D, Tensor& out) {  // out (B, L, H, D) memory
+  T* p = out.data_ptr<T>();
   const int64_t sb = out.stride(0), sl = out.stride(1), sh = out.stride(2);
   for (int64_t g = 0; g < c.ng; ++g)
     for (int64_t i = 0; i < c.m; ++i)
-      std::memcpy(p + c.b * sb + (c.r0 + i) * sl + (c.kv * G + c.g0 + g) * sh, src + (g * c.m + i) * D, D * sizeof(BFloat16));
+      std::memcpy(p + c.b * sb + (c.r0 + i) * sl + (c.kv * G + c.g0 + g) * sh, src + (g * c.m + i) * D, D * sizeof(T));
 }
 
 std::vector<Chunk> chunks(int64_t B, int64_t KV, int64_t G, int64_t L) {
@@ -127,9 +137,12 @@ int64_t max_chunk_rows(const std::vector<Chunk>& work) {
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+              "causal_attention: expects bf16 or fp32 tensors");
   for (const Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->stride(3) == 1,
-                "causal_attention: expects bf16 CPU tensors (batch, heads, length, head_dim) with unit stride in head_dim");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->dim() == 4 && t->stride(3) == 1,
+                "causal_attention: expects CPU tensors of one dtype (batch, heads, length, head_dim) with unit stride "
+                "in head_dim");
   }
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
               "causal_attention: q, k and v must share batch, length and head_dim (k and v one shape)");
@@ -162,34 +175,39 @@ struct KeyRanges {
   }
 };
 
-inline Tensor mat(BFloat16* p, int64_t rows, int64_t cols, const Tensor& like) {
+template <typename T>
+inline Tensor mat(T* p, int64_t rows, int64_t cols, const Tensor& like) {
   return at::from_blob(p, {rows, cols}, like.options());
 }
 
-// The row loops read the bf16 matmul outputs and write bf16 matmul inputs directly, 32 values (two float vectors)
-// at a time. Their arithmetic is element for element the same fp32 math, in the same order of additions, as
-// converting whole rows to fp32 first: exp on full 16-float vectors from the row's first visible key, std::exp on
-// the last width % 16 (the sums and the results equal bit for bit).
+// The row loops read the matmul outputs and write the next matmuls' inputs directly, 32 values (two float vectors)
+// at a time, in the inputs' dtype (load2 / store2 convert bf16; fp32 is read as it is). Their arithmetic is
+// element for element the same fp32 math, in the same order of additions, as converting whole rows to fp32 first:
+// exp on full 16-float vectors from the row's first visible key, std::exp on the last width % 16 (the sums and the
+// results equal bit for bit). The vector exp is ATen's exp_u20 in bf16 and its 1-ulp exp in fp32 (exp_for).
 using lorakit_bf16_rows::BVec;
 using lorakit_bf16_rows::kB;
 using lorakit_bf16_rows::kF;
 using lorakit_bf16_rows::load;
 using lorakit_bf16_rows::to_bf16;
 using lorakit_bf16_rows::to_float;
+using lorakit_bf16_rows::load2;
+using lorakit_bf16_rows::store2;
+using lorakit_bf16_rows::exp_for;
 
-inline std::tuple<Vec, Vec> load_float(const BFloat16* p) { return to_float(BVec::loadu(p)); }
-inline void store_bf16(const Vec& a, const Vec& b, BFloat16* p) { to_bf16(a, b).store(p); }
-inline void zero(BFloat16* p, int64_t count) { if (count > 0) std::memset(p, 0, count * sizeof(BFloat16)); }
+template <typename T>
+inline void zero(T* p, int64_t count) { if (count > 0) std::memset(p, 0, count * sizeof(T)); }
 
 // Forward of one row: out[lo..hi) = bf16(softmax(scale * s[lo..hi))), zeros elsewhere in out[0..n); `e` (fp32,
 // >= hi - lo values) holds the exponentials. Returns the row's log-sum-exp.
-float softmax_row(const BFloat16* s, BFloat16* out, float* e, int64_t lo, int64_t hi, int64_t n, float scale) {
+template <typename T>
+float softmax_row(const T* s, T* out, float* e, int64_t lo, int64_t hi, int64_t n, float scale) {
   const int64_t width = hi - lo;
-  const BFloat16* x = s + lo;
+  const T* x = s + lo;
   Vec vmax(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + kB <= width; j += kB) {
-    auto [a, b] = load_float(x + j);
+    auto [a, b] = load2(x + j);
     vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
   }
   float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
@@ -199,16 +217,16 @@ float softmax_row(const BFloat16* s, BFloat16* out, float* e, int64_t lo, int64_
   Vec acc(0.f);
   j = 0;
   for (; j + kB <= width; j += kB) {
-    auto [a, b] = load_float(x + j);
-    Vec ea = (a * vs - vm).exp_u20(), eb = (b * vs - vm).exp_u20();
+    auto [a, b] = load2(x + j);
+    Vec ea = exp_for(a * vs - vm, x), eb = exp_for(b * vs - vm, x);
     ea.store(e + j);
     eb.store(e + j + kF);
     acc = acc + ea;
     acc = acc + eb;
   }
   if (j + kF <= width) {
-    Vec a = std::get<0>(to_float(load(x + j, kF)));
-    Vec ea = (a * vs - vm).exp_u20();
+    Vec a = std::get<0>(load2(x + j, kF));
+    Vec ea = exp_for(a * vs - vm, x);
     ea.store(e + j);
     acc = acc + ea;
     j += kF;
@@ -218,81 +236,81 @@ float softmax_row(const BFloat16* s, BFloat16* out, float* e, int64_t lo, int64_
   const float inv = 1.f / sum;
   const Vec vinv(inv);
   zero(out, lo);
-  BFloat16* o = out + lo;
+  T* o = out + lo;
   j = 0;
-  for (; j + kB <= width; j += kB) store_bf16(Vec::loadu(e + j) * vinv, Vec::loadu(e + j + kF) * vinv, o + j);
-  for (; j < width; ++j) o[j] = static_cast<BFloat16>(e[j] * inv);
+  for (; j + kB <= width; j += kB) store2(Vec::loadu(e + j) * vinv, Vec::loadu(e + j + kF) * vinv, o + j);
+  for (; j < width; ++j) o[j] = static_cast<T>(e[j] * inv);
   zero(out + hi, n - hi);
   return mx + std::log(sum);
 }
 
-// Backward of one row: p = exp(scale * s - lse) and ds = (dp - delta) * p * scale over [lo, hi), written as bf16
+// Backward of one row: p = exp(scale * s - lse) and ds = (dp - delta) * p * scale over [lo, hi), written in T
 // with zeros elsewhere in [0, n).
-void softmax_grad_row(const BFloat16* s, const BFloat16* dp, BFloat16* p_out, BFloat16* ds_out, int64_t lo,
-                      int64_t hi, int64_t n, float scale, float lse, float delta) {
+template <typename T>
+void softmax_grad_row(const T* s, const T* dp, T* p_out, T* ds_out, int64_t lo, int64_t hi, int64_t n, float scale,
+                      float lse, float delta) {
   const int64_t width = hi - lo;
-  const BFloat16 *x = s + lo, *g = dp + lo;
-  BFloat16 *po = p_out + lo, *dso = ds_out + lo;
+  const T *x = s + lo, *g = dp + lo;
+  T *po = p_out + lo, *dso = ds_out + lo;
   const Vec vs(scale), vl(lse), vd(delta);
   zero(p_out, lo);
   zero(ds_out, lo);
   int64_t j = 0;
   for (; j + kB <= width; j += kB) {
-    auto [a, b] = load_float(x + j);
-    auto [ga, gb] = load_float(g + j);
-    Vec pa = (a * vs - vl).exp_u20(), pb = (b * vs - vl).exp_u20();
-    store_bf16(pa, pb, po + j);
-    store_bf16((ga - vd) * pa * vs, (gb - vd) * pb * vs, dso + j);
+    auto [a, b] = load2(x + j);
+    auto [ga, gb] = load2(g + j);
+    Vec pa = exp_for(a * vs - vl, x), pb = exp_for(b * vs - vl, x);
+    store2(pa, pb, po + j);
+    store2((ga - vd) * pa * vs, (gb - vd) * pb * vs, dso + j);
   }
   if (j < width) {  // the last < 32 values: a 16-float vector if there are that many, std::exp for the rest
     const int64_t m = width - j;
     float pf[kB], df[kB];
-    auto [a, b] = to_float(load(x + j, m));
-    auto [ga, gb] = to_float(load(g + j, m));
+    auto [a, b] = load2(x + j, m);
+    auto [ga, gb] = load2(g + j, m);
     a.store(pf); b.store(pf + kF); ga.store(df); gb.store(df + kF);
     int64_t t = 0;
     if (m >= kF) {
-      Vec pa = (a * vs - vl).exp_u20();
+      Vec pa = exp_for(a * vs - vl, x);
       pa.store(pf);
       ((ga - vd) * pa * vs).store(df);
       t = kF;
     }
     for (; t < m; ++t) { pf[t] = std::exp(pf[t] * scale - lse); df[t] = (df[t] - delta) * pf[t] * scale; }
-    for (t = 0; t < m; ++t) { po[t + j] = static_cast<BFloat16>(pf[t]); dso[t + j] = static_cast<BFloat16>(df[t]); }
+    for (t = 0; t < m; ++t) { po[t + j] = static_cast<T>(pf[t]); dso[t + j] = static_cast<T>(df[t]); }
   }
   zero(p_out + hi, n - hi);
   zero(ds_out + hi, n - hi);
 }
 
 // acc[0..count) += float(x[0..count)), one pass
-void add_to_float(const BFloat16* x, float* acc, int64_t count) {
+template <typename T>
+void add_to_float(const T* x, float* acc, int64_t count) {
   int64_t j = 0;
   for (; j + kB <= count; j += kB) {
-    auto [a, b] = load_float(x + j);
+    auto [a, b] = load2(x + j);
     (Vec::loadu(acc + j) + a).store(acc + j);
     (Vec::loadu(acc + j + kF) + b).store(acc + j + kF);
   }
   for (; j < count; ++j) acc[j] += static_cast<float>(x[j]);
 }
 
-std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                const std::optional<Tensor>& key_ranges, double scale_d) {
-  check_inputs(q, k, v);
-  const KeyRanges ranges(key_ranges, q);
+template <typename T>
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, const KeyRanges& ranges,
+                                   double scale_d) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   const float scale = static_cast<float>(scale_d);
   auto out = at::empty({B, L, H, D}, q.options());
   auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   float* lse_p = lse.data_ptr<float>();
-  const View qv(q), kvw(k), vv(v);
+  const View<T> qv(q), kvw(k), vv(v);
   const auto work = chunks(B, KV, G, L);
   const int64_t max_rows = max_chunk_rows(work);
   const auto lists = deal(work, at::get_num_threads());
   at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t begin, int64_t end) {
     // per-thread buffers: stacked query rows, scores, probabilities, the output block, fp32 exponentials
     Tensor buf = at::empty({max_rows * (D + 2 * L + D)}, q.options());
-    BFloat16 *qbuf = buf.data_ptr<BFloat16>(), *sbuf = qbuf + max_rows * D, *pbuf = sbuf + max_rows * L,
-             *obuf = pbuf + max_rows * L;
+    T *qbuf = buf.data_ptr<T>(), *sbuf = qbuf + max_rows * D, *pbuf = sbuf + max_rows * L, *obuf = pbuf + max_rows * L;
     std::vector<float> erow(L);
     for (int64_t t = begin; t < end; ++t) for (const Chunk& c : lists[t]) {
       const int64_t n = c.r0 + c.m, rows = c.ng * c.m;  // keys 0..n-1
@@ -314,16 +332,18 @@ std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k
   return {out.permute({0, 2, 1, 3}), lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                        const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                        const std::optional<Tensor>& key_ranges, double scale_d) {
+std::tuple<Tensor, Tensor> causal_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const std::optional<Tensor>& key_ranges, double scale) {
   check_inputs(q, k, v);
   const KeyRanges ranges(key_ranges, q);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(3) == 1 && out.stride(3) == 1 &&
-              dout.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
-              "causal_attention_bwd: dout and out must be bf16 and shaped as q, with unit stride in head_dim");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == q.size(0) * q.size(1) * q.size(2),
-              "causal_attention_bwd: lse must be the forward's (batch, heads, length) fp32 tensor");
+  return q.scalar_type() == at::kFloat ? forward<float>(q, k, v, ranges, scale)
+                                       : forward<BFloat16>(q, k, v, ranges, scale);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& out, const Tensor& lse, const KeyRanges& ranges,
+                                            double scale_d) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   const float scale = static_cast<float>(scale_d);
   const auto work = chunks(B, KV, G, L);
@@ -334,11 +354,11 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
   auto dk_acc = at::zeros({nlists, B, KV, L, D}, q.options().dtype(at::kFloat));  // dK, dV summed per list
   auto dv_acc = at::zeros({nlists, B, KV, L, D}, q.options().dtype(at::kFloat));
   const float* lse_p = lse.data_ptr<float>();
-  const View qv(q), kvw(k), vv(v), dov(dout), ov(out);
+  const View<T> qv(q), kvw(k), vv(v), dov(dout), ov(out);
   at::parallel_for(0, nlists, 1, [&](int64_t begin, int64_t end) {
     // per-thread buffers: stacked q / dO / O rows, S, dP, P, dS, the dQ block, the dK and dV blocks
     Tensor buf = at::empty({max_rows * (4 * D + 4 * L) + 2 * L * D}, q.options());
-    BFloat16 *qbuf = buf.data_ptr<BFloat16>(), *dobuf = qbuf + max_rows * D, *obuf = dobuf + max_rows * D,
+    T *qbuf = buf.data_ptr<T>(), *dobuf = qbuf + max_rows * D, *obuf = dobuf + max_rows * D,
              *dqbuf = obuf + max_rows * D, *sbuf = dqbuf + max_rows * D, *dpbuf = sbuf + max_rows * L,
              *pbuf = dpbuf + max_rows * L, *dsbuf = pbuf + max_rows * L, *dkbuf = dsbuf + max_rows * L,
              *dvbuf = dkbuf + L * D;
@@ -351,7 +371,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
       Tensor S = mat(sbuf, rows, n, q), dP = mat(dpbuf, rows, n, q);
       at::mm_out(S, Qc, Kt.t());
       at::mm_out(dP, dOc, Vt.t());
-      const BFloat16 *dop = dOc.data_ptr<BFloat16>(), *op = Oc.data_ptr<BFloat16>();
+      const T *dop = dOc.data_ptr<T>(), *op = Oc.data_ptr<T>();
       const int64_t dos = dOc.stride(0), os = Oc.stride(0);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / c.m, i = c.r0 + r % c.m;
@@ -375,7 +395,21 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, cons
       add_to_float(dvbuf, dv_p, n * D);
     }
   });
-  return {dq.permute({0, 2, 1, 3}), dk_acc.sum(0).to(at::kBFloat16), dv_acc.sum(0).to(at::kBFloat16)};
+  return {dq.permute({0, 2, 1, 3}), dk_acc.sum(0).to(q.scalar_type()), dv_acc.sum(0).to(q.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor, Tensor> causal_attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                        const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                        const std::optional<Tensor>& key_ranges, double scale) {
+  check_inputs(q, k, v);
+  const KeyRanges ranges(key_ranges, q);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(3) == 1 && out.stride(3) == 1 &&
+              dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "causal_attention_bwd: dout and out must be of q's dtype and shape, with unit stride in head_dim");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == q.size(0) * q.size(1) * q.size(2),
+              "causal_attention_bwd: lse must be the forward's (batch, heads, length) fp32 tensor");
+  return q.scalar_type() == at::kFloat ? backward<float>(dout, q, k, v, out, lse, ranges, scale)
+                                       : backward<BFloat16>(dout, q, k, v, out, lse, ranges, scale);
 }
 
 }  // namespace lorakit_attention

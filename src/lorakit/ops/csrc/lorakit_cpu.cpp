@@ -6,6 +6,7 @@
 #include "cross_entropy.cpp"
 #include "dora_scale.cpp"
 #include "rotary.cpp"
+#include "swiglu.cpp"
 #include "lora_rows.cpp"
 #include "linear_rows.cpp"
 #include "lora_linear_rows.cpp"  // after linear_rows.cpp and lora_rows.cpp, whose functions it calls

@@ -1,15 +1,16 @@
-// RMSNorm for bf16 training on the CPU: its normalisation and its backward, each in one pass over each row where
-// PyTorch's operators (ops/rms_norm.py) take 3-4 and ~14 (fp32 copies, products, casts, a mean, a sum: each a pass
-// of its own):
+// RMSNorm for training on the CPU, bf16 and fp32: its normalisation and its backward, each in one pass over each
+// row where PyTorch's operators (ops/rms_norm.py) take 2-4 and ~14 (fp32 copies, products, casts, a mean, a sum:
+// each a pass of its own). Written for bf16 below; in fp32 the casts are none (T(v) = v):
 //
-//   rms_norm_apply(x, rstd, w)        y = bf16(w32 * bf16(x32 * rstd)): the forward's output from its 1 / rms (and
+//   rms_norm_apply(x, rstd, w)        y = T(w32 * T(x32 * rstd)): the forward's output from its 1 / rms (and
 //                                     its recomputation for the backward), the operations of ops/rms_norm.py in
 //                                     their order (the same result bit for bit)
-//   rms_norm_bwd(dy, x, rstd, w)      n = x32 * rstd, g = dy32 * w32; dx = bf16(rstd * (g - n * mean(g * n)));
-//                                     dw = sum over rows of dy32 * bf16(n): the fp32 math of ops/rms_norm.py, in
+//   rms_norm_bwd(dy, x, rstd, w)      n = x32 * rstd, g = dy32 * w32; dx = T(rstd * (g - n * mean(g * n)));
+//                                     dw = sum over rows of dy32 * T(n): the fp32 math of ops/rms_norm.py, in
 //                                     another order of additions (equal to fp32 rounding)
 //
-// Inputs: contiguous bf16 CPU tensors dy and x (rows, D), w (D); rstd fp32, one value per row (the forward's).
+// Inputs: contiguous CPU tensors dy and x (rows, D), w (D), all bf16 or all fp32; rstd fp32, one value per row (the
+// forward's).
 // (x * rstd rounds once to fp32, and the product of two bf16 values is exact in fp32, so both roundings are
 // PyTorch's.)
 // dw is summed in fp32 per thread. Built into lorakit_cpu.cpp by lorakit/ops/cpu_extension.py; used by
@@ -33,50 +34,56 @@ using namespace lorakit_bf16_rows;
 constexpr int64_t kGrain = 2048;  // elements per parallel task (small tensors stay on one thread)
 
 void check_rows(const Tensor& x, const Tensor& rstd, const Tensor& weight, const char* op) {
-  check_bf16(x, "x"); check_bf16(weight, "weight");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && x.is_contiguous() && weight.is_contiguous() &&
+              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+              weight.scalar_type() == x.scalar_type(), op,
+              ": x and weight must be contiguous CPU tensors, both bf16 or both fp32");
   const int64_t D = x.size(-1);
   TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() * D == x.numel() &&
               weight.numel() == D, op, ": shapes do not match");
+}
+
+template <typename T>
+void apply_rows(const T* xp, const float* rp, const T* wp, T* yp, int64_t D, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const Vec scale(rp[r]);
+    for (int64_t j = 0; j < D; j += kB) {
+      const int64_t m = std::min(kB, D - j);
+      auto [x0, x1] = load2(xp + r * D + j, m);
+      auto [w0, w1] = load2(wp + j, m);
+      auto [n0, n1] = round_as(x0 * scale, x1 * scale, xp);
+      store2(w0 * n0, w1 * n1, yp + r * D + j, m);
+    }
+  }
 }
 
 Tensor rms_norm_apply(const Tensor& x, const Tensor& rstd, const Tensor& weight) {
   check_rows(x, rstd, weight, "rms_norm_apply");
   const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
   Tensor y = at::empty_like(x);
-  const BFloat16* xp = x.data_ptr<BFloat16>();
-  const BFloat16* wp = weight.data_ptr<BFloat16>();
   const float* rp = rstd.data_ptr<float>();
-  BFloat16* yp = y.data_ptr<BFloat16>();
   for_rows(rows, D, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const Vec scale(rp[r]);
-      for (int64_t j = 0; j < D; j += kB) {
-        const int64_t m = std::min(kB, D - j);
-        auto [x0, x1] = to_float(load(xp + r * D + j, m));
-        auto [w0, w1] = to_float(load(wp + j, m));
-        auto [n0, n1] = to_float(to_bf16(x0 * scale, x1 * scale));
-        store(to_bf16(w0 * n0, w1 * n1), yp + r * D + j, m);
-      }
-    }
+    if (x.scalar_type() == at::kFloat)
+      apply_rows(x.data_ptr<float>(), rp, weight.data_ptr<float>(), y.data_ptr<float>(), D, begin, end);
+    else
+      apply_rows(x.data_ptr<BFloat16>(), rp, weight.data_ptr<BFloat16>(), y.data_ptr<BFloat16>(), D, begin, end);
   });
   return y;
 }
 
-std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd,
-                                                       const Tensor& weight, bool weight_grad) {
-  check_bf16(dy, "grad");
-  check_rows(x, rstd, weight, "rms_norm_bwd");
-  TORCH_CHECK(dy.sizes() == x.sizes(), "rms_norm_bwd: grad and x must have one shape");
+template <typename T>
+std::tuple<Tensor, std::optional<Tensor>> backward(const Tensor& dy, const Tensor& x, const Tensor& rstd,
+                                                   const Tensor& weight, bool weight_grad) {
   const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
   Tensor dx = at::empty_like(x);
   const int threads = at::get_num_threads();
   std::vector<float> dw_parts(weight_grad ? static_cast<size_t>(threads) * D : 0, 0.0f);
   std::vector<float> w32(D);
-  at::vec::convert(weight.data_ptr<BFloat16>(), w32.data(), D);
-  const BFloat16* gp = dy.data_ptr<BFloat16>();
-  const BFloat16* xp = x.data_ptr<BFloat16>();
+  at::vec::convert(weight.data_ptr<T>(), w32.data(), D);
+  const T* gp = dy.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
   const float* rp = rstd.data_ptr<float>();
-  BFloat16* dxp = dx.data_ptr<BFloat16>();
+  T* dxp = dx.data_ptr<T>();
   for_rows(rows, D, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> n(D), g(D), dy32(D);
     float* dw = weight_grad ? dw_parts.data() + static_cast<size_t>(at::get_thread_num()) * D : nullptr;
@@ -101,9 +108,9 @@ std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const T
         Vec n0 = Vec::loadu(n.data() + j, m0), g0 = Vec::loadu(g.data() + j, m0);
         Vec n1 = m1 ? Vec::loadu(n.data() + j + kF, m1) : Vec(0.0f);
         Vec g1 = m1 ? Vec::loadu(g.data() + j + kF, m1) : Vec(0.0f);
-        store(to_bf16(scale * (g0 - n0 * meanv), scale * (g1 - n1 * meanv)), dxp + r * D + j, m);
+        store2(scale * (g0 - n0 * meanv), scale * (g1 - n1 * meanv), dxp + r * D + j, m);
         if (dw) {
-          auto [b0, b1] = to_float(to_bf16(n0, n1));  // normed.to(x.dtype)
+          auto [b0, b1] = round_as(n0, n1, xp);  // normed.to(x.dtype)
           Vec d0 = Vec::loadu(dy32.data() + j, m0), p0 = Vec::loadu(dw + j, m0);
           (p0 + d0 * b0).store(dw + j, m0);
           if (m1) {
@@ -123,6 +130,15 @@ std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const T
     dweight = total.to(weight.scalar_type());
   }
   return {dx, dweight};
+}
+
+std::tuple<Tensor, std::optional<Tensor>> rms_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd,
+                                                       const Tensor& weight, bool weight_grad) {
+  check_rows(x, rstd, weight, "rms_norm_bwd");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous() && dy.is_cpu(),
+              "rms_norm_bwd: grad must be a contiguous CPU tensor of x's shape and dtype");
+  return x.scalar_type() == at::kFloat ? backward<float>(dy, x, rstd, weight, weight_grad)
+                                       : backward<BFloat16>(dy, x, rstd, weight, weight_grad);
 }
 
 }  // namespace lorakit_rms_norm
