@@ -79,6 +79,19 @@ def test_fused_fp32_is_bit_for_bit_the_reference_on_the_reference_kernels(monkey
         assert torch.equal(got, want), f"{what} differs from the reference by {(got - want).abs().max()}"
 
 
+def test_b_gradient_in_the_faster_layout_except_on_the_reference_kernels(monkeypatch):
+    """dB = dY^T u as (u^T dY)^T by default (MKL's faster layout: another order of additions), the reference's own
+    product, bit for bit, under LORAKIT_MATMUL=aten."""
+    from lorakit.methods.lora.fused import _weight_grad_b
+
+    dy, u = torch.randn(300, 40), torch.randn(300, 16)
+    fast = _weight_grad_b(dy, u)
+    assert fast.shape == (40, 16) and fast.stride() == (1, 40)  # the transpose of a (16, 40) product
+    torch.testing.assert_close(fast, dy.T @ u, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(BACKEND_ENV, "aten")
+    assert torch.equal(_weight_grad_b(dy, u), dy.T @ u)
+
+
 def test_fused_fp32_on_the_default_kernels_agrees_to_fp32_rounding():
     _, layer = _layer(8)
     x = torch.randn(3, 5, 24)
