@@ -122,8 +122,9 @@ class TrainingStep:
             bf16, _ = apply_training_precision(self.model, TrainArgs(), torch.device("cpu"),
                                                loaded_dtype=stored_bf16_loaded_dtype(model, as_stored))
             self.autocast = precision.autocast(torch.device("cpu"), bf16)
-        if library == "lorakit" and setting != "default":  # as `lorakit train` does (train.fused_modules and
-            from lorakit.ops.attention import use_cpu_attention  # train.cpu_attention, both on by default)
+        if library == "lorakit" and setting != "default":
+            # as `lorakit train` does (train.fused_modules and train.cpu_attention, both on by default)
+            from lorakit.ops.attention import use_cpu_attention
             from lorakit.ops.fused_modules import use_fused_modules
 
             use_fused_modules(self.model)
