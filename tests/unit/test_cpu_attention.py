@@ -181,7 +181,8 @@ def test_kernel_applies_only_where_sdpa_would_compute_plain_causal_attention():
     q, k, v, _ = (t.bfloat16() for t in _inputs(1, 4, 2, 8, 16))
     module = _Module()
     assert kernel_applies(module, q, k, v, None, 0.0, None, {})
-    assert kernel_applies(module, q.float(), k.float(), v.float(), None, 0.0, None, {})  # the exact fp32 path
+    long_q, long_k, long_v, _ = _inputs(1, 4, 2, attention.FP32_MIN_LENGTH, 16)
+    assert kernel_applies(module, long_q, long_k, long_v, None, 0.0, None, {})  # the exact fp32 path
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     refused = {
         "a mask (padding, packing)": (q, k, v, mask, 0.0, None, {}),
@@ -189,6 +190,7 @@ def test_kernel_applies_only_where_sdpa_would_compute_plain_causal_attention():
         "not causal": (q, k, v, None, 0.0, False, {}),
         "fp16": (q.half(), k.half(), v.half(), None, 0.0, None, {}),
         "mixed dtypes": (q.float(), k, v, None, 0.0, None, {}),
+        "fp32 shorter than FP32_MIN_LENGTH (SDPA the faster)": (q.float(), k.float(), v.float(), None, 0.0, None, {}),
         "one query (decoding)": (q[:, :, :1], k, v, None, 0.0, None, {}),
         "more keys than queries (cache)": (q[:, :, :4], k, v, None, 0.0, None, {}),
         "sliding window": (q, k, v, None, 0.0, None, {"sliding_window": 4}),
@@ -381,6 +383,7 @@ def test_bf16_training_runs_on_the_kernel_and_follows_the_sdpa_run(tmp_path):
 
 def test_fp32_training_runs_on_the_kernel_and_follows_the_sdpa_run(tmp_path, monkeypatch):
     """The exact fp32 path (train.bf16=false) takes the kernel too: the same losses as SDPA's to fp32 rounding."""
+    monkeypatch.setattr(attention, "FP32_MIN_LENGTH", 1)  # the tiny run's short rows (the rule is about speed)
     calls = []
     monkeypatch.setattr(attention, "causal_attention",
                         lambda *a, **k: calls.append(a[0].dtype) or causal_attention(*a, **k))
