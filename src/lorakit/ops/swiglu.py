@@ -68,7 +68,8 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
-        if ctx.product is None and kernel_runs(grad_out, gate) and kernel_runs(gate, up):
+        # the forward ran the kernel (no _Product) on (gate, up): the gradient must suit it too
+        if ctx.product is None and kernel_runs(grad_out, gate):
             return torch.ops.lorakit.silu_mul_bwd(grad_out, gate, up, ctx.needs_input_grad[0],
                                                   ctx.needs_input_grad[1])
         if ctx.product is None:
